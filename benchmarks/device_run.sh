@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
+# steps: check (kernel_check correctness), time (kernel_check timing), gpu (pytest -m gpu), bench
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+t0=$(date +%s)
+python3 -m cce_cupy.kernel_sources 2>&1 | tee "$OUT/compile.log"
+rc=0
+for step in "$@"; do
+  echo "=== $step ($(( $(date +%s) - t0 )) s)"
+  case "$step" in
+    check) python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
+    gpu)   python3 -m pytest -m gpu -q -rs -x 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    bench) python3 benchmarks/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    *) echo "unknown step $step"; rc=1 ;;
+  esac
+done
+echo "=== done ($(( $(date +%s) - t0 )) s), rc=$rc"
+exit $rc

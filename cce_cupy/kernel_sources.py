@@ -1,0 +1,141 @@
+"""The CUDA sources, their template instances, and the compile options: one place for all three.
+
+The loader (`get_kernel`, GPU only) and the CPU compile check (`tests/test_nvrtc_compile.py`)
+both read from here, so CI compiles exactly what runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu")
+# CuPy adds -ftz=true and --device-as-default-execution-space itself; the CPU check adds them too.
+COMPILE_OPTIONS = ("--std=c++17", "--use_fast_math")
+# Must match CCE_BM / CCE_BN in kernels/common.cuh.
+TILE_M = 128
+TILE_N = 128
+THREADS = 256
+# Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,
+# the 128 x 132 fp32 epilogue tile).
+GEMM_SMEM_BYTES = max(3 * 2 * 128 * 32 * 2, 128 * 132 * 4)
+
+_CXX_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int", "int64": "long long"}
+
+
+def dtype_name(dtype) -> str:
+    """'bfloat16', 'float32', ... for a dtype, a scalar type or a name."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
+def cxx_type(dtype) -> str:
+    """C++ spelling of a NumPy/CuPy dtype (bfloat16 through ml_dtypes)."""
+    name = dtype_name(dtype)
+    try:
+        return _CXX_TYPES[name]
+    except KeyError:
+        raise TypeError(f"no CUDA type for dtype {name}") from None
+
+
+def template_name(kernel: str, *args) -> str:
+    """`lce_forward_partials<__nv_bfloat16, true, false, false>` from dtypes, bools and type names."""
+    parts = []
+    for a in args:
+        if isinstance(a, bool):
+            parts.append("true" if a else "false")
+        elif isinstance(a, int):
+            parts.append(str(a))
+        elif isinstance(a, str):
+            parts.append(_CXX_TYPES.get(a, a))
+        else:
+            parts.append(cxx_type(a))
+    return f"{kernel}<{', '.join(parts)}>"
+
+
+@functools.cache
+def kernel_source(filename: str) -> str:
+    """The file's text with `#include "common.cuh"` inlined (NVRTC then needs no include path)."""
+    text = (KERNEL_DIR / filename).read_text()
+    common = (KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
+    return re.sub(r'#include "common\.cuh"', lambda _: common, text)
+
+
+@functools.cache
+def all_instances() -> dict[str, list[str]]:
+    """Every template instance the launchers can ask for, per file (for the compile check)."""
+    floats = ("float32", "float16", "bfloat16")
+    idx = ("int32", "int64")
+    b = (False, True)
+    fwd = [template_name("lce_forward_partials", t, *f) for t in floats for f in itertools.product(b, b, b)]
+    fwd += [template_name("lce_forward_finish", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx]
+    bwd = [
+        template_name("lce_grad_logits", t, grad_chunk_dtype(t), *f, i)
+        for t in floats for f in itertools.product(b, b, b) for i in idx
+    ]
+    for t in floats:
+        for out, a_kmajor, mode in gemm_variants(t):
+            bwd.append(template_name("lce_gemm", t, out, a_kmajor, False, mode))
+    red = [template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc)
+           for t in floats for o in {t, "float32"} for acc in b]
+    red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
+    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red}
+
+
+def grad_chunk_dtype(dtype) -> str:
+    """The element type of the logit-gradient chunk: the input type, fp32 stays fp32."""
+    return dtype_name(dtype)
+
+
+def gemm_variants(dtype):
+    """(out dtype, A K-major?, mode) triples of lce_gemm used by the backward for one input dtype."""
+    t = dtype_name(dtype)
+    outs = sorted({t, "float32"})
+    dc = [(o, False, 0) for o in outs]  # dC = G^T @ E, written once
+    de = [(o, True, 0) for o in outs] + [("float32", True, 1)]  # dE first chunk / accumulate
+    if t != "float32":
+        de.append((t, True, 2))  # last chunk: fold the fp32 accumulator, cast
+    return dc + de
+
+
+@functools.cache
+def _module(filename: str):
+    """One RawModule per file holding every template instance (one NVRTC run, cached on disk by CuPy)."""
+    import cupy
+
+    return cupy.RawModule(
+        code=kernel_source(filename), options=COMPILE_OPTIONS, name_expressions=all_instances()[filename]
+    )
+
+
+# Kernels whose blocks run the tiled GEMM main loop and need more than 48 KiB of dynamic shared memory.
+_TILED_KERNELS = ("lce_forward_partials", "lce_grad_logits", "lce_gemm")
+
+
+@functools.cache
+def get_kernel(filename: str, name_expression: str):
+    """One template instance of a kernel file (the file is compiled once, for all its instances)."""
+    if name_expression not in all_instances()[filename]:
+        raise KeyError(f"{name_expression} is not a listed instance of {filename}; add it to all_instances()")
+    kernel = _module(filename).get_function(name_expression)
+    if name_expression.split("<")[0] in _TILED_KERNELS:
+        kernel.max_dynamic_shared_size_bytes = GEMM_SMEM_BYTES
+    return kernel
+
+
+def precompile() -> int:
+    """Compile every kernel file (GPU machine), so later calls only load cubins."""
+    for filename in KERNEL_FILES:
+        _module(filename).get_function(all_instances()[filename][0])
+    return sum(len(v) for v in all_instances().values())
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.time()
+    print(f"precompiled {precompile()} kernel instances in {time.time() - t0:.0f} s")

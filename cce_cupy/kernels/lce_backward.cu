@@ -1,0 +1,163 @@
+// Backward of the fused linear cross-entropy, one vocabulary chunk at a time.
+//
+// For a chunk of Vc vocabulary rows [v0, v0 + Vc) the launcher runs three kernels:
+//   1. lce_grad_logits: recompute y = softcap(E @ C[v0:]^T + bias) tile by tile and write the
+//      logit gradient  G = (coef_p * exp(y - lse) - coef_q * smoothed_onehot) * softcap'(y)
+//      into a chunk buffer of N x Vc (never N x V), in type GT (the input type for 16-bit inputs).
+//      With filtering on, a 128 x 128 tile whose |softmax - onehot| < filter_eps everywhere is not
+//      written; its flag stays 0 and the two GEMMs below skip it.
+//   2. lce_gemm (dC):  dC[v0:v0+Vc] = G^T @ E            (A = G^T is M-major, B = E is N-major)
+//   3. lce_gemm (dE):  dE (+)= G @ C[v0:v0+Vc]           (A = G is K-major,  B = C is N-major)
+// Every gradient element is produced by one block in a fixed order: no atomics, bitwise
+// deterministic run to run.
+#include "common.cuh"
+
+// lce_grad_logits<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
+//   E: (N, D), C: (V, D) row-major; lse, coef_p, coef_q: (N,) fp32; targets: (N,) TI.
+//   G: (N, ldg) row-major of GT, chunk columns j = v - v0 for v in [v0, v0 + Vc).
+//   flags: (ceil(N/128), ceil(Vc/128)) int32, row-major; written only with FILTER (1 = live tile).
+//   Grid: (ceil(N / 128), ceil(Vc / 128)). Block: 256 threads. Dynamic smem: gemm_smem_bytes().
+template <typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI, bool ALIGNED>
+__device__ void grad_logits_impl(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
+                                 const TI* __restrict__ targets, const float* __restrict__ lse,
+                                 const float* __restrict__ coef_p, const float* __restrict__ coef_q,
+                                 GT* __restrict__ G, int* __restrict__ flags, int N, int V, int D, int v0,
+                                 int Vc, i64 ldg, float softcap, float smoothing, float filter_eps) {
+    extern __shared__ __align__(16) char smem[];
+    float* epi = reinterpret_cast<float*>(smem);
+    __shared__ int tile_live;
+    const int m0 = blockIdx.x * CCE_BM, n0 = blockIdx.y * CCE_BN;  // n0 is relative to v0
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) tile_live = 0;
+
+    GemmArgs<T> g{e, c + (i64)v0 * D, (i64)D, (i64)D, N, Vc, D};
+    gemm_tile<T, true, true, ALIGNED>(g, m0, n0, smem, epi, NoSkip{});  // ends with a barrier
+
+    const float smooth_q = smoothing / (float)V;
+    const int col = n0 + lane * 4;  // chunk-relative column of this lane's first element
+    float b[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) b[q] = (HAS_BIAS && col + q < Vc) ? to_f32(bias[v0 + col + q]) : 0.f;
+    bool live = false;
+    // In place: the gradient replaces the logit in the epilogue tile, then is stored below.
+#pragma unroll 4
+    for (int r = 0; r < 16; ++r) {
+        const int lr = warp * 16 + r, row = m0 + lr;
+        float* zp = &epi[lr * CCE_EPI_LD + lane * 4];
+        const float4 z4 = *reinterpret_cast<const float4*>(zp);
+        float z[4] = {z4.x, z4.y, z4.z, z4.w};
+        float out[4] = {0.f, 0.f, 0.f, 0.f};
+        if (row < N) {
+            const float l = lse[row], cp = coef_p[row], cq = coef_q[row];
+            const long long t = (long long)targets[row] - v0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const float y = apply_softcap<SOFTCAP>(z[q] + b[q], softcap);
+                const float p = __expf(y - l);
+                const bool is_t = (t == (long long)(col + q));
+                if (FILTER) live |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
+                float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
+                if (SOFTCAP) gq *= 1.f - (y / softcap) * (y / softcap);
+                out[q] = (col + q < Vc) ? gq : 0.f;
+            }
+        }
+        *reinterpret_cast<float4*>(zp) = make_float4(out[0], out[1], out[2], out[3]);
+    }
+    if (FILTER) {
+        if (__any_sync(0xffffffffu, live) && lane == 0) tile_live = 1;
+    }
+    __syncthreads();  // tile_live and the gradient tile are complete
+    if (FILTER) {
+        if (threadIdx.x == 0) flags[(i64)blockIdx.x * gridDim.y + blockIdx.y] = tile_live;
+        if (!tile_live) return;  // the GEMMs skip this tile: nothing to store
+    }
+    // Store: each thread writes 8 consecutive columns of a row (16-byte stores for 16-bit GT).
+    for (int idx = threadIdx.x; idx < CCE_BM * CCE_BN / 8; idx += CCE_THREADS) {
+        const int lr = idx / (CCE_BN / 8), lc = (idx % (CCE_BN / 8)) * 8;
+        const int row = m0 + lr;
+        if (row >= N) continue;
+        GT* dst = G + (i64)row * ldg + n0 + lc;
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+            if (n0 + lc + q < (int)ldg) dst[q] = from_f32<GT>(epi[lr * CCE_EPI_LD + lc + q]);
+    }
+}
+
+template <typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
+__global__ void __launch_bounds__(CCE_THREADS, 2)
+    lce_grad_logits(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
+                    const TI* __restrict__ targets, const float* __restrict__ lse,
+                    const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
+                    int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
+                    float softcap, float smoothing, float filter_eps, int aligned) {
+    if (aligned)
+        grad_logits_impl<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI, true>(e, c, bias, targets, lse, coef_p, coef_q, G,
+                                                                     flags, N, V, D, v0, Vc, ldg, softcap,
+                                                                     smoothing, filter_eps);
+    else
+        grad_logits_impl<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI, false>(e, c, bias, targets, lse, coef_p, coef_q, G,
+                                                                      flags, N, V, D, v0, Vc, ldg, softcap,
+                                                                      smoothing, filter_eps);
+}
+
+// lce_gemm<T, OUT, A_KMAJOR, B_KMAJOR, MODE>
+//   out (M x N, row-major, ld = ldo) = A @ B, where A (M x K) and B (K x N) have the layouts of
+//   common.cuh. MODE 0: out = acc. MODE 1: out += acc (read-add-write; out is fp32 accumulator).
+//   MODE 2: out = cast(acc_f32[...] + acc) (last chunk: fold the fp32 accumulator and cast).
+//   flags (optional): live-tile flags of the G chunk, (ceil(rowsG/128), ceil(colsG/128)) with row
+//   stride flag_ld. SKIP_DIM 1: K-block kt of this GEMM lies in flag column (kt*BK)/128 of flag
+//   row blockIdx.x (dE: A = G, K = chunk columns). SKIP_DIM 2: flag row (kt*BK)/128, flag column
+//   blockIdx.x (dC: A = G^T, K = rows of G).
+//   Grid: (ceil(M / 128), ceil(N / 128)). Block: 256 threads. Dynamic smem: gemm_smem_bytes().
+struct FlagSkip {
+    const int* flags;
+    i64 flag_ld;
+    int fixed, dim;
+    __device__ __forceinline__ bool operator()(int kt) const {
+        const int kb = (kt * CCE_BK) / 128;
+        return dim == 1 ? flags[(i64)fixed * flag_ld + kb] == 0 : flags[(i64)kb * flag_ld + fixed] == 0;
+    }
+};
+
+template <typename T, typename OUT, bool A_KMAJOR, bool B_KMAJOR, int MODE, bool ALIGNED>
+__device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, OUT* __restrict__ out,
+                          const float* __restrict__ acc_f32, const int* __restrict__ flags, long long flag_ld,
+                          int skip_dim, int M, int N, int K, long long lda, long long ldb, long long ldo) {
+    extern __shared__ __align__(16) char smem[];
+    float* epi = reinterpret_cast<float*>(smem);
+    const int m0 = blockIdx.x * CCE_BM, n0 = blockIdx.y * CCE_BN;
+    GemmArgs<T> g{a, b, lda, ldb, M, N, K};
+    if (flags != nullptr)
+        gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, FlagSkip{flags, flag_ld, (int)blockIdx.x, skip_dim});
+    else
+        gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, NoSkip{});
+    for (int idx = threadIdx.x; idx < CCE_BM * CCE_BN / 4; idx += CCE_THREADS) {
+        const int lr = idx / (CCE_BN / 4), lc = (idx % (CCE_BN / 4)) * 4;
+        const int row = m0 + lr;
+        if (row >= M) continue;
+        const float4 v = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lc]);
+        const float vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int col = n0 + lc + q;
+            if (col >= N) break;
+            const i64 o = (i64)row * ldo + col;
+            if (MODE == 0) out[o] = from_f32<OUT>(vv[q]);
+            else if (MODE == 1) out[o] = from_f32<OUT>(to_f32(out[o]) + vv[q]);
+            else out[o] = from_f32<OUT>(acc_f32[o] + vv[q]);
+        }
+    }
+}
+
+template <typename T, typename OUT, bool A_KMAJOR, bool B_KMAJOR, int MODE>
+__global__ void __launch_bounds__(CCE_THREADS, 2)
+    lce_gemm(const T* __restrict__ a, const T* __restrict__ b, OUT* __restrict__ out,
+             const float* __restrict__ acc_f32, const int* __restrict__ flags, long long flag_ld, int skip_dim,
+             int M, int N, int K, long long lda, long long ldb, long long ldo, int aligned) {
+    if (aligned)
+        gemm_impl<T, OUT, A_KMAJOR, B_KMAJOR, MODE, true>(a, b, out, acc_f32, flags, flag_ld, skip_dim, M, N, K,
+                                                          lda, ldb, ldo);
+    else
+        gemm_impl<T, OUT, A_KMAJOR, B_KMAJOR, MODE, false>(a, b, out, acc_f32, flags, flag_ld, skip_dim, M, N, K,
+                                                           lda, ldb, ldo);
+}

@@ -1,0 +1,146 @@
+// Forward of the fused linear cross-entropy: per-row logsumexp of  y = softcap(E @ C^T + bias)
+// and the target term, without ever writing an N x V logit.
+//
+// lce_forward_partials<T, HAS_BIAS, SOFTCAP, SMOOTH>
+//   E: (N, D) row-major, C: (V, D) row-major, bias: (V,) or null, all of type T.
+//   Grid: (ceil(N / 128), splits). Block: 256 threads. Dynamic smem: gemm_smem_bytes().
+//   Block (bx, s) owns rows [128 bx, 128 bx + 128) and the V-columns [s * v_per_split, ...).
+//   For each 128 x 128 logit tile of its range it runs the GEMM main loop over D, then folds the
+//   tile into a running (max, sum of exp) per row (online logsumexp), and, with SMOOTH, a running
+//   sum of y (label smoothing needs sum_j y_ij). Writes per (row, split):
+//     part[0][s][row] = max, part[1][s][row] = sum exp(y - max), part[2][s][row] = sum y.
+//   Columns >= V are masked out (never become -inf logits that could match a target).
+//
+// lce_forward_finish<T, HAS_BIAS, SOFTCAP, SMOOTH>
+//   Grid: ceil(N / 8) blocks of 256 threads: one warp per row.
+//   Combines the splits' partials into lse[row], and computes the target logit by a gather-dot
+//   y_t = softcap(E[row] . C[t] + bias[t]) (not from the logit tiles), then
+//   tgt[row] = (1 - ls) * y_t + (ls / V) * sum_j y_j. Ignored rows get tgt = 0. A target outside
+//   [0, V) that is not ignore_index gets tgt = NaN (so the loss is NaN, never silently finite)
+//   and sets *bad_target = 1.
+#include "common.cuh"
+
+template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool ALIGNED>
+__device__ void forward_partials_impl(const T* __restrict__ e, const T* __restrict__ c,
+                                      const T* __restrict__ bias, float* __restrict__ part, int N,
+                                      int V, int D, int v_per_split, float softcap) {
+    extern __shared__ __align__(16) char smem[];
+    float* epi = reinterpret_cast<float*>(smem);
+    const int m0 = blockIdx.x * CCE_BM;
+    const int split = blockIdx.y, splits = gridDim.y;
+    const int v_begin = split * v_per_split;
+    const int v_end = min(V, v_begin + v_per_split);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Warp w folds rows w*16 .. w*16+15; each lane holds 4 consecutive columns of a row. The running
+    // (max, sum, ysum) of a row lives in shared memory (not 48 registers per thread): only its warp
+    // touches it, so __syncwarp orders the read-modify-write.
+    __shared__ float run_max[CCE_BM], run_sum[CCE_BM], run_ysum[CCE_BM];
+    if (threadIdx.x < CCE_BM) {
+        run_max[threadIdx.x] = -INFINITY; run_sum[threadIdx.x] = 0.f; run_ysum[threadIdx.x] = 0.f;
+    }
+    // (the main loop's first barrier orders this initialization before any update)
+
+    GemmArgs<T> g{e, c, (i64)D, (i64)D, N, V, D};
+    for (int n0 = v_begin; n0 < v_end; n0 += CCE_BN) {
+        gemm_tile<T, true, true, ALIGNED>(g, m0, n0, smem, epi, NoSkip{});
+        const int col = n0 + lane * 4;
+        float b[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) b[q] = (HAS_BIAS && col + q < v_end) ? to_f32(bias[col + q]) : 0.f;
+#pragma unroll 2
+        for (int r = 0; r < 16; ++r) {
+            const int lr = warp * 16 + r;
+            const float4 z4 = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lane * 4]);
+            float y[4] = {z4.x + b[0], z4.y + b[1], z4.z + b[2], z4.w + b[3]};
+            float tmax = -INFINITY, ysum = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
+                if (col + q >= v_end) y[q] = -INFINITY;  // columns of the next split or past V
+                else ysum += y[q];
+                tmax = fmaxf(tmax, y[q]);
+            }
+            tmax = warp_max(tmax);
+            const float old_max = run_max[lr];
+            const float new_max = fmaxf(old_max, tmax);
+            // exp of -inf - finite is 0; a fully masked lane contributes nothing.
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) s += (y[q] == -INFINITY) ? 0.f : __expf(y[q] - new_max);
+            s = warp_sum(s);
+            const float new_sum = run_sum[lr] * ((old_max == -INFINITY) ? 0.f : __expf(old_max - new_max)) + s;
+            const float new_ysum = SMOOTH ? run_ysum[lr] + warp_sum(ysum) : 0.f;
+            __syncwarp();  // every lane has read the old state before lane 0 replaces it
+            if (lane == 0) { run_max[lr] = new_max; run_sum[lr] = new_sum; run_ysum[lr] = new_ysum; }
+            __syncwarp();  // the new state is visible to the whole warp for the next tile
+        }
+        __syncthreads();  // every warp has read the epilogue tile before the next main loop reuses it
+    }
+    if (threadIdx.x < CCE_BM) {
+        const int row = m0 + threadIdx.x;
+        if (row < N) {
+            const i64 stride = (i64)splits * N;
+            part[(i64)split * N + row] = run_max[threadIdx.x];
+            part[stride + (i64)split * N + row] = run_sum[threadIdx.x];
+            part[2 * stride + (i64)split * N + row] = run_ysum[threadIdx.x];
+        }
+    }
+}
+
+template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
+__global__ void __launch_bounds__(CCE_THREADS, 2)
+    lce_forward_partials(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
+                         float* __restrict__ part, int N, int V, int D, int v_per_split, float softcap,
+                         int aligned) {
+    if (aligned) forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, true>(e, c, bias, part, N, V, D, v_per_split, softcap);
+    else forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, false>(e, c, bias, part, N, V, D, v_per_split, softcap);
+}
+
+template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename TI>
+__global__ void lce_forward_finish(const T* __restrict__ e, const T* __restrict__ c,
+                                   const T* __restrict__ bias, const TI* __restrict__ targets,
+                                   const float* __restrict__ part, float* __restrict__ lse,
+                                   float* __restrict__ tgt, int* __restrict__ bad_target, int N, int V,
+                                   int D, int splits, float softcap, float smoothing, long long ignore_index) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (row >= N) return;
+    // Combine the splits: max of maxes, then rescaled sums (fixed order: deterministic).
+    const i64 stride = (i64)splits * N;
+    float mx = -INFINITY;
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, part[(i64)s * N + row]);
+    mx = warp_max(mx);
+    float sm = 0.f, ys = 0.f;
+    for (int s = lane; s < splits; s += 32) {
+        const float m_s = part[(i64)s * N + row];
+        sm += (m_s == -INFINITY) ? 0.f : part[stride + (i64)s * N + row] * __expf(m_s - mx);
+        if (SMOOTH) ys += part[2 * stride + (i64)s * N + row];
+    }
+    sm = warp_sum(sm);
+    if (SMOOTH) ys = warp_sum(ys);
+    const float row_lse = mx + logf(sm);  // NaN/Inf inputs propagate to NaN here
+
+    const long long t = (long long)targets[row];
+    float t_term = 0.f;
+    if (t == ignore_index) {
+        t_term = 0.f;
+    } else if (t < 0 || t >= V) {
+        t_term = NAN;
+        if (lane == 0) atomicExch(bad_target, 1);
+    } else {
+        // Gather-dot: E[row] . C[t], accumulated in fp32 by the warp.
+        const T* er = e + (i64)row * D;
+        const T* cr = c + (i64)t * D;
+        float dot = 0.f;
+        for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+        dot = warp_sum(dot);
+        if (HAS_BIAS) dot += to_f32(bias[t]);
+        const float y_t = apply_softcap<SOFTCAP>(dot, softcap);
+        t_term = (1.f - smoothing) * y_t;
+        if (SMOOTH) t_term += (smoothing / (float)V) * ys;
+    }
+    if (lane == 0) {
+        lse[row] = row_lse;
+        tgt[row] = t_term;
+    }
+}

@@ -1,0 +1,56 @@
+"""Compile the CUDA sources with NVRTC on a machine without a GPU (CI), as CuPy would at run time.
+
+`cupy.cuda.compiler` queries the device, so this goes through `cuda.bindings.nvrtc` directly with
+the options CuPy adds (-ftz=true, --device-as-default-execution-space, its CCCL and CUDA include
+paths) on top of `kernel_sources.COMPILE_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+from cce_cupy.kernel_sources import COMPILE_OPTIONS, kernel_source
+
+
+def cupy_runtime_options(arch: str) -> list[str]:
+    """The options CuPy's RawModule passes to NVRTC for `arch` (e.g. "sm_90")."""
+    import cuda.pathfinder
+    from cupy._core.core import _get_cccl_include_options
+
+    opts = list(COMPILE_OPTIONS) + ["-ftz=true", "--device-as-default-execution-space", f"-arch={arch}"]
+    opts += list(_get_cccl_include_options())
+    cudart = cuda.pathfinder.find_nvidia_header_directory("cudart")
+    if cudart:
+        opts.append(f"-I{cudart}")
+    return opts
+
+
+def compile_source(filename: str, name_expressions: list[str], arch: str) -> tuple[bytes, str]:
+    """Compile one file with all the given instances; returns (cubin, log). Raises on error."""
+    from cuda.bindings import nvrtc
+
+    def check(result):
+        err, *rest = result
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC call failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    src = kernel_source(filename).encode()
+    prog = check(nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], []))
+    try:
+        for name in name_expressions:
+            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        opts = [o.encode() for o in cupy_runtime_options(arch)]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log_size = check(nvrtc.nvrtcGetProgramLogSize(prog))
+        log = b" " * log_size
+        check(nvrtc.nvrtcGetProgramLog(prog, log))
+        log_text = log.decode(errors="replace").rstrip("\x00 \n")
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"{filename} failed to compile for {arch}:\n{log_text}")
+        for name in name_expressions:  # every instance must have been emitted
+            check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+        size = check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        return cubin, log_text
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)

@@ -1,0 +1,163 @@
+"""The one options object every layer receives, and the loss's math in closed form.
+
+Definitions (one row i of the flattened batch, V classes, targets t_i after `shift`):
+
+    z_ij   = e_i . c_j + bias_j
+    y_ij   = softcap * tanh(z_ij / softcap)      (y = z when softcap is None)
+    lse_i  = log sum_j exp(y_ij)
+    tgt_i  = (1 - ls) * y_{i,t_i} + (ls / V) * sum_j y_ij      (ls = label_smoothing)
+    loss_i = lse_i - tgt_i + z_loss * lse_i**2                 (0 where t_i == ignore_index)
+
+The gradient with respect to y is, per row, two coefficients times two patterns:
+
+    dL/dy_ij = coef_p_i * softmax_ij - coef_q_i * ((1 - ls) * [j == t_i] + ls / V)
+    coef_p_i = g_i * (1 + 2 * z_loss * lse_i) + dlse_i ,   coef_q_i = g_i
+
+where g_i is the upstream gradient of loss_i (0 for ignored rows) and dlse_i the upstream
+gradient of a returned lse. Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend
+(NumPy, CUDA, JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the
+reduction, z-loss and ignore rules live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+REDUCTIONS = ("mean", "sum", "none")
+GRAD_DTYPES = (None, "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class CCEOptions:
+    """Options of the fused linear cross-entropy; frozen, hashable, passed whole to every layer.
+
+    Attributes:
+        ignore_index: targets equal to it contribute no loss and no gradient.
+        reduction: "mean" (over non-ignored targets; 0 when there are none), "sum" or "none"
+            (per-token losses shaped like `targets`, ignored positions 0).
+        softcap: logits become softcap * tanh(z / softcap) (Gemma 2); None for off.
+        label_smoothing: mass spread uniformly over the V classes, in [0, 1).
+        z_loss: weight of the auxiliary z_loss * lse**2 term per token (PaLM), >= 0.
+        shift: next-token prediction: position t of a sequence predicts targets[t + 1]; the
+            last position of each sequence is ignored. No copy of `e` is made.
+        filter_eps: gradient filtering threshold. None is exact; "auto" is
+            finfo(dtype).eps / 32; a float skips logit tiles where every |softmax - onehot|
+            is below it (only those tiles' tiny contributions are dropped).
+        return_lse: also return the per-token logsumexp (fp32, shaped like `targets`).
+        return_z_loss: also return the z-loss part of the loss, reduced like the loss.
+        grad_dtype: None for gradients in the input dtype, "float32" for fp32 gradients.
+        deterministic: bitwise reproducible gradients (no float atomics anywhere).
+    """
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    shift: bool = False
+    filter_eps: float | str | None = None
+    return_lse: bool = False
+    return_z_loss: bool = False
+    grad_dtype: str | None = None
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.softcap is not None and not (_is_real(self.softcap) and self.softcap > 0):
+            raise ValueError(f"softcap must be None or a float > 0, got {self.softcap!r}")
+        if not (_is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(
+                f"label_smoothing must be a float in [0, 1), got {self.label_smoothing!r}"
+            )
+        if not (_is_real(self.z_loss) and self.z_loss >= 0.0):
+            raise ValueError(f"z_loss must be a float >= 0, got {self.z_loss!r}")
+        if self.filter_eps is not None:
+            if self.filter_eps != "auto" and not (
+                _is_real(self.filter_eps) and 0.0 < self.filter_eps < 1.0
+            ):
+                raise ValueError(
+                    f"filter_eps must be None, 'auto' or a float in (0, 1), got {self.filter_eps!r}"
+                )
+            if self.label_smoothing > 0.0:
+                raise ValueError(
+                    "filter_eps needs label_smoothing=0: smoothing puts mass on every column, "
+                    "so no logit tile is negligible; pass filter_eps=None"
+                )
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be None or 'float32', got {self.grad_dtype!r}")
+        for flag in ("shift", "return_lse", "return_z_loss", "deterministic"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    def replace(self, **changes: Any) -> CCEOptions:
+        return dataclasses.replace(self, **changes)
+
+    def resolved_filter_eps(self, dtype_eps: float) -> float | None:
+        """The numeric threshold for inputs whose machine epsilon is `dtype_eps`."""
+        if self.filter_eps == "auto":
+            return dtype_eps / 32.0
+        return self.filter_eps
+
+
+def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions:
+    """Options from an options object and/or keyword overrides (unknown names raise)."""
+    base = CCEOptions() if options is None else options
+    if not isinstance(base, CCEOptions):
+        raise TypeError(f"options must be a CCEOptions, got {type(base).__name__}")
+    fields = {f.name for f in dataclasses.fields(CCEOptions)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(fields)}")
+    return base.replace(**kwargs) if kwargs else base
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None):
+    """Per-row (coef_p, coef_q), fp32, for dL/dy = coef_p * softmax - coef_q * smoothed_onehot.
+
+    xp: the array namespace (numpy, cupy or jax.numpy). valid: bool (N,). lse: fp32 (N,).
+    grad_loss: the upstream gradient of the returned loss: a scalar for "mean"/"sum", an (N,)
+    array for "none". grad_lse: optional (N,) upstream gradient of a returned lse.
+    """
+    validf = valid.astype(xp.float32)
+    grad_loss = xp.asarray(grad_loss, dtype=xp.float32)
+    if opts.reduction == "mean":
+        g = validf * (grad_loss / xp.maximum(xp.sum(validf), 1.0))
+    else:  # "sum" broadcasts a scalar; "none" is per row
+        g = validf * grad_loss
+    coef_p = g * (1.0 + 2.0 * opts.z_loss * lse) if opts.z_loss else g
+    if grad_lse is not None:
+        coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
+    return coef_p.astype(xp.float32), g.astype(xp.float32)
+
+
+def per_token_loss(xp, opts: CCEOptions, valid, lse, tgt):
+    """(loss_i, z_loss_i) per row, fp32, zero where ignored."""
+    zl = opts.z_loss * lse * lse if opts.z_loss else xp.zeros_like(lse)
+    loss = xp.where(valid, lse - tgt + zl, 0.0).astype(xp.float32)
+    return loss, xp.where(valid, zl, 0.0).astype(xp.float32)
+
+
+def reduce_loss(xp, opts: CCEOptions, valid, per_token):
+    """Apply the reduction to per-token values (ignored rows already 0)."""
+    if opts.reduction == "none":
+        return per_token
+    total = xp.sum(per_token, dtype=xp.float32)
+    if opts.reduction == "sum":
+        return total
+    return (total / xp.maximum(xp.sum(valid.astype(xp.float32)), 1.0)).astype(xp.float32)
+
+
+def shifted_targets(xp, targets, opts: CCEOptions):
+    """Targets each row is scored against: targets[..., t + 1] under `shift` (last -> ignored)."""
+    if not opts.shift:
+        return targets
+    pad = xp.full(targets.shape[:-1] + (1,), opts.ignore_index, dtype=targets.dtype)
+    return xp.concatenate([targets[..., 1:], pad], axis=-1)
