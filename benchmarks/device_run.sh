@@ -10,6 +10,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even when the editable install is refused
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 t0=$(date +%s)
 python3 -m cce_cupy.kernel_sources 2>&1 | tee "$OUT/compile.log"

@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu")
+KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu")
 # CuPy adds -ftz=true and --device-as-default-execution-space itself; the CPU check adds them too.
 COMPILE_OPTIONS = ("--std=c++17", "--use_fast_math")
+# Files built for one architecture only (wgmma needs the arch-specific sm_90a target); the others
+# are compiled by CuPy for the device at hand, and checked in CI for sm_80 and sm_90.
+FILE_ARCH = {"lce_hopper.cu": "sm_90a"}
 # Must match CCE_BM / CCE_BN in kernels/common.cuh.
 TILE_M = 128
 TILE_N = 128
 THREADS = 256
+# The Hopper kernels (lce_hopper.cu): 128 x 256 tiles, H_SMEM_BYTES of dynamic shared memory.
+HOPPER_TILE_N = 256
+HOPPER_SMEM_BYTES = 4 * (128 + 256) * 64 * 2 + 1024
+HOPPER_DTYPES = ("float16", "bfloat16")
 # Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,
 # the 128 x 132 fp32 epilogue tile).
 GEMM_SMEM_BYTES = max(3 * 2 * 128 * 32 * 2, 128 * 132 * 4)
@@ -83,7 +90,18 @@ def all_instances() -> dict[str, list[str]]:
     red = [template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc)
            for t in floats for o in {t, "float32"} for acc in b]
     red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
-    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red}
+    hop = [template_name("lce_forward_partials_sm90", t, *f) for t in HOPPER_DTYPES for f in itertools.product(b, b, b)]
+    hop += [
+        template_name("lce_grad_logits_sm90", t, grad_chunk_dtype(t), *f, i)
+        for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx
+    ]
+    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red, "lce_hopper.cu": hop}
+
+
+def compile_options(filename: str) -> tuple[str, ...]:
+    """NVRTC options of one file: the common ones, plus its fixed architecture if it has one."""
+    arch = FILE_ARCH.get(filename)
+    return COMPILE_OPTIONS + ((f"-arch={arch}",) if arch else ())
 
 
 def grad_chunk_dtype(dtype) -> str:
@@ -95,7 +113,7 @@ def gemm_variants(dtype):
     """(out dtype, A K-major?, mode) triples of lce_gemm used by the backward for one input dtype."""
     t = dtype_name(dtype)
     outs = sorted({t, "float32"})
-    dc = [(o, False, 0) for o in outs]  # dC = G^T @ E, written once
+    dc = [(o, False, m) for o in outs for m in (0, 1)]  # dC = G^T @ E: first row part writes, others add
     de = [(o, True, 0) for o in outs] + [("float32", True, 1)]  # dE first chunk / accumulate
     if t != "float32":
         de.append((t, True, 2))  # last chunk: fold the fp32 accumulator, cast
@@ -108,12 +126,14 @@ def _module(filename: str):
     import cupy
 
     return cupy.RawModule(
-        code=kernel_source(filename), options=COMPILE_OPTIONS, name_expressions=all_instances()[filename]
+        code=kernel_source(filename), options=compile_options(filename), name_expressions=all_instances()[filename]
     )
 
 
 # Kernels whose blocks run the tiled GEMM main loop and need more than 48 KiB of dynamic shared memory.
-_TILED_KERNELS = ("lce_forward_partials", "lce_grad_logits", "lce_gemm")
+_TILED_KERNELS = {"lce_forward_partials": GEMM_SMEM_BYTES, "lce_grad_logits": GEMM_SMEM_BYTES,
+                  "lce_gemm": GEMM_SMEM_BYTES, "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
+                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES}
 
 
 @functools.cache
@@ -122,14 +142,20 @@ def get_kernel(filename: str, name_expression: str):
     if name_expression not in all_instances()[filename]:
         raise KeyError(f"{name_expression} is not a listed instance of {filename}; add it to all_instances()")
     kernel = _module(filename).get_function(name_expression)
-    if name_expression.split("<")[0] in _TILED_KERNELS:
-        kernel.max_dynamic_shared_size_bytes = GEMM_SMEM_BYTES
+    smem = _TILED_KERNELS.get(name_expression.split("<")[0])
+    if smem:
+        kernel.max_dynamic_shared_size_bytes = smem
     return kernel
 
 
 def precompile() -> int:
-    """Compile every kernel file (GPU machine), so later calls only load cubins."""
+    """Compile every kernel file the current GPU can run, so later calls only load cubins."""
+    import cupy
+
+    cc = cupy.cuda.Device().compute_capability
     for filename in KERNEL_FILES:
+        if FILE_ARCH.get(filename, f"sm_{cc}").rstrip("a") != f"sm_{cc}":
+            continue
         _module(filename).get_function(all_instances()[filename][0])
     return sum(len(v) for v in all_instances().values())
 

@@ -7,10 +7,15 @@ scratch, and sets the stream). Shapes and dtypes are checked by the API layers, 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from cce_cupy.kernel_sources import (
     GEMM_SMEM_BYTES,
+    HOPPER_DTYPES,
+    HOPPER_SMEM_BYTES,
+    HOPPER_TILE_N,
     THREADS,
     TILE_M,
     TILE_N,
@@ -23,8 +28,17 @@ from cce_cupy.options import CCEOptions
 # Forward: enough (row-block x vocab-split) blocks to fill the GPU several times over, from the
 # shape alone (so JAX can size the scratch at trace time).
 FORWARD_TARGET_BLOCKS = 1024
-# Backward: the logit-gradient chunk (N x Vc) is kept under this many bytes.
+# The Hopper forward runs one 193 KiB block per SM; its splits are chosen for this many SMs (an
+# H100 SXM / H200), from the shape alone like the above. Other SM counts only lose balance.
+HOPPER_SMS = 132
+# Backward: the logit-gradient chunk (rows x Vc) is kept under this many bytes, and so is the fp32
+# dE accumulator of a row part (rows x D) that 16-bit gradients need: together with the O(N)
+# buffers the scratch stays under 64 MiB at any N, D, V.
 GRAD_CHUNK_BYTES = 32 << 20
+DE_ACC_BYTES = 24 << 20
+# "auto": wgmma kernels on compute capability 9.0 for 16-bit inputs where their alignment holds;
+# "sm80": always the mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU).
+KERNELS = os.environ.get("CCE_CUPY_KERNELS", "auto")
 _ALIGN = 256  # scratch sub-buffers start on 256-byte boundaries
 
 
@@ -61,19 +75,38 @@ def _dtype_eps(dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------ forward
-def forward_splits(n: int, v: int) -> tuple[int, int]:
-    """(number of vocab splits, columns per split) for the forward grid."""
+def forward_splits(n: int, v: int, tile_n: int = TILE_N) -> tuple[int, int]:
+    """(number of vocab splits, columns per split) for the forward grid with `tile_n`-wide tiles."""
     row_blocks = max(1, _cdiv(n, TILE_M))
-    col_tiles = max(1, _cdiv(v, TILE_N))
-    splits = min(col_tiles, max(1, _cdiv(FORWARD_TARGET_BLOCKS, row_blocks)))
-    per_split = _cdiv(col_tiles, splits) * TILE_N
+    col_tiles = max(1, _cdiv(v, tile_n))
+    if tile_n == HOPPER_TILE_N:
+        # One block per SM: pick the split count with the fewest waves x (tiles per block + the
+        # pipeline fill and partials store, about half a tile), the fewest splits among equals.
+        def cost(s):
+            return _cdiv(row_blocks * s, HOPPER_SMS) * (_cdiv(col_tiles, s) + 0.5)
+        splits = min(range(1, min(col_tiles, 4 * HOPPER_SMS) + 1), key=lambda s: (cost(s), s))
+    else:
+        splits = min(col_tiles, max(1, _cdiv(FORWARD_TARGET_BLOCKS, row_blocks)))
+    per_split = _cdiv(col_tiles, splits) * tile_n
     return _cdiv(v, per_split), per_split
 
 
 def forward_scratch_nbytes(n: int, v: int, d: int, dtype) -> int:
-    """Bytes of scratch `launch_forward` needs: 3 fp32 partials per (row, split)."""
-    splits, _ = forward_splits(n, v)
+    """Bytes of scratch `launch_forward` needs: 3 fp32 partials per (row, split), for either kernel family."""
+    splits = max(forward_splits(n, v, TILE_N)[0], forward_splits(n, v, HOPPER_TILE_N)[0])
     return max(_ALIGN, 3 * splits * n * 4)
+
+
+def use_hopper(*arrays, ld: int) -> bool:
+    """The wgmma kernels apply: Hopper GPU, 16-bit inputs, 16-byte aligned rows and bases."""
+    import cupy
+
+    return (
+        KERNELS == "auto"
+        and dtype_name(arrays[0].dtype) in HOPPER_DTYPES
+        and cupy.cuda.Device().compute_capability == "90"
+        and _aligned(*arrays, ld=ld)
+    )
 
 
 def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None):
@@ -84,7 +117,8 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     v = c.shape[0]
     if n == 0:
         return
-    splits, per_split = forward_splits(n, v)
+    hopper = use_hopper(e, c, ld=d)
+    splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
     part = scratch[: 3 * splits * n * 4].view(cupy.float32)
@@ -93,12 +127,15 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     flags = (bias is not None, opts.softcap is not None, opts.label_smoothing > 0.0)
     softcap = np.float32(opts.softcap or 0.0)
 
-    partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
+    if hopper:
+        partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", e.dtype, *flags))
+    else:
+        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
     aligned = np.int32(_aligned(e, c, ld=d))
     partials(
         (_cdiv(n, TILE_M), splits), (THREADS,),
         (e, c, _ptr(bias), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), softcap, aligned),
-        shared_mem=GEMM_SMEM_BYTES,
+        shared_mem=HOPPER_SMEM_BYTES if hopper else GEMM_SMEM_BYTES,
     )
     finish = get_kernel("lce_forward.cu", template_name("lce_forward_finish", e.dtype, *flags, targets.dtype))
     rows_per_block = THREADS // 32
@@ -114,21 +151,37 @@ def grad_dtype(input_dtype, opts: CCEOptions):
     return np.dtype(np.float32) if opts.grad_dtype == "float32" else input_dtype
 
 
-def backward_chunk(n: int, v: int, dtype) -> int:
-    """Vocabulary columns per backward chunk: a multiple of the tile width, G chunk <= budget."""
-    cols = GRAD_CHUNK_BYTES // max(1, n * _itemsize(dtype))
-    return max(TILE_N, min(_round_up(v, TILE_N), cols // TILE_N * TILE_N))
+def backward_blocking(n: int, v: int, d: int, dtype, opts: CCEOptions) -> tuple[int, int, bool]:
+    """(rows per part, vocabulary columns per chunk, fp32 dE accumulator needed) of the backward.
+
+    The backward walks row parts, and inside each the vocabulary in chunks: the logit gradient of
+    one (part, chunk) lives in scratch (<= GRAD_CHUNK_BYTES). 16-bit gradients over several chunks
+    accumulate dE in an fp32 buffer of one part's rows (<= DE_ACC_BYTES), hence the row parts.
+    """
+    itemsize = _itemsize(dtype)
+
+    def chunk(rows):
+        cols = GRAD_CHUNK_BYTES // max(1, rows * itemsize) // HOPPER_TILE_N * HOPPER_TILE_N
+        return max(HOPPER_TILE_N, min(_round_up(v, HOPPER_TILE_N), cols))
+
+    rows = max(n, 1)
+    vc = chunk(rows)
+    need_acc = opts.grad_dtype != "float32" and itemsize == 2 and vc < v
+    if need_acc:
+        cap = max(TILE_M, DE_ACC_BYTES // (d * 4) // TILE_M * TILE_M)
+        rows = min(rows, _round_up(_cdiv(rows, _cdiv(rows, cap)), TILE_M))
+        vc = chunk(rows)
+        need_acc = vc < v
+    return rows, vc, need_acc
 
 
 def _backward_layout(n: int, v: int, d: int, dtype, opts: CCEOptions) -> dict[str, tuple[int, int]]:
     """Byte (offset, size) of each scratch buffer of the backward."""
-    vc = backward_chunk(n, v, dtype)
-    nchunks = _cdiv(v, vc)
+    rows, vc, need_acc = backward_blocking(n, v, d, dtype, opts)
     sizes = {
-        "G": n * vc * _itemsize(dtype),
-        "flags": _cdiv(n, TILE_M) * _cdiv(vc, TILE_N) * 4,
-        # fp32 accumulator for dE when the gradient is 16-bit and several chunks add into it
-        "de_acc": n * d * 4 if (opts.grad_dtype != "float32" and _itemsize(dtype) == 2 and nchunks > 1) else 0,
+        "G": rows * vc * _itemsize(dtype),
+        "flags": _cdiv(rows, TILE_M) * _cdiv(vc, TILE_N) * 4,
+        "de_acc": rows * d * 4 if need_acc else 0,
     }
     layout, off = {}, 0
     for name, size in sizes.items():
@@ -144,7 +197,11 @@ def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> 
 
 def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
                     scratch=None):
-    """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md."""
+    """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
+
+    Each gradient element is written by one kernel or GEMM in a fixed order (no atomics): the
+    result is bitwise reproducible run to run on the same GPU.
+    """
     import cupy
 
     n, d = e.shape
@@ -163,67 +220,147 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
         off, size = layout[name]
         return scratch[off : off + size].view(dtype).reshape(shape)
 
-    vc_max = backward_chunk(n, v, e.dtype)
-    gt = e.dtype  # the chunk holds the gradient in the input type (fp32 stays fp32)
-    G = buf("G", gt, (n, vc_max))
+    rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
     eps = opts.resolved_filter_eps(_dtype_eps(e.dtype))
-    use_filter = eps is not None
-    flags = buf("flags", np.int32, (_cdiv(n, TILE_M), _cdiv(vc_max, TILE_N))) if use_filter else None
-    de_acc = buf("de_acc", np.float32, (n, d)) if layout["de_acc"][1] else None
-
-    grad_logits = get_kernel(
-        "lce_backward.cu",
-        template_name("lce_grad_logits", e.dtype, gt, bias is not None, opts.softcap is not None, use_filter,
-                      targets.dtype),
+    plan = _BackwardPlan(
+        opts=opts, eps=eps, vc_max=vc_max,
+        G=buf("G", e.dtype, (rows, vc_max)),
+        flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
+        de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
+        hopper=use_hopper(e, c, ld=d),
     )
-    aligned_in = np.int32(_aligned(e, c, ld=d))
-    aligned_g = np.int32(bool(aligned_in) and _aligned(G, ld=vc_max))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        plan.run_part(e[r0:r1], c, targets[r0:r1], bias, lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], de_out[r0:r1],
+                      dc_out, dbias_out, first_part=(r0 == 0))
 
-    def gemm(out, a_kmajor: bool, mode: int):
-        return get_kernel("lce_backward.cu", template_name("lce_gemm", e.dtype, out.dtype, a_kmajor, False, mode))
 
-    nchunks = _cdiv(v, vc_max)
-    for k in range(nchunks):
-        v0 = k * vc_max
-        vc = min(vc_max, v - v0)
-        flag_cols = _cdiv(vc, TILE_N)
-        grad_logits(
-            (_cdiv(n, TILE_M), flag_cols), (THREADS,),
-            (e, c, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v), np.int32(d),
-             np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
-             np.float32(opts.label_smoothing), np.float32(eps or 0.0), aligned_in),
-            shared_mem=GEMM_SMEM_BYTES,
-        )
-        # The flag grid of this launch has rows of `flag_cols` entries.
-        flag_ld = np.int64(flag_cols)
-        # dC[v0 : v0 + vc] = G^T @ E   (M = vc, N = d, K = n)
-        dc_chunk = dc_out[v0 : v0 + vc]
-        gemm(dc_chunk, False, 0)(
-            (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
-            (G, e, dc_chunk, _null(), _ptr(flags), flag_ld, np.int32(2), np.int32(vc), np.int32(d), np.int32(n),
-             np.int64(vc_max), np.int64(d), np.int64(d), aligned_g),
-            shared_mem=GEMM_SMEM_BYTES,
-        )
-        # dE (+)= G @ C[v0 : v0 + vc]   (M = n, N = d, K = vc)
-        if de_acc is None:  # fp32 output accumulates in place; a single chunk writes directly
-            target, mode, acc_in = de_out, (0 if k == 0 else 1), _null()
-        elif k < nchunks - 1:
-            target, mode, acc_in = de_acc, (0 if k == 0 else 1), _null()
+class _BackwardPlan:
+    """The kernels of one backward call, run over the row parts (see backward_blocking)."""
+
+    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper):
+        self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
+            opts, eps, vc_max, G, flags, de_acc, hopper)
+        # Exact gradients go through cuBLAS for dC and dE; filtered ones through our GEMMs,
+        # which skip the dead tiles.
+        self.use_cublas = eps is None
+
+    def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
+        n, d = e.shape
+        v = c.shape[0]
+        opts, vc_max, flags = self.opts, self.vc_max, self.flags
+        G = self.G[:n]
+        use_filter = self.eps is not None
+        if self.hopper:
+            grad_logits = get_kernel("lce_hopper.cu", template_name(
+                "lce_grad_logits_sm90", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
+                targets.dtype))
+            grad_grid_n, grad_smem = HOPPER_TILE_N, HOPPER_SMEM_BYTES
         else:
-            target, mode, acc_in = de_out, 2, de_acc
-        c_chunk = c[v0 : v0 + vc]
+            grad_logits = get_kernel("lce_backward.cu", template_name(
+                "lce_grad_logits", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
+                targets.dtype))
+            grad_grid_n, grad_smem = TILE_N, GEMM_SMEM_BYTES
+        aligned_in = np.int32(_aligned(e, c, ld=d))
+        aligned_g = np.int32(bool(aligned_in) and _aligned(G, ld=vc_max))
+
+        nchunks = _cdiv(v, vc_max)
+        for k in range(nchunks):
+            v0 = k * vc_max
+            vc = min(vc_max, v - v0)
+            flag_cols = _cdiv(vc, TILE_N)
+            grad_logits(
+                (_cdiv(n, TILE_M), _cdiv(vc, grad_grid_n)), (THREADS,),
+                (e, c, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
+                 np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
+                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0), aligned_in),
+                shared_mem=grad_smem,
+            )
+            Gc = G[:, :vc]
+            # dC[v0 : v0 + vc] (+)= G^T @ E: written by the first row part, accumulated by the others.
+            dc_chunk = dc_out[v0 : v0 + vc]
+            # dE (+)= G @ C[v0 : v0 + vc]: 16-bit gradients accumulate in fp32 and are cast at the end.
+            if self.de_acc is None:
+                de_target, de_accumulate, de_final = de_out, k > 0, None
+            else:
+                de_target, de_accumulate = self.de_acc[:n], k > 0
+                de_final = de_out if k == nchunks - 1 else None
+            if self.use_cublas:
+                _gemm_rowmajor(Gc, e, dc_chunk, trans_a=True, accumulate=not first_part)
+                _gemm_rowmajor(Gc, c[v0 : v0 + vc], de_target, trans_a=False, accumulate=de_accumulate)
+                if de_final is not None:
+                    de_final[...] = de_target
+            else:
+                self._gemms_filtered(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
+                                     first_part, aligned_g)
+            if dbias_out is not None:
+                bias_grad = get_kernel("reductions.cu", template_name(
+                    "lce_bias_grad", e.dtype, dbias_out.dtype, not first_part))
+                bias_grad(
+                    (_cdiv(vc, 32),), (32, 32),
+                    (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0)),
+                )
+
+    def _gemms_filtered(self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part,
+                        aligned_g):
+        """dC and dE of one chunk with our tiled GEMMs, skipping the K-blocks of dead gradient tiles."""
+        n, d = e.shape
+        vc = c_chunk.shape[0]
+        flag_ld = np.int64(flag_cols)
+        ld_g = np.int64(self.vc_max)
+
+        def gemm(out, a_kmajor: bool, mode: int):
+            return get_kernel("lce_backward.cu", template_name("lce_gemm", e.dtype, out.dtype, a_kmajor, False, mode))
+
+        # dC = G^T @ E   (M = vc, N = d, K = n); later row parts add to it (mode 1)
+        gemm(dc_chunk, False, 0 if first_part else 1)(
+            (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
+            (Gc, e, dc_chunk, _null(), _ptr(self.flags), flag_ld, np.int32(2), np.int32(vc), np.int32(d),
+             np.int32(n), ld_g, np.int64(d), np.int64(d), aligned_g),
+            shared_mem=GEMM_SMEM_BYTES,
+        )
+        # dE = G @ C_chunk   (M = n, N = d, K = vc); the last chunk of a 16-bit dE folds the
+        # fp32 accumulator and casts (mode 2)
+        if de_final is not None:
+            target, mode, acc_in = de_final, 2, de_target
+        else:
+            target, mode, acc_in = de_target, (1 if de_accumulate else 0), _null()
         gemm(target, True, mode)(
             (_cdiv(n, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
-            (G, c_chunk, target, acc_in, _ptr(flags), flag_ld, np.int32(1), np.int32(n), np.int32(d), np.int32(vc),
-             np.int64(vc_max), np.int64(d), np.int64(d), aligned_g),
+            (Gc, c_chunk, target, acc_in, _ptr(self.flags), flag_ld, np.int32(1), np.int32(n), np.int32(d),
+             np.int32(vc), ld_g, np.int64(d), np.int64(d), aligned_g),
             shared_mem=GEMM_SMEM_BYTES,
         )
-        if dbias_out is not None:
-            bias_grad = get_kernel("reductions.cu", template_name("lce_bias_grad", gt, dbias_out.dtype, False))
-            bias_grad(
-                (_cdiv(vc, 32),), (32, 32),
-                (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0)),
-            )
+
+
+_CUDA_DTYPES = {"float32": 0, "float16": 2, "bfloat16": 14}  # cudaDataType: CUDA_R_32F, _16F, _16BF
+_CUBLAS_COMPUTE_32F = 68  # fp32 accumulation, no TF32
+_CUBLAS_GEMM_DEFAULT = -1
+
+
+def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool) -> None:
+    """out (+)= op(a) @ b in fp32 through cuBLAS, on CuPy's current stream.
+
+    Row-major views: a is (K, M) when trans_a else (M, K); b is (K, N); out is (M, N). Each may
+    have a row stride larger than its width (a column slice of a wider buffer). cuBLAS is
+    column-major, so this computes out^T = b^T @ op(a)^T.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    m, n = out.shape
+    k = b.shape[0]
+    alpha = np.ones(1, np.float32)
+    beta = np.full(1, 1.0 if accumulate else 0.0, np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.gemmEx(
+        handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N if not trans_a else cublas.CUBLAS_OP_T, n, m, k,
+        alpha.ctypes.data, b.data.ptr, _CUDA_DTYPES[b.dtype.name], b.strides[0] // b.itemsize,
+        a.data.ptr, _CUDA_DTYPES[a.dtype.name], a.strides[0] // a.itemsize,
+        beta.ctypes.data, out.data.ptr, _CUDA_DTYPES[out.dtype.name], out.strides[0] // out.itemsize,
+        _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
+    )
 
 
 # ------------------------------------------------------------------------- logits-level loss
@@ -266,6 +403,7 @@ def forward_flops(n: int, v: int, d: int) -> float:
 
 
 __all__ = [
+    "backward_blocking",
     "backward_scratch_nbytes",
     "forward_scratch_nbytes",
     "launch_backward",

@@ -7,15 +7,19 @@ paths) on top of `kernel_sources.COMPILE_OPTIONS`.
 
 from __future__ import annotations
 
-from cce_cupy.kernel_sources import COMPILE_OPTIONS, kernel_source
+from cce_cupy.kernel_sources import compile_options, kernel_source
 
 
-def cupy_runtime_options(arch: str) -> list[str]:
-    """The options CuPy's RawModule passes to NVRTC for `arch` (e.g. "sm_90")."""
+def cupy_runtime_options(filename: str, arch: str) -> list[str]:
+    """The options CuPy's RawModule passes to NVRTC for `filename` on a GPU of `arch` (e.g. "sm_90").
+
+    A file with its own -arch in compile_options keeps it (CuPy then adds none)."""
     import cuda.pathfinder
     from cupy._core.core import _get_cccl_include_options
 
-    opts = list(COMPILE_OPTIONS) + ["-ftz=true", "--device-as-default-execution-space", f"-arch={arch}"]
+    opts = list(compile_options(filename)) + ["-ftz=true", "--device-as-default-execution-space"]
+    if not any(o.startswith("-arch") for o in opts):
+        opts.append(f"-arch={arch}")
     opts += list(_get_cccl_include_options())
     cudart = cuda.pathfinder.find_nvidia_header_directory("cudart")
     if cudart:
@@ -38,7 +42,7 @@ def compile_source(filename: str, name_expressions: list[str], arch: str) -> tup
     try:
         for name in name_expressions:
             check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in cupy_runtime_options(arch)]
+        opts = [o.encode() for o in cupy_runtime_options(filename, arch)]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         log_size = check(nvrtc.nvrtcGetProgramLogSize(prog))
         log = b" " * log_size

@@ -1,0 +1,530 @@
+"""Fused linear cross-entropy benchmark: ours against the cuBLAS floor and every peer.
+
+    python benchmarks/bench.py --out DIR [--shapes gemma2,llama3] [--providers ...]
+        [--modes fwd,bwd,fwd_bwd] [--data uniform,peaked] [--dtype bfloat16] [--label NAME]
+        [--budget-s 420] [--repeats 5] [--sweep-v] [--cpu-smoke]
+
+Writes DIR/<gpu>-<yyyymmdd>-<label>.json (a list of records, format in benchmarks/README.md)
+after every (shape, data) case, so a run cut short keeps what it measured, and the Markdown
+table DIR/<same>.md, which is also printed. Each provider runs in try/except: a failure becomes
+a record with ms null and the error in `note`, and the run goes on. Work left when --budget-s is
+spent is skipped and listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before anything imports jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # providers.py beside this file
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repository root (cce_cupy)
+
+import providers as P  # noqa: E402
+
+SHAPES = {
+    "gemma2": (8192, 2304, 256000),
+    "llama3": (8192, 4096, 128256),
+}
+SWEEP_V = {f"v{v // 1000}k": (8192, 2304, v) for v in (32000, 64000, 128000, 256000)}
+SMOKE_SHAPES = {"tiny": (64, 32, 1000)}
+MODES = ("fwd", "bwd", "fwd_bwd")
+DATA = ("uniform", "peaked")
+RECORD_KEYS = (
+    "gpu",
+    "date",
+    "versions",
+    "shape",
+    "N",
+    "D",
+    "V",
+    "dtype",
+    "data",
+    "provider",
+    "mode",
+    "filter",
+    "ms",
+    "extra_mib",
+    "rel_err_loss",
+    "rel_err_de",
+    "rel_err_dc",
+    "note",
+)
+DISTS = (
+    "numpy",
+    "cupy-cuda13x",
+    "ml_dtypes",
+    "torch",
+    "triton",
+    "jax",
+    "jaxlib",
+    "jax-cuda13-plugin",
+    "optax",
+    "cut-cross-entropy",
+    "liger-kernel",
+    "jax-cce",
+    "cce-cupy",
+)
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------ run metadata
+def versions(backend: str) -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for d in DISTS:
+        try:
+            out[d] = metadata.version(d)
+        except metadata.PackageNotFoundError:
+            out[d] = None
+    if backend == "cupy":
+        try:
+            import cupy
+
+            out["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            out["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+        except Exception:  # noqa: BLE001
+            pass
+    out["cce_cupy_commit"] = _git_head()
+    return out
+
+
+def _git_head() -> str | None:
+    """The checked-out commit, read from .git without running git (None if there is none)."""
+    try:
+        git = Path(__file__).resolve().parent.parent / ".git"
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(None, 1)[1]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def gpu_name(backend: str) -> str:
+    if backend == "cupy":
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    return f"cpu-numpy-{platform.machine()}"
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9._-]", "", s.lower().replace(" ", "-"))
+
+
+# ----------------------------------------------------------------------------------- records
+def record(
+    meta: dict,
+    p: P.Problem,
+    provider: str,
+    mode: str,
+    flt: bool,
+    ms=None,
+    extra=None,
+    errs=(None, None, None),
+    note: str = "",
+) -> dict:
+    r = dict(meta)
+    r.update(
+        shape=p.shape,
+        N=p.n,
+        D=p.d,
+        V=p.v,
+        dtype=p.dtype,
+        data=p.data,
+        provider=provider,
+        mode=mode,
+        filter=bool(flt),
+        ms=None if ms is None else round(float(ms), 4),
+        extra_mib=None if extra is None else round(extra / P.MIB, 2),
+        rel_err_loss=_r(errs[0]),
+        rel_err_de=_r(errs[1]),
+        rel_err_dc=_r(errs[2]),
+        note=note,
+    )
+    assert tuple(r) == RECORD_KEYS, tuple(r)
+    return r
+
+
+def _r(x):
+    return None if x is None else float(f"{float(x):.4g}")
+
+
+def errors_of(p: P.Problem, mode: str, out) -> tuple:
+    if out is None:
+        return (None, None, None)
+    if mode == "fwd":
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        return (P.rel_err(p, loss, "loss"), None, None)
+    if mode == "bwd":
+        de, dc = out[0], out[1]
+        return (None, P.rel_err(p, de, "de"), P.rel_err(p, dc, "dc"))
+    loss, de, dc = out[0], out[1], out[2]
+    return (P.rel_err(p, loss, "loss"), P.rel_err(p, de, "de"), P.rel_err(p, dc, "dc"))
+
+
+def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> list[dict]:
+    """Every requested mode of one provider variant; never raises."""
+    name, flt = P.provider_identity(key)
+    recs: list[dict] = []
+    prov = None
+    try:
+        prov = P.make_provider(key, p)
+        t0 = time.time()
+        prov.setup()
+        log(f"    setup {time.time() - t0:.1f} s")
+        if key == "cublas":
+            want = list(prov.modes)
+        else:
+            want = [m for m in MODES if m in modes]
+        need = list(want)
+        if "bwd" in want and not prov.bwd_direct:  # derived: needs fwd and fwd_bwd
+            need = ["fwd", "fwd_bwd", "bwd"]
+        got: dict[str, dict] = {}
+        for mode in need:
+            try:
+                if mode == "bwd" and not prov.bwd_direct:
+                    f, fb = got.get("fwd"), got.get("fwd_bwd")
+                    if not (f and fb and f["ms"] is not None and fb["ms"] is not None):
+                        raise RuntimeError("bwd is derived from fwd and fwd_bwd, which failed")
+                    got["bwd"] = dict(
+                        ms=fb["ms"] - f["ms"],
+                        extra=fb["extra"],
+                        errs=(None, None, None),
+                        note="bwd = fwd_bwd - fwd; extra_mib is fwd_bwd's",
+                    )
+                    continue
+                t0 = time.time()
+                if key != "cublas":
+                    warm = prov.call(mode)  # compile / autotune / first-touch, untimed
+                    P.Timer(prov.timer).sync()
+                    P.block(warm)
+                    del warm
+                mem_note = ""
+                try:
+                    extra, out = prov.measure_memory(mode)
+                except Exception as ex:  # noqa: BLE001 - time it anyway, without the memory figure
+                    mem_note = f"memory not measured: {type(ex).__name__}: {ex}"[:200]
+                    log(f"    {mode}: {mem_note}")
+                    extra, out = None, prov.call(mode)
+                    P.Timer(prov.timer).sync()
+                errs = errors_of(p, mode, out)
+                del out
+                ms = prov.time(mode, args.repeats, warmup=0 if key != "cublas" else 1)
+                got[mode] = dict(ms=ms, extra=extra, errs=errs, note=mem_note)
+                log(
+                    f"    {mode:13s} {ms:9.3f} ms  extra {_fmt_mib(extra)}  err {_fmt_errs(errs)}"
+                    f"  ({time.time() - t0:.1f} s)"
+                )
+            except Exception as ex:  # noqa: BLE001
+                got[mode] = dict(
+                    ms=None,
+                    extra=None,
+                    errs=(None, None, None),
+                    note=f"error: {type(ex).__name__}: {ex}"[:500],
+                )
+                log(f"    {mode}: FAILED {type(ex).__name__}: {ex}")
+                traceback.print_exc(limit=3)
+                P.free_device_memory()
+            if args.budget_s and time.time() - args.t_start > args.budget_s and mode != need[-1]:
+                log("    budget spent: skipping this provider's other modes")
+                args.skipped.append(f"{p.shape}/{p.data}/{key}: modes after {mode}")
+                break
+        for mode in want:
+            if mode in got:
+                g = got[mode]
+                note = "; ".join(x for x in (prov.note, g["note"]) if x)
+                recs.append(record(meta, p, name, mode, flt, g["ms"], g["extra"], g["errs"], note))
+    except Exception as ex:  # noqa: BLE001 - setup failed: one error record per mode
+        msg = f"error: {type(ex).__name__}: {ex}"[:500]
+        log(f"    FAILED {msg}")
+        want = ["gemm_fwd", "gemm_bwd_sum"] if key == "cublas" else [m for m in MODES if m in modes]
+        recs = [record(meta, p, name, m, flt, note=msg) for m in want]
+    finally:
+        if prov is not None:
+            try:
+                prov.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+        del prov
+        P.free_device_memory()
+    return recs
+
+
+def _fmt_mib(b) -> str:
+    return "-" if b is None else f"{b / P.MIB:.1f} MiB"
+
+
+def _fmt_errs(e) -> str:
+    return " ".join("-" if x is None else f"{x:.1e}" for x in e)
+
+
+# ----------------------------------------------------------------------------------- reports
+def floors(records: list[dict]) -> dict:
+    """(shape, data) -> {'gemm_fwd': ms, 'gemm_bwd_sum': ms}."""
+    out: dict = {}
+    for r in records:
+        if r["provider"] == "cublas" and r["ms"] is not None:
+            out.setdefault((r["shape"], r["data"]), {})[r["mode"]] = r["ms"]
+    return out
+
+
+def ratio(r: dict, fl: dict) -> float | None:
+    f = fl.get((r["shape"], r["data"]), {})
+    if r["ms"] is None:
+        return None
+    if r["mode"] == "fwd" and f.get("gemm_fwd"):
+        return r["ms"] / f["gemm_fwd"]
+    if r["mode"] == "bwd" and f.get("gemm_bwd_sum"):
+        return r["ms"] / f["gemm_bwd_sum"]
+    if r["mode"] == "fwd_bwd" and f.get("gemm_fwd") and f.get("gemm_bwd_sum"):
+        return r["ms"] / (f["gemm_fwd"] + f["gemm_bwd_sum"])
+    return None
+
+
+def _cell(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(records: list[dict], skipped: list[str]) -> str:
+    fl = floors(records)
+    lines = []
+    if records:
+        r0 = records[0]
+        vers = ", ".join(f"{k} {v}" for k, v in r0["versions"].items() if v is not None)
+        lines += [
+            f"# {r0['gpu']}, {r0['date']}, {r0['dtype']}",
+            "",
+            f"Versions: {vers}",
+            "",
+            "× floor: fwd / cuBLAS E@Cᵀ; bwd / the 3 backward GEMMs; fwd_bwd / all 4 GEMMs "
+            "(same shape, data and run).",
+            "",
+        ]
+    lines += [
+        "| shape | data | provider | mode | filter | ms | × floor | extra MiB | err loss | err dE "
+        "| err dC | note |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        note = (
+            r["note"]
+            if r["ms"] is None
+            else (
+                "derived: fwd_bwd - fwd" if "bwd = fwd_bwd - fwd;" in r["note"] and r["mode"] == "bwd" else ""
+            )
+        )
+        lines.append(
+            f"| {r['shape']} | {r['data']} | {r['provider']} | {r['mode']} "
+            f"| {'yes' if r['filter'] else 'no'} "
+            f"| {_cell(r['ms'], '.3f')} | {_cell(ratio(r, fl), '.3f')} | {_cell(r['extra_mib'], '.1f')} "
+            f"| {_cell(r['rel_err_loss'], '.2e')} | {_cell(r['rel_err_de'], '.2e')} "
+            f"| {_cell(r['rel_err_dc'], '.2e')} | {note.replace('|', '/')[:120]} |"
+        )
+    lines += ["", "## Ratios the bars use", ""]
+    lines += ratio_lines(records, fl) or ["(no cuBLAS floor or no ours records)"]
+    if skipped:
+        lines += ["", "## Skipped (budget)", ""] + [f"- {s}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def ratio_lines(records: list[dict], fl: dict) -> list[str]:
+    out = []
+    by = {(r["shape"], r["data"], r["provider"], r["mode"], r["filter"]): r["ms"] for r in records}
+    for (shape, data), f in fl.items():
+        g4 = (f.get("gemm_fwd") or 0) + (f.get("gemm_bwd_sum") or 0)
+        for prov, flt in (("ours", False), ("ours_deterministic", False), ("ours", True)):
+            tag = prov + (" filter" if flt else "")
+            fwd = by.get((shape, data, prov, "fwd", flt))
+            fb = by.get((shape, data, prov, "fwd_bwd", flt))
+            if fwd and f.get("gemm_fwd") and not flt:
+                out.append(f"- {shape}/{data}: {tag} fwd / cuBLAS gemm_fwd = {fwd / f['gemm_fwd']:.3f}")
+            if fb and g4 and f.get("gemm_fwd") and f.get("gemm_bwd_sum"):
+                out.append(f"- {shape}/{data}: {tag} fwd_bwd / (gemm_fwd + gemm_bwd_sum) = {fb / g4:.3f}")
+        ours_fb = by.get((shape, data, "ours", "fwd_bwd", False))
+        ours_ffb = by.get((shape, data, "ours", "fwd_bwd", True))
+        for peer, flt in (("torch_compile", False), ("apple_cce", False), ("apple_cce", True)):
+            pfb = by.get((shape, data, peer, "fwd_bwd", flt))
+            if pfb and ours_fb:
+                out.append(
+                    f"- {shape}/{data}: ours fwd_bwd / {peer}{' filter' if flt else ''} fwd_bwd = "
+                    f"{ours_fb / pfb:.3f}"
+                )
+            if pfb and ours_ffb and peer == "torch_compile":
+                out.append(
+                    f"- {shape}/{data}: ours filter fwd_bwd / torch_compile fwd_bwd = {ours_ffb / pfb:.3f}"
+                )
+        jb = by.get((shape, data, "jax_bindings", "fwd_bwd", False))
+        if jb and ours_fb:
+            out.append(f"- {shape}/{data}: jax_bindings fwd_bwd / ours (CuPy) fwd_bwd = {jb / ours_fb:.3f}")
+    return out
+
+
+# -------------------------------------------------------------------------------------- main
+def parse_shapes(spec: str | None, sweep: bool, smoke: bool) -> dict:
+    if smoke and spec is None:
+        return dict(SMOKE_SHAPES)
+    shapes = {}
+    if spec is None:
+        spec = "" if sweep else "gemma2,llama3"
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in SHAPES:
+            shapes[item] = SHAPES[item]
+        elif item in SMOKE_SHAPES:
+            shapes[item] = SMOKE_SHAPES[item]
+        elif "=" in item:  # name=NxDxV
+            name, dims = item.split("=", 1)
+            n, d, v = (int(x) for x in dims.lower().split("x"))
+            shapes[name] = (n, d, v)
+        else:
+            raise SystemExit(f"unknown shape {item!r}: use {', '.join(SHAPES)} or name=NxDxV")
+    if sweep:
+        shapes.update(SWEEP_V)
+    return shapes
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for the .json and .md results")
+    ap.add_argument("--shapes", default=None, help="comma list of gemma2, llama3, name=NxDxV")
+    ap.add_argument("--sweep-v", action="store_true", help="add N=8192, D=2304, V=32k..256k (for plot.py)")
+    ap.add_argument(
+        "--providers",
+        default=",".join(P.ALL_PROVIDERS),
+        help=f"comma list of: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)} (default: all but the last)",
+    )
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--data", default=",".join(DATA))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip work left after this many seconds")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement, median (5; 2 with --cpu-smoke)",
+    )
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="NumPy backend, tiny shape, 2 repeats: checks that the defaults run (CI)",
+    )
+    args = ap.parse_args(argv)
+    args.backend = "numpy" if args.cpu_smoke else "cupy"
+    if args.repeats is None:
+        args.repeats = 2 if args.cpu_smoke else 5
+    if args.label is None:
+        args.label = "cpu-smoke" if args.cpu_smoke else ("sweep-v" if args.sweep_v else "bench")
+    args.shape_map = parse_shapes(args.shapes, args.sweep_v, args.cpu_smoke)
+    args.provider_list = [s.strip() for s in args.providers.split(",") if s.strip()]
+    for k in args.provider_list:
+        if k not in P.ALL_PROVIDERS + P.EXTRA_PROVIDERS:
+            raise SystemExit(
+                f"unknown provider {k!r}; known: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)}"
+            )
+    args.mode_list = [m for m in args.modes.split(",") if m]
+    args.data_list = [d for d in args.data.split(",") if d]
+    for m in args.mode_list:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+    for d in args.data_list:
+        if d not in DATA:
+            raise SystemExit(f"unknown data {d!r}; known: {', '.join(DATA)}")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    args.t_start = time.time()
+    args.skipped = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.backend == "cupy":
+        try:
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as ex:  # noqa: BLE001
+            raise SystemExit(f"no CUDA device through CuPy ({ex}); use --cpu-smoke for the NumPy backend")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    gpu = gpu_name(args.backend)
+    meta = {"gpu": gpu, "date": now.isoformat(timespec="seconds"), "versions": versions(args.backend)}
+    stem = f"{slug(gpu)}-{now:%Y%m%d}-{slug(args.label)}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    log(
+        f"bench: {gpu}, backend {args.backend}, shapes {list(args.shape_map)}, data {args.data_list}, "
+        f"providers {args.provider_list}, modes {args.mode_list}, {args.dtype}, repeats {args.repeats}, "
+        f"budget {args.budget_s:.0f} s -> {json_path}"
+    )
+    records: list[dict] = []
+
+    def elapsed() -> float:
+        return time.time() - args.t_start
+
+    for shape, (n, d, v) in args.shape_map.items():
+        for data in args.data_list:
+            case = f"{shape}/{data}"
+            if args.budget_s and elapsed() > args.budget_s:
+                args.skipped.append(f"{case}: all providers")
+                continue
+            log(f"== {case} N={n} D={d} V={v} {args.dtype} (t={elapsed():.0f} s)")
+            p = P.Problem(shape, n, d, v, args.dtype, data, args.backend)
+            try:
+                t0 = time.time()
+                P.make_inputs(p)
+                P.ground_truth(p)
+                log(f"  inputs + fp32 ground truth {time.time() - t0:.1f} s, loss {p.truth['loss']:.5f}")
+            except Exception as ex:  # noqa: BLE001 - no inputs, nothing to run for this case
+                log(f"  FAILED to make inputs/ground truth: {type(ex).__name__}: {ex}")
+                traceback.print_exc(limit=3)
+                if p.e is None:
+                    args.skipped.append(f"{case}: inputs failed ({type(ex).__name__})")
+                    p.free()
+                    P.free_device_memory()
+                    continue
+            for key in args.provider_list:
+                if args.backend == "numpy" and P.provider_identity(key)[0] in P.GPU_ONLY:
+                    log(f"  {key}: skipped on the NumPy backend (needs CUDA)")
+                    continue
+                left = args.budget_s - elapsed() if args.budget_s else float("inf")
+                if left <= 0 or (key == "torch_compile" and left < 60):
+                    args.skipped.append(f"{case}: {key}")
+                    log(f"  {key}: skipped, budget spent ({left:.0f} s left)")
+                    continue
+                log(f"  {key} (t={elapsed():.0f} s)")
+                records += run_provider(key, p, args.mode_list, args, meta)
+            p.free()
+            P.free_device_memory()
+            json_path.write_text(json.dumps(records, indent=1))  # after every case: a cut run keeps it
+    json_path.write_text(json.dumps(records, indent=1))
+    md = markdown(records, args.skipped)
+    md_path.write_text(md)
+    log("")
+    log(md)
+    log(f"wrote {json_path} and {md_path} ({len(records)} records, {elapsed():.0f} s)")
+    return json_path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+"""The public functions: array-kind dispatch, batch dims, shift, reductions and errors.
+
+Array kinds:
+    * NumPy arrays run the NumPy backend (`cce_cupy.reference`, blocked, never N x V).
+    * CuPy arrays run the CUDA kernels (`cce_cupy.launch`) on CuPy's current stream.
+    * Any other GPU array with `__dlpack__` (PyTorch, JAX, ...) is viewed zero-copy through
+      `cupy.from_dlpack`, runs the kernels, and results come back as that kind.
+    * Other CPU arrays with `__array__` (a JAX CPU array, a PyTorch CPU tensor) go through
+      `numpy.asarray` to the NumPy backend and come back as their kind.
+All arrays of one call must be of one kind and, on GPU, on one device.
+
+Leading batch dims of `e` (and `targets`) are flattened with `reshape`, which copies only when the
+input is not contiguous; non-contiguous inputs are therefore copied (once) before the kernels.
+
+Out-of-range targets (not ignore_index, outside [0, V)): the per-token loss is NaN.
+    * NumPy backend: ValueError at once, before anything is computed.
+    * GPU: the kernels set a device flag; this module copies it asynchronously to pinned host
+      memory after each call (no host sync). The ValueError is raised at the start of the next
+      call of this module once that copy has landed, or by `check_targets()`, which waits for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cce_cupy import launch, reference
+from cce_cupy.options import (
+    CCEOptions,
+    make_options,
+    per_token_loss,
+    reduce_loss,
+    row_coefficients,
+    shifted_targets,
+)
+from cce_cupy.validate import check_cross_entropy_args, check_linear_ce_args, dtype_of
+
+
+# ----------------------------------------------------------------------------- array kinds
+@dataclasses.dataclass
+class _Kind:
+    """How a call's arrays were taken in, and how to give results back."""
+
+    name: str  # "numpy", "cupy", "dlpack" (GPU foreign) or "host" (CPU foreign)
+    module: str = ""  # top-level module of the foreign type ("torch", "jax", ...)
+    device: int | None = None  # CUDA device id on GPU
+    xp: Any = np
+
+    def back(self, x):
+        if x is None or self.name in ("numpy", "cupy"):
+            return x
+        if self.name == "host":
+            return _from_numpy(np.asarray(x), self.module)
+        return _from_cupy(x, self.module)
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:  # pragma: no cover - cupy is a dependency of the cuda extra
+        return None
+    return cupy
+
+
+def _module_of(x) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def _describe(x) -> str:
+    return f"{_module_of(x)}.{type(x).__name__}"
+
+
+def _gpu_device(x) -> int | None:
+    """CUDA device id of a foreign array, or None if it lives on the host."""
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is None:
+        return None
+    dtype_code, dev_id = dev()
+    return int(dev_id) if int(dtype_code) in (2, 3, 13) else None  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+
+
+def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
+    """Classify the arrays of a call (all one kind, one device) and convert them for a backend."""
+    present = {k: x for k, x in named.items() if x is not None}
+    cupy = _cupy()
+    kinds = {}
+    for k, x in present.items():
+        if isinstance(x, (np.ndarray, np.generic)):
+            kinds[k] = ("numpy", None)
+        elif cupy is not None and isinstance(x, cupy.ndarray):
+            kinds[k] = ("cupy", x.device.id)
+        elif hasattr(x, "__dlpack__") and _gpu_device(x) is not None:
+            kinds[k] = ("dlpack:" + _module_of(x), _gpu_device(x))
+        elif hasattr(x, "__array__") and hasattr(x, "shape"):
+            kinds[k] = ("host:" + _module_of(x), None)
+        else:
+            raise TypeError(
+                f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got {_describe(x)}"
+            )
+    names = list(present)
+    first = names[0]
+    for k in names[1:]:
+        if kinds[k][0] != kinds[first][0]:
+            raise TypeError(
+                f"{first} is a {_describe(present[first])} but {k} is a {_describe(present[k])}: "
+                "pass all arrays as one kind (all NumPy, all CuPy, or all of one GPU framework)"
+            )
+        if kinds[k][1] != kinds[first][1]:
+            raise ValueError(
+                f"{first} is on cuda:{kinds[first][1]} but {k} is on cuda:{kinds[k][1]}: "
+                "move all arrays to one device"
+            )
+    kind_name, dev = kinds[first]
+    if kind_name == "numpy":
+        return _Kind("numpy"), {k: (None if x is None else np.asarray(x)) for k, x in named.items()}
+    if kind_name == "cupy":
+        return _Kind("cupy", device=dev, xp=cupy), dict(named)
+    if kind_name.startswith("dlpack:"):
+        if cupy is None:
+            raise TypeError(f"{first} is a GPU array but CuPy is not installed: pip install cce-cupy[cuda]")
+        with cupy.cuda.Device(dev):
+            conv = {k: (None if x is None else cupy.from_dlpack(x)) for k, x in named.items()}
+        return _Kind("dlpack", kind_name.split(":", 1)[1], dev, cupy), conv
+    conv = {}
+    for k, x in named.items():
+        try:
+            conv[k] = None if x is None else np.asarray(x)
+        except Exception as err:
+            raise TypeError(
+                f"{k} ({_describe(x)}) cannot be read as a NumPy array: convert it first"
+            ) from err
+    return _Kind("host", kind_name.split(":", 1)[1]), conv
+
+
+def _from_cupy(x, module: str):
+    if module == "torch":
+        import torch
+
+        return torch.from_dlpack(x)
+    if module in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.from_dlpack(x)
+    return x
+
+
+def _from_numpy(x: np.ndarray, module: str):
+    if module in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.asarray(x)
+    if module == "torch":
+        import torch
+
+        if x.dtype.name == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return x
+
+
+# ------------------------------------------------------------------ out-of-range targets
+class _TargetWatch:
+    """Per-device, non-blocking watch of launch.target_error_flag()."""
+
+    def __init__(self) -> None:
+        self._state: dict[int, tuple[Any, Any]] = {}  # device -> (pinned host copy, event)
+
+    def after_launch(self, cupy) -> None:
+        """Queue an async copy of the flag to pinned memory and an event after it (no sync)."""
+        import cupyx
+
+        dev = cupy.cuda.Device().id
+        if dev not in self._state:
+            self._state[dev] = (cupyx.zeros_pinned(1, dtype=np.int32), cupy.cuda.Event(disable_timing=True))
+        host, event = self._state[dev]
+        launch.target_error_flag().get(out=host, blocking=False)
+        event.record()
+
+    def poll(self, block: bool = False) -> None:
+        """Raise (and clear the flags) if a finished copy shows an out-of-range target."""
+        if not self._state:
+            return
+        cupy = _cupy()
+        for dev, (host, event) in self._state.items():
+            if block:
+                event.synchronize()
+            elif not event.done:
+                continue
+            if host[0]:
+                host[0] = 0
+                with cupy.cuda.Device(dev):
+                    launch.target_error_flag().fill(0)
+                raise ValueError(
+                    f"targets: an earlier cce_cupy call on cuda:{dev} had a target outside [0, V) that is "
+                    "not ignore_index; its loss is NaN. Fix the targets (or set ignore_index to the "
+                    "padding value)."
+                )
+
+
+_WATCH = _TargetWatch()
+
+
+def check_targets() -> None:
+    """Wait for the GPU calls made so far and raise ValueError if any saw an out-of-range target.
+
+    GPU calls never synchronize to check targets: an out-of-range target makes its loss NaN and
+    sets a device flag, which is reported at the start of a later call (once known without
+    waiting) or here. The NumPy backend raises at once. Clears the flag after reporting.
+    """
+    _WATCH.poll(block=True)
+
+
+def _check_targets_now(t: np.ndarray, v: int, opts: CCEOptions) -> None:
+    bad = (t != opts.ignore_index) & ((t < 0) | (t >= v))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"targets: {int(bad.sum())} target(s) outside [0, V={v}) that are not ignore_index="
+            f"{opts.ignore_index} (first at flat index {i}: {int(t[i])})"
+        )
+
+
+# -------------------------------------------------------------------------------- helpers
+@dataclasses.dataclass
+class _Call:
+    """One validated call, flattened for the backends."""
+
+    kind: _Kind
+    opts: CCEOptions
+    batch_shape: tuple[int, ...]
+    e: Any  # (N, D) C-contiguous
+    c: Any
+    bias: Any
+    targets: Any  # (N,) shifted
+    valid: Any  # (N,) bool
+
+
+def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, dict[str, Any]]:
+    opts = make_options(options, **kwargs)
+    named = {"e": e, "c": c, "targets": targets, "bias": bias}
+    named.update(extra or {})
+    kind, conv = _take(named)
+    p = check_linear_ce_args(conv["e"], conv["c"], conv["targets"], conv["bias"])
+    xp = kind.xp
+    t = conv["targets"]
+    if opts.shift:
+        if t.ndim == 0:
+            raise ValueError(
+                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
+            )
+        t = shifted_targets(xp, t, opts)
+    t = xp.ascontiguousarray(t.reshape(-1))
+    if kind.name in ("numpy", "host"):
+        _check_targets_now(t, p.v, opts)
+    else:
+        _WATCH.poll()
+    call = _Call(
+        kind,
+        opts,
+        p.batch_shape,
+        xp.ascontiguousarray(conv["e"].reshape(p.n, p.d)),
+        xp.ascontiguousarray(conv["c"]),
+        None if conv["bias"] is None else xp.ascontiguousarray(conv["bias"]),
+        t,
+        t != opts.ignore_index,
+    )
+    return call, conv
+
+
+def _device_ctx(call: _Call):
+    if call.kind.xp is np:
+        return contextlib.nullcontext()
+    return call.kind.xp.cuda.Device(call.kind.device)
+
+
+def _forward(call: _Call):
+    """(lse, tgt) fp32 (N,) on the call's backend."""
+    xp, n = call.kind.xp, call.e.shape[0]
+    if xp is np:
+        lse, tgt = reference.forward(call.e, call.c, call.targets, call.bias, call.opts)
+        return lse.astype(np.float32), tgt.astype(np.float32)
+    lse = xp.empty(n, dtype=xp.float32)
+    tgt = xp.empty(n, dtype=xp.float32)
+    launch.launch_forward(call.e, call.c, call.targets, call.bias, call.opts, lse, tgt)
+    _WATCH.after_launch(xp)
+    return lse, tgt
+
+
+def _backward(call: _Call, lse, coef_p, coef_q):
+    xp = call.kind.xp
+    if xp is np:
+        return reference.backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q)
+    n, d = call.e.shape
+    v = call.c.shape[0]
+    gdt = launch.grad_dtype(call.e.dtype, call.opts)
+    de = xp.empty((n, d), dtype=gdt)
+    dc = xp.empty((v, d), dtype=gdt)
+    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    launch.launch_backward(
+        call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db
+    )
+    return de, dc, db
+
+
+def _grad_loss_array(xp, grad_loss, call: _Call, name: str = "grad_loss"):
+    """grad_loss as a float32 scalar, or (N,) for reduction="none" (a scalar is broadcast)."""
+    g = xp.asarray(grad_loss, dtype=xp.float32)
+    if call.opts.reduction == "none":
+        if g.ndim == 0:
+            return g
+        if tuple(g.shape) != call.batch_shape:
+            raise ValueError(
+                f"{name} must be a scalar or shaped like targets {call.batch_shape} for reduction='none', "
+                f"got shape {tuple(g.shape)}"
+            )
+        return g.reshape(-1)
+    if g.ndim != 0:
+        raise ValueError(
+            f"{name} must be a scalar for reduction={call.opts.reduction!r}, got shape {tuple(g.shape)}"
+        )
+    return g
+
+
+def _loss_outputs(call: _Call, lse, tgt):
+    """(loss, extras): the reduced loss and [lse][, z_loss] as requested, on the backend."""
+    xp, o = call.kind.xp, call.opts
+    loss_tok, zl_tok = per_token_loss(xp, o, call.valid, lse, tgt)
+    loss = reduce_loss(xp, o, call.valid, loss_tok)
+    if o.reduction == "none":
+        loss = loss.reshape(call.batch_shape)
+    extras = []
+    if o.return_lse:
+        extras.append(lse.reshape(call.batch_shape))
+    if o.return_z_loss:
+        zl = reduce_loss(xp, o, call.valid, zl_tok)
+        extras.append(zl.reshape(call.batch_shape) if o.reduction == "none" else zl)
+    return loss, extras
+
+
+# --------------------------------------------------------------------------- public API
+def linear_cross_entropy(e, c, targets, bias=None, *, options: CCEOptions | None = None, **option_kwargs):
+    """Cross-entropy of `e @ c.T (+ bias)` against `targets`, without the N x V logits.
+
+    Args:
+        e: (..., D) float32, float16 or bfloat16 embeddings.
+        c: (V, D) classifier of e's dtype.
+        targets: (...) = e.shape[:-1], int32 or int64 class indices (or ignore_index).
+        bias: optional (V,) of e's dtype.
+        options: a `CCEOptions`; keyword arguments override its fields (see README's table).
+
+    Returns:
+        The float32 loss (a scalar for "mean"/"sum", shaped like targets for "none"). With
+        return_lse and/or return_z_loss, a tuple `(loss[, lse][, z_loss])` in that order: lse is
+        the fp32 per-token logsumexp shaped like targets, z_loss is reduced like the loss.
+    """
+    call, _ = _prepare(e, c, targets, bias, options, option_kwargs)
+    with _device_ctx(call):
+        lse, tgt = _forward(call)
+        loss, extras = _loss_outputs(call, lse, tgt)
+    out = [call.kind.back(x) for x in [loss, *extras]]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def linear_cross_entropy_with_grad(
+    e, c, targets, bias=None, *, grad_loss=1.0, options: CCEOptions | None = None, **option_kwargs
+):
+    """The loss and its gradients in one call (no autograd).
+
+    Args:
+        grad_loss: the upstream gradient of the loss: a scalar, or for reduction="none" a scalar
+            or an array shaped like targets.
+        Others as in `linear_cross_entropy`.
+
+    Returns:
+        `(loss, de, dc[, dbias][, lse][, z_loss])`: dbias only when bias is given; lse and z_loss
+        when requested (as in `linear_cross_entropy`). de is shaped like e; gradients are in e's
+        dtype, or float32 with grad_dtype="float32". The gradients do not include the returned
+        lse's own gradient (use `backward(..., grad_lse=...)` for that).
+    """
+    call, _ = _prepare(e, c, targets, bias, options, option_kwargs)
+    xp = call.kind.xp
+    with _device_ctx(call):
+        lse, tgt = _forward(call)
+        loss, extras = _loss_outputs(call, lse, tgt)
+        g = _grad_loss_array(xp, grad_loss, call)
+        coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse, g)
+        de, dc, db = _backward(call, lse, coef_p, coef_q)
+    grads = [de.reshape(*call.batch_shape, de.shape[-1]), dc] + ([db] if db is not None else [])
+    return tuple(call.kind.back(x) for x in [loss, *grads, *extras])
+
+
+def forward(e, c, targets, bias=None, *, options: CCEOptions | None = None, **option_kwargs):
+    """Per-token `(lse, tgt)`, float32, shaped like targets: the primitive the bindings build on.
+
+    lse = logsumexp_j y_j, tgt = (1 - ls) * y_t + ls / V * sum_j y_j (0 where ignored, NaN where the
+    target is out of range), with y = softcap(e @ c.T + bias); targets are shifted under `shift`.
+    The loss is `lse - tgt + z_loss * lse**2` on valid tokens (see cce_cupy.options).
+    """
+    call, _ = _prepare(e, c, targets, bias, options, option_kwargs)
+    with _device_ctx(call):
+        lse, tgt = _forward(call)
+    return call.kind.back(lse.reshape(call.batch_shape)), call.kind.back(tgt.reshape(call.batch_shape))
+
+
+def backward(
+    e,
+    c,
+    targets,
+    lse,
+    grad_loss,
+    bias=None,
+    *,
+    grad_lse=None,
+    options: CCEOptions | None = None,
+    **option_kwargs,
+):
+    """Gradients `(de, dc[, dbias])` of the loss given the forward's lse.
+
+    Args:
+        lse: the per-token logsumexp from `forward`, shaped like targets.
+        grad_loss: upstream gradient of the loss (scalar; for "none" a scalar or shaped like targets).
+        grad_lse: optional upstream gradient of lse, shaped like targets.
+    """
+    call, conv = _prepare(e, c, targets, bias, options, option_kwargs, {"lse": lse, "grad_lse": grad_lse})
+    xp = call.kind.xp
+    for name in ("lse", "grad_lse"):
+        x = conv[name]
+        if x is not None and tuple(x.shape) != call.batch_shape:
+            raise ValueError(f"{name} must be shaped like targets {call.batch_shape}, got {tuple(x.shape)}")
+    with _device_ctx(call):
+        lse_f = xp.ascontiguousarray(conv["lse"].reshape(-1).astype(xp.float32))
+        gl = None if conv["grad_lse"] is None else conv["grad_lse"].reshape(-1).astype(xp.float32)
+        g = _grad_loss_array(xp, grad_loss, call)
+        coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse_f, g, gl)
+        de, dc, db = _backward(call, lse_f, xp.ascontiguousarray(coef_p), xp.ascontiguousarray(coef_q))
+    grads = [de.reshape(*call.batch_shape, de.shape[-1]), dc] + ([db] if db is not None else [])
+    return tuple(call.kind.back(x) for x in grads)
+
+
+def cross_entropy(
+    logits,
+    targets,
+    *,
+    inplace_backward: bool = False,
+    grad_loss=1.0,
+    options: CCEOptions | None = None,
+    **option_kwargs,
+):
+    """Cross-entropy of materialized logits (..., V) against targets (...), one pass per row.
+
+    With `inplace_backward=True` the logits buffer is overwritten with dloss/dlogits (for the
+    upstream gradient `grad_loss`, a scalar or, for "none", shaped like targets), so the backward
+    needs no extra N x V memory; the logits must then be a writable, contiguous NumPy/CuPy/GPU
+    array (JAX arrays are immutable: use jax_bindings). Under `shift` the gradient of each
+    sequence's last position is 0. Returns what `linear_cross_entropy` returns.
+    """
+    opts = make_options(options, **option_kwargs)
+    kind, conv = _take({"logits": logits, "targets": targets})
+    x, t = conv["logits"], conv["targets"]
+    p = check_cross_entropy_args(x, t)
+    xp = kind.xp
+    if inplace_backward:
+        if kind.module in ("jax", "jaxlib"):
+            raise TypeError("logits: inplace_backward=True needs a mutable array; JAX arrays are immutable")
+        if not x.flags.c_contiguous or kind.name == "host":
+            raise ValueError(
+                "logits: inplace_backward=True needs a C-contiguous NumPy/CuPy/GPU array to write into"
+            )
+    if opts.shift:
+        if t.ndim == 0:
+            raise ValueError(
+                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
+            )
+        t = shifted_targets(xp, t, opts)
+    t = xp.ascontiguousarray(t.reshape(-1))
+    x2 = x.reshape(p.n, p.v)
+    if not inplace_backward:
+        x2 = xp.ascontiguousarray(x2)
+    valid = t != opts.ignore_index
+    if kind.name in ("numpy", "host"):
+        _check_targets_now(t, p.v, opts)
+    else:
+        _WATCH.poll()
+    call = _Call(kind, opts, p.batch_shape, None, None, None, t, valid)
+    ctx = contextlib.nullcontext() if xp is np else xp.cuda.Device(kind.device)
+    with ctx:
+        row_grad = None
+        if inplace_backward:
+            g = _grad_loss_array(xp, grad_loss, call)
+            _, row_grad = row_coefficients(xp, opts, valid, xp.zeros(p.n, dtype=xp.float32), g)
+            row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (p.n,)).astype(xp.float32))
+        if xp is np:
+            lse, tgt = reference.cross_entropy_logits(x2, t, opts, row_grad)
+            lse, tgt = lse.astype(np.float32), tgt.astype(np.float32)
+        else:
+            lse = xp.empty(p.n, dtype=xp.float32)
+            tgt = xp.empty(p.n, dtype=xp.float32)
+            launch.launch_cross_entropy(x2, t, opts, lse, tgt, row_grad)
+            _WATCH.after_launch(xp)
+        loss, extras = _loss_outputs(call, lse, tgt)
+    out = [kind.back(y) for y in [loss, *extras]]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+__all__ = [
+    "CCEOptions",
+    "backward",
+    "check_targets",
+    "cross_entropy",
+    "dtype_of",
+    "forward",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+]

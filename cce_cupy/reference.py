@@ -1,0 +1,257 @@
+"""The NumPy backend and float64 reference: the kernels' blocked algorithm, vectorized.
+
+Functions mirror `cce_cupy.launch` on flattened, validated arrays (targets already shifted):
+
+    forward(e, c, targets, bias, opts, bad_target=None) -> (lse, tgt)
+    backward(e, c, targets, bias, opts, lse, coef_p, coef_q) -> (de, dc, dbias)
+    cross_entropy_logits(logits, targets, opts, row_grad=None, bad_target=None) -> (lse, tgt)
+
+The logits are visited in blocks of at most `BLOCK_BYTES` (rows x columns of the accumulation
+type), so N x V is never allocated. Rows and columns of a block start on multiples of 128, the
+kernels' tile size, so gradient filtering drops exactly the 128 x 128 tiles the CUDA backward
+drops. Accumulation is fp32 (float64 when the inputs are float64: the ground truth of the tests);
+16-bit inputs (bfloat16 through ml_dtypes) are upcast a block at a time. Unlike the kernels, the
+logit gradient is not rounded to the input dtype before the two gradient GEMMs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cce_cupy.options import CCEOptions
+
+TILE = 128  # the kernels' logit tile (TILE_M = TILE_N = 128)
+BLOCK_BYTES = 16 << 20  # one block of logits (and each temporary like it) stays under this
+
+_FLAG = np.zeros(1, dtype=np.int32)
+
+
+def target_error_flag() -> np.ndarray:
+    """The NumPy backend's out-of-range-target flag ((1,) int32); set here, never cleared here."""
+    return _FLAG
+
+
+def acc_dtype(dtype) -> np.dtype:
+    """The accumulation dtype: float64 for float64 inputs, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def block_shape(n: int, v: int, itemsize: int = 4, budget: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a logit block: multiples of 128 (or all of n / v), rows*cols*itemsize <= budget.
+
+    At least one 128 x 128 tile, so a block may pass `budget` only when budget < 128*128*itemsize.
+    `budget` defaults to the module's BLOCK_BYTES (read at call time).
+    """
+    budget = BLOCK_BYTES if budget is None else budget
+    cols = max(TILE, (budget // (max(n, 1) * itemsize)) // TILE * TILE)
+    cols = min(cols, _round_up(max(v, 1), TILE))
+    rows = max(TILE, (budget // (cols * itemsize)) // TILE * TILE)
+    return min(rows, max(n, 1)), min(cols, max(v, 1))
+
+
+def _blocks(n: int, v: int, itemsize: int):
+    rb, cb = block_shape(n, v, itemsize)
+    for r0 in range(0, n, rb):
+        yield r0, min(n, r0 + rb), [(v0, min(v, v0 + cb)) for v0 in range(0, v, cb)]
+
+
+def _logits(e_blk, c, bias, opts: CCEOptions, v0: int, v1: int, acc):
+    """y = softcap(e_blk @ c[v0:v1].T + bias[v0:v1]) in the accumulation dtype."""
+    z = e_blk @ c[v0:v1].astype(acc, copy=False).T
+    if bias is not None:
+        z += bias[v0:v1].astype(acc, copy=False)
+    if opts.softcap is not None:
+        s = acc.type(opts.softcap)
+        z = s * np.tanh(z / s)
+    return z
+
+
+def _target_term(e_blk, c, bias, t, valid, in_range, opts: CCEOptions, ysum, v: int, acc):
+    """tgt of a row block by gather-dot (not from the logit blocks); NaN for out-of-range targets."""
+    tgt = np.zeros(len(t), dtype=acc)
+    ok = valid & in_range
+    if ok.any():
+        tt = t[ok].astype(np.int64)
+        yt = np.einsum("nd,nd->n", e_blk[ok], c[tt].astype(acc, copy=False))
+        if bias is not None:
+            yt = yt + bias[tt].astype(acc)
+        if opts.softcap is not None:
+            s = acc.type(opts.softcap)
+            yt = s * np.tanh(yt / s)
+        tgt[ok] = (1.0 - opts.label_smoothing) * yt
+        if opts.label_smoothing > 0.0:
+            tgt[ok] += (opts.label_smoothing / v) * ysum[ok]
+    tgt[valid & ~in_range] = np.nan
+    return tgt
+
+
+def forward(e, c, targets, bias, opts: CCEOptions, bad_target=None):
+    """Per-row (lse, tgt) of y = softcap(e @ c.T + bias), by an online logsumexp over V blocks.
+
+    e (N, D), c (V, D), bias (V,) or None, targets (N,) already shifted. Returns fp32 arrays
+    (float64 for float64 inputs). tgt is 0 for ignored rows and NaN for a target outside [0, V)
+    that is not ignore_index, which also sets `bad_target[0] = 1` (default: this module's flag).
+    """
+    n, _ = e.shape
+    v = c.shape[0]
+    acc = acc_dtype(e.dtype)
+    lse = np.empty(n, dtype=acc)
+    tgt = np.empty(n, dtype=acc)
+    t_all = np.asarray(targets).astype(np.int64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r0, r1, cols in _blocks(n, v, acc.itemsize):
+            e_blk = e[r0:r1].astype(acc)
+            run_max = np.full(r1 - r0, -np.inf, dtype=acc)
+            run_sum = np.zeros(r1 - r0, dtype=acc)
+            ysum = np.zeros(r1 - r0, dtype=acc)
+            for v0, v1 in cols:
+                y = _logits(e_blk, c, bias, opts, v0, v1, acc)
+                new_max = np.maximum(run_max, y.max(axis=1))
+                # exp(-inf - -inf) would be NaN: a row with no finite logit yet contributes nothing.
+                scale = np.where(run_max == -np.inf, 0.0, np.exp(run_max - new_max))
+                run_sum = run_sum * scale + np.exp(y - new_max[:, None]).sum(axis=1)
+                run_max = new_max
+                if opts.label_smoothing > 0.0:
+                    ysum += y.sum(axis=1)
+            lse[r0:r1] = run_max + np.log(run_sum)
+            t = t_all[r0:r1]
+            valid = t != opts.ignore_index
+            in_range = (t >= 0) & (t < v)
+            tgt[r0:r1] = _target_term(e_blk, c, bias, t, valid, in_range, opts, ysum, v, acc)
+    bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
+    if bad.any():
+        (target_error_flag() if bad_target is None else bad_target)[0] = 1
+    return lse, tgt
+
+
+def grad_dtype(input_dtype, opts: CCEOptions) -> np.dtype:
+    return np.dtype(np.float32) if opts.grad_dtype == "float32" else np.dtype(input_dtype)
+
+
+def filter_threshold(dtype, opts: CCEOptions) -> float | None:
+    """The numeric filter_eps for inputs of `dtype` (None: exact)."""
+    name = np.dtype(dtype).name
+    eps = 2.0**-7 if name == "bfloat16" else float(np.finfo(np.dtype(dtype)).eps)
+    return opts.resolved_filter_eps(eps)
+
+
+def _live_tiles(mask: np.ndarray) -> np.ndarray:
+    """Per-element mask -> the same shape, True over every 128 x 128 tile holding a True."""
+    r, cdim = mask.shape
+    rp, cp = _round_up(r, TILE), _round_up(cdim, TILE)
+    padded = np.zeros((rp, cp), dtype=bool)
+    padded[:r, :cdim] = mask
+    tiles = padded.reshape(rp // TILE, TILE, cp // TILE, TILE).any(axis=(1, 3))
+    return np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:r, :cdim]
+
+
+def logit_grad(y, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps: float | None, stats=None):
+    """dL/dz of one block (rows r, columns [v0, v0 + width)), with tile filtering when eps is set.
+
+    `stats`, if a dict, gets "tiles" and "live_tiles" counts added (to measure filtering).
+    """
+    cols = np.arange(v0, v0 + y.shape[1])
+    onehot = t[:, None] == cols[None, :]
+    p = np.exp(y - lse[:, None])
+    ls = opts.label_smoothing
+    q = np.where(onehot, 1.0 - ls, 0.0) + ls / v if ls > 0.0 else onehot
+    g = coef_p[:, None] * p - coef_q[:, None] * q
+    if opts.softcap is not None:
+        g *= 1.0 - (y / opts.softcap) ** 2
+    if eps is not None:
+        active = (coef_p != 0) | (coef_q != 0)
+        live = _live_tiles((np.abs(p - onehot) >= eps) & active[:, None])
+        g = np.where(live, g, 0.0)
+        if stats is not None:
+            nt = _round_up(y.shape[0], TILE) // TILE * (_round_up(y.shape[1], TILE) // TILE)
+            stats["tiles"] = stats.get("tiles", 0) + nt
+            stats["live_tiles"] = stats.get("live_tiles", 0) + int(live[::TILE, ::TILE].sum())
+    return g.astype(y.dtype, copy=False)
+
+
+def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=None):
+    """(de, dc, dbias) for dL/dy = coef_p * softmax - coef_q * smoothed_onehot (see options.py).
+
+    Recomputes the logits block by block. With a numeric filter_eps, a 128 x 128 tile (rows and
+    columns counted from 0, as the kernels do) whose |softmax - onehot| < eps everywhere, or whose
+    rows all have zero coefficients, contributes nothing, exactly like lce_backward.cu. dbias is
+    None without bias. Gradients are in the input dtype, or fp32 with grad_dtype="float32".
+    """
+    n, d = e.shape
+    v = c.shape[0]
+    acc = acc_dtype(e.dtype)
+    de = np.zeros((n, d), dtype=acc)
+    dc = np.zeros((v, d), dtype=acc)
+    db = np.zeros(v, dtype=acc) if bias is not None else None
+    eps = filter_threshold(e.dtype, opts)
+    t_all = np.asarray(targets).astype(np.int64)
+    lse = np.asarray(lse, dtype=acc)
+    coef_p = np.asarray(coef_p, dtype=acc)
+    coef_q = np.asarray(coef_q, dtype=acc)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r0, r1, cols in _blocks(n, v, acc.itemsize):
+            e_blk = e[r0:r1].astype(acc)
+            for v0, v1 in cols:
+                y = _logits(e_blk, c, bias, opts, v0, v1, acc)
+                g = logit_grad(
+                    y, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats
+                )
+                de[r0:r1] += g @ c[v0:v1].astype(acc, copy=False)
+                dc[v0:v1] += g.T @ e_blk
+                if db is not None:
+                    db[v0:v1] += g.sum(axis=0)
+    gdt = grad_dtype(e.dtype, opts)
+    return de.astype(gdt), dc.astype(gdt), (None if db is None else db.astype(gdt))
+
+
+def cross_entropy_logits(logits, targets, opts: CCEOptions, row_grad=None, bad_target=None):
+    """(lse, tgt) of materialized logits (N, V), like launch_cross_entropy.
+
+    With row_grad ((N,) upstream gradient of each per-token loss), `logits` is overwritten in place
+    with dloss/dlogits = coef_p * softmax - g * smoothed_onehot (times the softcap derivative),
+    where g = row_grad (0 for ignored rows) and coef_p = g * (1 + 2 z_loss lse).
+    """
+    n, v = logits.shape
+    acc = acc_dtype(logits.dtype)
+    lse = np.empty(n, dtype=acc)
+    tgt = np.empty(n, dtype=acc)
+    t_all = np.asarray(targets).astype(np.int64)
+    rb = max(1, BLOCK_BYTES // max(1, v * acc.itemsize))
+    ls = opts.label_smoothing
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r0 in range(0, n, rb):
+            r1 = min(n, r0 + rb)
+            y = logits[r0:r1].astype(acc)
+            if opts.softcap is not None:
+                s = acc.type(opts.softcap)
+                y = s * np.tanh(y / s)
+            m = y.max(axis=1)
+            m_safe = np.where(m == -np.inf, 0.0, m)
+            l_blk = m_safe + np.log(np.exp(y - m_safe[:, None]).sum(axis=1))
+            lse[r0:r1] = l_blk
+            t = t_all[r0:r1]
+            valid = t != opts.ignore_index
+            in_range = (t >= 0) & (t < v)
+            ok = valid & in_range
+            tg = np.zeros(r1 - r0, dtype=acc)
+            rows = np.nonzero(ok)[0]
+            tg[rows] = (1.0 - ls) * y[rows, t[rows]]
+            if ls > 0.0:
+                tg[ok] += (ls / v) * y[ok].sum(axis=1)
+            tg[valid & ~in_range] = np.nan
+            tgt[r0:r1] = tg
+            if row_grad is not None:
+                g = np.where(valid, np.asarray(row_grad[r0:r1], dtype=acc), 0.0).astype(acc)
+                cp = g * (1.0 + 2.0 * opts.z_loss * l_blk)
+                logits[r0:r1] = logit_grad(y, t, l_blk, cp, g, opts, 0, v, None).astype(logits.dtype)
+    bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
+    if bad.any():
+        (target_error_flag() if bad_target is None else bad_target)[0] = 1
+    return lse, tgt
+
+
+__all__ = ["BLOCK_BYTES", "backward", "block_shape", "cross_entropy_logits", "forward", "target_error_flag"]

@@ -1,0 +1,18 @@
+"""JAX bindings of the fused linear cross-entropy: `jax.custom_vjp` over the CuPy kernels on GPU
+(through `jax.experimental.buffer_callback`, zero-copy) and a pure-JAX blocked reference elsewhere.
+
+Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` when CuPy and JAX share a GPU (see README, "JAX").
+"""
+
+from cce_cupy.options import CCEOptions, make_options
+from jax_bindings.gpu import COMMAND_BUFFER_COMPATIBLE, precompile
+from jax_bindings.loss import BACKWARD_IMPLS, linear_cross_entropy
+
+__all__ = [
+    "BACKWARD_IMPLS",
+    "CCEOptions",
+    "COMMAND_BUFFER_COMPATIBLE",
+    "linear_cross_entropy",
+    "make_options",
+    "precompile",
+]

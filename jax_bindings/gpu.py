@@ -1,0 +1,193 @@
+"""GPU path: `jax.experimental.buffer_callback` over the CuPy launchers of `cce_cupy.launch`.
+
+XLA hands the callback its device buffers and its CUDA stream. The callback wraps the buffers
+zero-copy with `cupy.from_dlpack`, makes XLA's stream CuPy's current stream, and launches the
+kernels into outputs XLA allocated. Nothing is allocated by CuPy and nothing synchronizes the host:
+the kernels' scratch memory is an extra uint8 output of the callback, sized at trace time from
+the static shapes (`forward_scratch_nbytes`, `backward_scratch_nbytes`), and dropped afterwards.
+
+Out-of-range targets: the forward kernel writes NaN as the row's target term, so the loss is NaN
+(and so is a "mean" or "sum"). Nothing is raised: raising would need a host sync. The kernels'
+bad-target flag is an extra (1,) int32 output, cleared before every launch, and discarded.
+
+vmap: `vmap_method` is forwarded to `buffer_callback`. "sequential" (the default) runs one callback
+per batch element inside a loop; "expand_dims" runs one callback that loops over the batch in
+Python (each batched input then carries leading batch axes, size 1 where unbatched). Both reuse
+one scratch buffer per callback call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+from cce_cupy import launch
+from cce_cupy.options import CCEOptions
+
+# Default of `command_buffer_compatible` when the caller passes None: XLA records the callback's
+# launches into a CUDA graph once and replays them without calling Python again. The callback
+# qualifies: it never allocates, never syncs, and reads no Python state that changes between calls
+# (kernels are compiled and loaded at trace time, see `precompile`). Flip this (or pass the
+# argument) to benchmark both settings.
+COMMAND_BUFFER_COMPATIBLE = True
+
+VMAP_METHODS = ("sequential", "sequential_unrolled", "expand_dims", "broadcast_all")
+
+
+class _XlaStream:
+    """A `__cuda_stream__` view of XLA's `cudaStream_t` for `cupy.cuda.Stream.from_external`."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int) -> None:
+        self.handle = int(handle)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+@contextlib.contextmanager
+def _cupy_bridge(ctx, any_buffer):
+    """Run on the buffer's device and on XLA's stream; yield the zero-copy wrapper of a Buffer."""
+    import cupy
+
+    with cupy.cuda.Device(any_buffer.__dlpack_device__()[1]):
+        with cupy.cuda.Stream.from_external(_XlaStream(ctx.stream)):
+            yield cupy.from_dlpack
+
+
+class _Bridge:
+    """What the callbacks call; the CPU tests swap in NumPy stand-ins to check the plumbing."""
+
+    context: Callable[..., Any] = staticmethod(_cupy_bridge)
+    launch_forward: Callable[..., None] = staticmethod(launch.launch_forward)
+    launch_backward: Callable[..., None] = staticmethod(launch.launch_backward)
+
+
+BRIDGE = _Bridge()
+
+
+@functools.cache
+def precompile() -> int:
+    """Compile and load every kernel instance on the current CuPy device; returns their count.
+
+    Called at trace time when JAX's default backend is a GPU, so no compilation or module load
+    happens inside a callback (or inside XLA's CUDA-graph capture).
+    """
+    from cce_cupy import kernel_sources
+
+    count = 0
+    for filename, names in kernel_sources.all_instances().items():
+        for name in names:
+            kernel_sources.get_kernel(filename, name)
+            count += 1
+    return count
+
+
+def _warm() -> None:
+    if jax.default_backend() == "gpu":
+        try:
+            precompile()
+        except ImportError:  # no CuPy: the callback will say so when it runs
+            pass
+
+
+def _pick(x, idx: tuple[int, ...], core_ndim: int):
+    """Batch element `idx` of a buffer with leading batch axes (size 1 where not batched)."""
+    lead = x.shape[: x.ndim - core_ndim]
+    assert len(lead) == len(idx), (x.shape, idx, core_ndim)
+    return x[tuple(i if s > 1 else 0 for i, s in zip(idx, lead))]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_callback(opts: CCEOptions, has_bias: bool):
+    def callback(ctx, out, *args) -> None:
+        with BRIDGE.context(ctx, out[0]) as wrap:
+            lse_out, tgt_out, scratch, bad = (wrap(b) for b in out)
+            e, c, targets, *rest = (wrap(a) for a in args)
+            bias = rest[0] if has_bias else None
+            batch = lse_out.shape[:-1]  # () unless vmapped with expand_dims / broadcast_all
+            scratch = scratch[(0,) * len(batch)]  # launches are stream-ordered: one scratch serves all
+            for idx in np.ndindex(*batch):
+                flag = bad[idx]
+                flag.fill(0)
+                BRIDGE.launch_forward(
+                    _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1),
+                    None if bias is None else _pick(bias, idx, 1), opts,
+                    lse_out[idx], tgt_out[idx], scratch=scratch, bad_target=flag,
+                )
+
+    return callback
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_callback(opts: CCEOptions, has_bias: bool):
+    def callback(ctx, out, *args) -> None:
+        with BRIDGE.context(ctx, out[0]) as wrap:
+            de, dc, *rest_out = (wrap(b) for b in out)
+            dbias, scratch = rest_out if has_bias else (None, rest_out[0])
+            e, c, targets, *rest = (wrap(a) for a in args)
+            bias, lse, coef_p, coef_q = rest if has_bias else [None, *rest]
+            batch = lse.shape[:-1]
+            scratch = scratch[(0,) * len(batch)]
+            for idx in np.ndindex(*batch):
+                BRIDGE.launch_backward(
+                    _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1),
+                    None if bias is None else _pick(bias, idx, 1), opts,
+                    _pick(lse, idx, 1), _pick(coef_p, idx, 1), _pick(coef_q, idx, 1),
+                    de[idx], dc[idx], None if dbias is None else dbias[idx], scratch=scratch,
+                )
+
+    return callback
+
+
+def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_buffer_compatible: bool):
+    """(lse, tgt), float32 (N,), of flattened e (N, D), c (V, D), shifted targets (N,), bias."""
+    _warm()
+    n, d = e.shape
+    v = c.shape[0]
+    nbytes = launch.forward_scratch_nbytes(n, v, d, np.dtype(e.dtype))
+    result = (
+        jax.ShapeDtypeStruct((n,), jnp.float32),  # lse
+        jax.ShapeDtypeStruct((n,), jnp.float32),  # tgt
+        jax.ShapeDtypeStruct((nbytes,), jnp.uint8),  # scratch
+        jax.ShapeDtypeStruct((1,), jnp.int32),  # bad-target flag
+    )
+    call = buffer_callback(
+        _forward_callback(opts, bias is not None), result,
+        vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible,
+    )
+    args = (e, c, targets) if bias is None else (e, c, targets, bias)
+    lse, tgt, _, _ = call(*args)
+    return lse, tgt
+
+
+def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str,
+             command_buffer_compatible: bool):
+    """(dE, dC, dbias) in `launch.grad_dtype(e.dtype, opts)`; dbias is None without bias."""
+    _warm()
+    n, d = e.shape
+    v = c.shape[0]
+    gdt = launch.grad_dtype(np.dtype(e.dtype), opts)
+    nbytes = launch.backward_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
+    result = [jax.ShapeDtypeStruct((n, d), gdt), jax.ShapeDtypeStruct((v, d), gdt)]
+    if bias is not None:
+        result.append(jax.ShapeDtypeStruct((v,), gdt))
+    result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
+    call = buffer_callback(
+        _backward_callback(opts, bias is not None), tuple(result),
+        vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible,
+    )
+    f32 = jnp.float32
+    args = (e, c, targets) + (() if bias is None else (bias,))
+    outs = call(*args, lse.astype(f32), coef_p.astype(f32), coef_q.astype(f32))
+    return outs[0], outs[1], (outs[2] if bias is not None else None)
+
+
+__all__ = ["BRIDGE", "COMMAND_BUFFER_COMPATIBLE", "VMAP_METHODS", "backward", "forward", "precompile"]

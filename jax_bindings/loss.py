@@ -1,0 +1,230 @@
+"""`linear_cross_entropy` for JAX: one `jax.custom_vjp` over the kernels (GPU) or the pure-JAX
+blocked reference (CPU and every other platform), never materializing the N x V logits.
+
+Layout (as in JAX's FFI rms_norm example): the primal `_lce`, `_lce_fwd` returning the residuals
+(the inputs and the per-row logsumexp, never logits), `_lce_bwd` turning the cotangents into the
+per-row coefficients of `cce_cupy.options.row_coefficients`, and `defvjp` at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cce_cupy import launch
+from cce_cupy.options import (
+    CCEOptions,
+    make_options,
+    per_token_loss,
+    reduce_loss,
+    row_coefficients,
+    shifted_targets,
+)
+from cce_cupy.validate import check_linear_ce_args
+from jax_bindings import gpu, reference
+
+BACKWARD_IMPLS = ("kernel", "reference")
+# Which implementation the CPU branch of `platform_dependent` runs. "reference" in production;
+# the CPU tests set "callback" to push the buffer_callback plumbing through NumPy stand-ins.
+_CPU_PATH = "reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call: hashable, the nondiff argument of the custom_vjp."""
+
+    opts: CCEOptions
+    backward_impl: str
+    vmap_method: str
+    command_buffer_compatible: bool
+    block_v: int | None
+    kernels: bool  # False: the reference on every platform (float64 inputs)
+
+
+def _dispatch(cfg: _Config, ref_fn, gpu_fn, *args):
+    """Run `gpu_fn` on CUDA and `ref_fn` elsewhere (only the matching branch is lowered)."""
+    if not cfg.kernels:
+        return ref_fn(*args)
+    cpu_fn = gpu_fn if _CPU_PATH == "callback" else ref_fn
+    return jax.lax.platform_dependent(*args, cpu=cpu_fn, cuda=gpu_fn, default=ref_fn)
+
+
+def _split_bias(args):
+    return args if len(args) == 4 else (*args, None)
+
+
+def _forward(e, c, t, bias, cfg: _Config):
+    """Per-row (lse, tgt) in the accumulation type."""
+    opts = cfg.opts
+
+    def ref_fn(*a):
+        return reference.forward(*_split_bias(a)[:3], _split_bias(a)[3], opts, cfg.block_v)
+
+    def gpu_fn(*a):
+        e_, c_, t_, b_ = _split_bias(a)
+        return gpu.forward(e_, c_, t_, b_, opts, vmap_method=cfg.vmap_method,
+                           command_buffer_compatible=cfg.command_buffer_compatible)
+
+    args = (e, c, t) if bias is None else (e, c, t, bias)
+    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+
+
+def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
+    """(dE, dC, dbias) (dbias None without bias) in the gradient dtype; cast by the caller."""
+    opts = cfg.opts
+    has_bias = bias is not None
+
+    def unpack(a):
+        return (a[0], a[1], a[2], a[3] if has_bias else None, *a[3 + has_bias:])
+
+    # Both branches of platform_dependent must return the same types: the kernels' gradient dtype
+    # (e's dtype, or float32 with grad_dtype="float32"), so the GPU branch adds no conversion.
+    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), opts)
+
+    def ref_fn(*a):
+        e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
+        de, dc, db = reference.backward(e_, c_, t_, b_, opts, lse_, p_, q_, cfg.block_v)
+        return de.astype(gdt), dc.astype(gdt), (None if db is None else db.astype(gdt))
+
+    def gpu_fn(*a):
+        e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
+        return gpu.backward(e_, c_, t_, b_, opts, lse_, p_, q_, vmap_method=cfg.vmap_method,
+                            command_buffer_compatible=cfg.command_buffer_compatible)
+
+    args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
+    if cfg.backward_impl == "reference":
+        return ref_fn(*args)
+    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+
+
+# ------------------------------------------------------------------------------ custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lce(e, c, t, bias, cfg: _Config):
+    """(loss, z_loss, lse) of flattened e (N, D), c (V, D), shifted t (N,), bias (V,) or None."""
+    out, _ = _lce_fwd(e, c, t, bias, cfg)
+    return out
+
+
+def _lce_fwd(e, c, t, bias, cfg: _Config):
+    opts = cfg.opts
+    xp = reference.namespace(e.dtype)
+    if e.shape[0] == 0:  # no rows: nothing to launch
+        lse = tgt = jnp.zeros((0,), reference.acc_dtype(e.dtype))
+    else:
+        lse, tgt = _forward(e, c, t, bias, cfg)
+    valid = t != opts.ignore_index
+    loss_tok, zl_tok = per_token_loss(xp, opts, valid, lse, tgt)
+    loss = reduce_loss(xp, opts, valid, loss_tok)
+    zl = reduce_loss(xp, opts, valid, zl_tok)
+    return (loss, zl, lse), (e, c, t, bias, lse)
+
+
+def _lce_bwd(cfg: _Config, res, cts):
+    opts = cfg.opts
+    e, c, t, bias, lse = res
+    g_loss, g_zl, g_lse = cts
+    n = e.shape[0]
+    assert lse.shape == (n,), (lse.shape, n)
+    assert g_lse.shape == (n,), (g_lse.shape, n)
+    xp = reference.namespace(e.dtype)
+    valid = t != opts.ignore_index
+    grad_lse = g_lse
+    if opts.z_loss:
+        # The returned z_loss output is reduced like the loss: d z_loss_i / d lse_i = 2 z lse_i.
+        _, w_zl = row_coefficients(xp, opts, valid, lse, g_zl)
+        grad_lse = grad_lse + 2.0 * opts.z_loss * lse * w_zl
+    coef_p, coef_q = row_coefficients(xp, opts, valid, lse, g_loss, grad_lse)
+    if n == 0:
+        de, dc = jnp.zeros(e.shape, e.dtype), jnp.zeros(c.shape, c.dtype)
+        db = None if bias is None else jnp.zeros(bias.shape, bias.dtype)
+    else:
+        de, dc, db = _backward(e, c, t, bias, lse, coef_p, coef_q, cfg)
+    # Cotangents take the primal dtypes (custom_vjp requires it); grad_dtype="float32" means the
+    # kernels accumulate and write in float32 and the single rounding to e's dtype happens here.
+    de, dc = de.astype(e.dtype), dc.astype(c.dtype)
+    db = None if bias is None else db.astype(bias.dtype)
+    return de, dc, None, db
+
+
+_lce.defvjp(_lce_fwd, _lce_bwd)
+
+
+# ---------------------------------------------------------------------------------- public
+def linear_cross_entropy(
+    e,
+    c,
+    targets,
+    bias=None,
+    *,
+    options: CCEOptions | None = None,
+    backward_impl: str = "kernel",
+    vmap_method: str = "sequential",
+    command_buffer_compatible: bool | None = None,
+    block_v: int | None = None,
+    **option_kwargs: Any,
+):
+    """Cross-entropy of `e @ c.T (+ bias)` against `targets`, differentiable, without N x V logits.
+
+    Args:
+        e: (..., D) float32, float16 or bfloat16 embeddings (float64 too: it runs the pure-JAX
+            reference on every platform).
+        c: (V, D) classifier of e's dtype.
+        targets: (...) = e.shape[:-1], int32 or int64 class indices (or ignore_index). No gradient.
+        bias: optional (V,) of e's dtype.
+        options: a `cce_cupy.CCEOptions`; keyword arguments override its fields (same names and
+            defaults as `cce_cupy.linear_cross_entropy`).
+        backward_impl: "kernel" (the platform's path) or "reference" (the pure-JAX backward on every
+            platform, to tell a forward bug from a backward bug).
+        vmap_method: how the GPU callbacks batch under `jax.vmap`: "sequential" (default; one
+            callback per batch element), "sequential_unrolled", "expand_dims" or "broadcast_all"
+            (one callback looping over the batch). The CPU path batches natively.
+        command_buffer_compatible: let XLA capture the GPU callbacks into CUDA graphs; None takes
+            `jax_bindings.gpu.COMMAND_BUFFER_COMPATIBLE`.
+        block_v: vocabulary columns per block of the pure-JAX path (default: from a memory budget).
+
+    Returns:
+        The loss (float32; float64 for float64 inputs): a scalar for "mean"/"sum", shaped like
+        targets for "none". With return_lse and/or return_z_loss, a tuple `(loss[, lse][, z_loss])`
+        in that order, as in `cce_cupy.linear_cross_entropy`.
+
+    Out-of-range targets (not ignore_index, outside [0, V)) give a NaN loss; nothing is raised.
+    The pure-JAX path ignores `filter_eps` (its gradient is exact).
+    """
+    opts = make_options(options, **option_kwargs)
+    prob = check_linear_ce_args(e, c, targets, bias, allow_float64=True)
+    if backward_impl not in BACKWARD_IMPLS:
+        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
+    if vmap_method not in gpu.VMAP_METHODS:
+        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
+    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1):
+        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
+    if command_buffer_compatible is None:
+        command_buffer_compatible = gpu.COMMAND_BUFFER_COMPATIBLE
+    cfg = _Config(
+        opts=opts.replace(shift=False),  # the shift is applied here, once
+        backward_impl=backward_impl,
+        vmap_method=vmap_method,
+        command_buffer_compatible=bool(command_buffer_compatible),
+        block_v=block_v,
+        kernels=np.dtype(prob.dtype) != np.float64,
+    )
+    t = shifted_targets(jnp, jnp.asarray(targets), opts)
+    e2 = jnp.reshape(e, (prob.n, prob.d))
+    loss, zl, lse = _lce(e2, jnp.asarray(c), jnp.reshape(t, (prob.n,)),
+                         None if bias is None else jnp.asarray(bias), cfg)
+    if opts.reduction == "none":
+        loss, zl = loss.reshape(prob.batch_shape), zl.reshape(prob.batch_shape)
+    out = [loss]
+    if opts.return_lse:
+        out.append(lse.reshape(prob.batch_shape))
+    if opts.return_z_loss:
+        out.append(zl)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+__all__ = ["BACKWARD_IMPLS", "linear_cross_entropy"]

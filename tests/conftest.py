@@ -1,0 +1,185 @@
+"""Shared fixtures: GPU auto-skip, data generators, a dense float64 reference, verbose comparison."""
+
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cce_cupy.options import CCEOptions
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+GPU_SKIP_REASON = "no CUDA device: run `pytest -m gpu` on a GPU machine"
+
+
+@functools.cache
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- data
+def make_problem(
+    n,
+    d,
+    v,
+    dtype="float32",
+    *,
+    peaked=False,
+    bias=False,
+    ignore_frac=0.2,
+    idx_dtype=np.int64,
+    ignore_index=-100,
+    seed=0,
+    batch_shape=None,
+    target_cols=None,
+):
+    """(e, c, targets, bias) as NumPy arrays of `dtype`.
+
+    Uniform: E ~ N(0, 1), C ~ N(0, 1) / sqrt(D), so logits are about N(0, 1). Peaked (trained-like):
+    each valid row's target logit is raised by log(V) + 3 above the rest (p_target ~ 0.9), not by
+    30+ units, which would make the true gradient ~1e-14 and relative errors meaningless.
+    About `ignore_frac` of the targets are ignore_index; `target_cols` limits targets to [0, target_cols).
+    """
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal((n, d))
+    c = rng.standard_normal((v, d)) / np.sqrt(d)
+    t = rng.integers(0, target_cols or v, n)
+    t[rng.random(n) < ignore_frac] = ignore_index
+    if peaked and n:
+        ok = t != ignore_index
+        ct = c[t[ok]]
+        e[ok] += (np.log(v) + 3.0) * ct / np.maximum((ct * ct).sum(1, keepdims=True), 1e-12)
+    b = 0.1 * rng.standard_normal(v) if bias else None
+    np_dt = DTYPES.get(dtype, dtype)
+    e, c = e.astype(np_dt), c.astype(np_dt)
+    b = None if b is None else b.astype(np_dt)
+    t = t.astype(idx_dtype)
+    if batch_shape is not None:
+        e = e.reshape(*batch_shape, d)
+        t = t.reshape(batch_shape)
+    return e, c, t, b
+
+
+# ------------------------------------------------------------------- dense reference
+def _tile_mask(mask):
+    r, cdim = mask.shape
+    rp, cp = -(-r // 128) * 128, -(-cdim // 128) * 128
+    pad = np.zeros((rp, cp), bool)
+    pad[:r, :cdim] = mask
+    tiles = pad.reshape(rp // 128, 128, cp // 128, 128).any(axis=(1, 3))
+    return np.kron(tiles, np.ones((128, 128), bool)).astype(bool)[:r, :cdim]
+
+
+def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None):
+    """Float64 dense ground truth (SMALL shapes only: it materializes N x V).
+
+    e (..., D), t (...) unshifted (shift is applied here). Returns a dict: loss (reduced), loss_tok,
+    z_loss (reduced), lse, tgt (per token, batch-shaped), de (like e), dc, db (or None), and g (N x V).
+    filter_eps: a numeric threshold applied per 128 x 128 tile, as the kernels do.
+    """
+    batch = t.shape
+    d = e.shape[-1]
+    t = np.asarray(t).astype(np.int64)
+    if o.shift:
+        t = np.concatenate([t[..., 1:], np.full(batch[:-1] + (1,), o.ignore_index)], axis=-1)
+    t = t.reshape(-1)
+    e64 = np.asarray(e).astype(np.float64).reshape(-1, d)
+    c64 = np.asarray(c).astype(np.float64)
+    n, v = e64.shape[0], c64.shape[0]
+    z = e64 @ c64.T
+    if bias is not None:
+        z = z + np.asarray(bias).astype(np.float64)
+    y = o.softcap * np.tanh(z / o.softcap) if o.softcap else z
+    m = y.max(1, keepdims=True) if n else np.zeros((0, 1))
+    lse = (m + np.log(np.exp(y - m).sum(1, keepdims=True)))[:, 0]
+    valid = t != o.ignore_index
+    ls = o.label_smoothing
+    yt = y[np.arange(n), np.clip(t, 0, v - 1)] if n else np.zeros(0)
+    tgt = np.where(valid, (1 - ls) * yt + ls / v * y.sum(1), 0.0)
+    zl_tok = np.where(valid, o.z_loss * lse**2, 0.0)
+    loss_tok = np.where(valid, lse - tgt, 0.0) + zl_tok
+    cnt = max(valid.sum(), 1)
+    if o.reduction == "mean":
+        loss, zl = loss_tok.sum() / cnt, zl_tok.sum() / cnt
+        g = valid * (float(grad_loss) / cnt)
+    elif o.reduction == "sum":
+        loss, zl = loss_tok.sum(), zl_tok.sum()
+        g = valid * float(grad_loss)
+    else:
+        loss, zl = loss_tok.reshape(batch), zl_tok.reshape(batch)
+        g = valid * np.broadcast_to(np.asarray(grad_loss, np.float64), batch).reshape(-1)
+    cp = g * (1 + 2 * o.z_loss * lse)
+    if grad_lse is not None:
+        cp = cp + np.asarray(grad_lse, np.float64).reshape(-1)
+    p = np.exp(y - lse[:, None])
+    onehot = np.zeros_like(y)
+    onehot[np.arange(n)[valid], t[valid]] = 1.0
+    q = (1 - ls) * onehot + ls / v
+    gy = cp[:, None] * p - g[:, None] * q
+    if o.softcap:
+        gy = gy * (1 - (y / o.softcap) ** 2)
+    if filter_eps is not None:
+        active = (cp != 0) | (g != 0)
+        gy = np.where(_tile_mask((np.abs(p - onehot) >= filter_eps) & active[:, None]), gy, 0.0)
+    return {
+        "loss": loss,
+        "loss_tok": loss_tok.reshape(batch),
+        "z_loss": zl,
+        "lse": lse.reshape(batch),
+        "tgt": tgt.reshape(batch),
+        "de": (gy @ c64).reshape(e.shape),
+        "dc": gy.T @ e64,
+        "db": gy.sum(0) if bias is not None else None,
+        "g": gy,
+    }
+
+
+# ------------------------------------------------------------------------ comparison
+def to_f64(x):
+    try:
+        import cupy
+
+        if isinstance(x, cupy.ndarray):
+            x = cupy.asnumpy(x)
+    except ImportError:
+        pass
+    return np.asarray(x).astype(np.float64)
+
+
+def rel_err(ours, ref) -> float:
+    a, b = to_f64(ours), to_f64(ref)
+    den = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
+
+
+def assert_rel_close(ours, ref, tol, name=""):
+    """Relative-norm check; on failure report how many elements mismatch, the worst index, both values."""
+    a, b = to_f64(ours), to_f64(ref)
+    assert a.shape == b.shape, f"{name}: shape {a.shape} != reference {b.shape}"
+    err = rel_err(a, b)
+    if not (err <= tol):
+        diff = np.abs(a - b)
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        scale = max(np.abs(b).max() if b.size else 0.0, 1e-30)
+        bad = int((diff > tol * scale).sum())
+        w = np.unravel_index(int(np.argmax(diff)), a.shape) if a.size else ()
+        raise AssertionError(
+            f"{name}: rel-norm err {err:.3e} > {tol:.1e}; {bad}/{a.size} elements off by > tol*max|ref|; "
+            f"worst at {w}: ours {a[w] if a.size else None!r} vs ref {b[w] if b.size else None!r}"
+        )

@@ -1,0 +1,304 @@
+"""CUDA path (cupy + cce_cupy.launch) against the float64 reference. Run on a GPU: pytest -m gpu -q -rs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, rel_err, to_f64
+
+import cce_cupy as cce
+from cce_cupy import launch
+from cce_cupy.options import CCEOptions, row_coefficients
+
+pytestmark = pytest.mark.gpu
+
+OPTION_CASES = {
+    "default": {},
+    "softcap": {"softcap": 2.5},
+    "smooth_zloss_none": {"label_smoothing": 0.1, "z_loss": 1e-2, "reduction": "none"},
+    "grad_fp32_sum": {"grad_dtype": "float32", "reduction": "sum"},
+    "ignore_index": {"ignore_index": 3},
+    "all": {
+        "softcap": 2.5,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-2,
+        "reduction": "none",
+        "grad_dtype": "float32",
+        "deterministic": True,
+    },
+}
+SHAPES = [(7, 13, 129), (252, 123, 507), (130, 64, 300), (1, 8, 1), (257, 136, 1000)]  # (N, D, V)
+TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _naive(e, c, t, b, o: CCEOptions, coef_p, coef_q, dtype):
+    """A naive same-dtype computation: logits and the logit gradient rounded to `dtype` (fp32 accumulate)."""
+    dt = DTYPES[dtype]
+    rnd = lambda x: np.asarray(x, np.float32).astype(dt).astype(np.float64)  # noqa: E731
+    e64, c64 = e.astype(np.float64), c.astype(np.float64)
+    z = rnd(e.astype(np.float32) @ c.astype(np.float32).T)
+    if b is not None:
+        z = rnd(z + b.astype(np.float64))
+    y = rnd(o.softcap * np.tanh(z / o.softcap)) if o.softcap else z
+    m = y.max(1, keepdims=True)
+    lse = (m + np.log(np.exp(y - m).sum(1, keepdims=True)))[:, 0]
+    n, v = y.shape
+    valid = t != o.ignore_index
+    ls = o.label_smoothing
+    yt = y[np.arange(n), np.clip(t, 0, v - 1)]
+    tgt = np.where(valid, (1 - ls) * yt + ls / v * y.sum(1), 0.0)
+    onehot = np.zeros_like(y)
+    onehot[np.arange(n)[valid], t[valid]] = 1.0
+    g = coef_p[:, None] * np.exp(y - lse[:, None]) - coef_q[:, None] * ((1 - ls) * onehot + ls / v)
+    if o.softcap:
+        g = g * (1 - (y / o.softcap) ** 2)
+    g = rnd(g)
+    return {"lse": lse, "tgt": tgt, "de": rnd(g @ c64), "dc": rnd(g.T @ e64)}
+
+
+def _run_launchers(e, c, t, b, o: CCEOptions, grad_loss):
+    """Forward + backward through launch.* with every output poisoned with NaN first."""
+    cp = _cp()
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    gb = None if b is None else cp.asarray(b)
+    n, d = e.shape
+    v = c.shape[0]
+    lse = cp.full(n, cp.nan, cp.float32)
+    tgt = cp.full(n, cp.nan, cp.float32)
+    launch.launch_forward(ge, gc, gt, gb, o, lse, tgt)
+    cpp, cq = row_coefficients(cp, o, gt != o.ignore_index, lse, cp.asarray(grad_loss, dtype=cp.float32))
+    gdt = launch.grad_dtype(ge.dtype, o)
+    de = cp.full((n, d), cp.nan, gdt)
+    dc = cp.full((v, d), cp.nan, gdt)
+    db = None if b is None else cp.full((v,), cp.nan, gdt)
+    launch.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db)
+    cp.cuda.Device().synchronize()
+    return {
+        "lse": lse,
+        "tgt": tgt,
+        "de": de,
+        "dc": dc,
+        "db": db,
+        "coef_p": cp.asnumpy(cpp).astype(np.float64),
+        "coef_q": cp.asnumpy(cq).astype(np.float64),
+    }
+
+
+def _assert_no_nan(out):
+    for k in ("lse", "tgt", "de", "dc", "db"):
+        if out[k] is not None:
+            a = to_f64(out[k])
+            bad = np.argwhere(np.isnan(a))
+            assert bad.size == 0, (
+                f"{k}: {len(bad)} elements never written (still NaN), first at {bad[0].tolist()}"
+            )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_launchers_vs_float64(dtype, case, shape, with_bias):
+    n, d, v = shape
+    o = CCEOptions(**OPTION_CASES[case])
+    e, c, t, b = make_problem(n, d, v, dtype, bias=with_bias, peaked=(n % 2 == 0), seed=n * 7 + v)
+    if o.ignore_index != -100:
+        t = np.where(t == -100, o.ignore_index, t)
+    gl = np.random.default_rng(0).random(n).astype(np.float32) if o.reduction == "none" else 0.5
+    out = _run_launchers(e, c, t, b, o, gl)
+    _assert_no_nan(out)
+    truth = dense_reference(e, c, t, b, o, grad_loss=gl)
+    # the coefficients come from the (fp32) lse of the kernel; feed the truth the same
+    tol = TOL[dtype]
+    assert_rel_close(out["lse"], truth["lse"], tol, "lse")
+    assert_rel_close(out["tgt"], truth["tgt"], tol, "tgt")
+    assert_rel_close(out["de"], truth["de"], tol, "de")
+    assert_rel_close(out["dc"], truth["dc"], tol, "dc")
+    if with_bias:
+        assert_rel_close(out["db"], truth["db"], tol, "dbias")
+    if dtype != "float32":
+        naive = _naive(e, c, t, b, o, out["coef_p"], out["coef_q"], dtype)
+        for k in ("lse", "tgt", "de", "dc"):
+            ref = truth[k].reshape(naive[k].shape)
+            ours_err = np.linalg.norm(to_f64(out[k]) - ref)
+            naive_err = np.linalg.norm(naive[k] - ref)
+            assert ours_err <= naive_err + tol * np.linalg.norm(ref), (
+                f"{k}: |ours - truth| = {ours_err:.3e} > |naive - truth| = {naive_err:.3e} + tol"
+            )
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_api_cupy_batch_shift_all_options(dtype):
+    cp = _cp()
+    e, c, t, b = make_problem(2 * 65, 40, 333, dtype, bias=True, peaked=True, batch_shape=(2, 65), seed=5)
+    o = CCEOptions(
+        shift=True,
+        softcap=5.0,
+        label_smoothing=0.05,
+        z_loss=1e-3,
+        return_lse=True,
+        return_z_loss=True,
+        grad_dtype="float32",
+    )
+    loss, de, dc, db, lse, zl = cce.linear_cross_entropy_with_grad(
+        cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o
+    )
+    assert isinstance(loss, cp.ndarray) and de.shape == e.shape and de.dtype == np.float32
+    truth = dense_reference(e, c, t, b, o)
+    tol = TOL[dtype]
+    for name, ours in (("loss", loss), ("de", de), ("dc", dc), ("db", db), ("lse", lse), ("z_loss", zl)):
+        assert_rel_close(ours, truth[name], tol, name)
+
+
+def test_api_n0_and_v1():
+    cp = _cp()
+    e, c, t, b = make_problem(0, 8, 10, bias=True)
+    loss, de, dc, db = cce.linear_cross_entropy_with_grad(
+        cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b)
+    )
+    assert float(loss) == 0.0 and de.shape == (0, 8) and not cp.any(dc) and not cp.any(db)
+    e, c, t, _ = make_problem(5, 8, 1, ignore_frac=0.0)
+    loss, de, dc = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t))
+    assert abs(float(loss)) < 1e-5 and float(cp.abs(de).max()) < 1e-5
+
+
+@pytest.mark.parametrize("data", ["peaked", "uniform"])
+def test_filter_auto_bf16(data):
+    cp = _cp()
+    e, c, t, _ = make_problem(512, 128, 4096, "bfloat16", peaked=(data == "peaked"), seed=6)
+    o = CCEOptions(filter_eps="auto")
+    out = _run_launchers(e, c, t, None, o, 1.0)
+    truth = dense_reference(e, c, t, None, CCEOptions())
+    err = max(rel_err(out["de"], truth["de"]), rel_err(out["dc"], truth["dc"]))
+    print(f"filter_eps='auto' bf16 {data}: rel err {err:.3e}")
+    if data == "peaked":
+        assert err <= 1e-2, f"filter_eps='auto' on peaked bf16 logits: rel err {err:.3e} > 1e-2"
+    else:  # measured, not bounded: uniform logits drop many tiles
+        assert np.isfinite(err)
+    del cp
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_deterministic_bitwise(dtype):
+    cp = _cp()
+    e, c, t, b = make_problem(300, 72, 2000, dtype, bias=True, peaked=True, seed=7)
+    o = CCEOptions(deterministic=True)
+    args = (cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b))
+    r1 = cce.linear_cross_entropy_with_grad(*args, options=o)
+    r2 = cce.linear_cross_entropy_with_grad(*args, options=o)
+    for name, a, bb in zip(("loss", "de", "dc", "db"), r1, r2):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(bb).tobytes(), f"{name} differs between two runs"
+
+
+def test_out_of_range_target_flag():
+    cp = _cp()
+    cce.check_targets()  # clear anything pending from earlier tests
+    launch.target_error_flag().fill(0)
+    e, c, t, _ = make_problem(20, 16, 50, ignore_frac=0.0, seed=8)
+    t[3] = 50
+    ge, gc = cp.asarray(e), cp.asarray(c)
+    loss = cce.linear_cross_entropy(ge, gc, cp.asarray(t), reduction="none")
+    l3 = cp.asnumpy(loss)
+    assert np.isnan(l3[3]) and np.isfinite(np.delete(l3, 3)).all(), l3
+    with pytest.raises(ValueError, match="outside"):
+        cce.check_targets()
+    assert int(launch.target_error_flag()[0]) == 0  # cleared after reporting
+    cce.check_targets()  # nothing pending any more
+    # reported at the start of the next call once the flag copy has landed
+    cce.linear_cross_entropy(ge, gc, cp.asarray(t))
+    cp.cuda.Device().synchronize()
+    t_ok = cp.asarray(np.clip(t, 0, 49))
+    with pytest.raises(ValueError, match="outside"):
+        cce.linear_cross_entropy(ge, gc, t_ok)
+    cce.linear_cross_entropy(ge, gc, t_ok)
+    cce.check_targets()
+    # negative targets too, through the logits kernel
+    logits = cp.asarray((e @ c.T).astype(np.float32))
+    t_neg = t_ok.copy()
+    t_neg[0] = -1
+    assert cp.isnan(cce.cross_entropy(logits, t_neg))
+    with pytest.raises(ValueError, match="outside"):
+        cce.check_targets()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-2, "reduction": "sum"}, {"reduction": "none"}],
+)
+def test_cross_entropy_logits_kernel(dtype, kw):
+    cp = _cp()
+    o = CCEOptions(**kw)
+    n, v = 77, 1003
+    e, c, t, _ = make_problem(n, 24, v, peaked=True, seed=9)
+    logits = (e @ c.T).astype(DTYPES[dtype])
+    truth = dense_reference(logits, np.eye(v), t, None, o)
+    tol = TOL[dtype]
+    gx, gt = cp.asarray(logits), cp.asarray(t)
+    lse = cp.full(n, cp.nan, cp.float32)
+    tgt = cp.full(n, cp.nan, cp.float32)
+    launch.launch_cross_entropy(gx, gt, o, lse, tgt)
+    cp.cuda.Device().synchronize()
+    assert not cp.isnan(lse).any() and not cp.isnan(tgt).any(), "lse/tgt not fully written"
+    assert_rel_close(lse, truth["lse"], tol, "lse")
+    assert_rel_close(tgt, truth["tgt"], tol, "tgt")
+    assert cp.array_equal(gx, cp.asarray(logits)), "logits changed without row_grad"
+    loss = cce.cross_entropy(gx, gt, options=o)
+    assert_rel_close(loss, truth["loss"], tol, "loss")
+    buf = cp.asarray(logits)
+    loss2 = cce.cross_entropy(buf, gt, inplace_backward=True, options=o)
+    assert_rel_close(loss2, truth["loss"], tol, "loss(inplace)")
+    assert_rel_close(buf, truth["g"], max(tol, 1e-5), "dlogits(inplace)")
+
+
+def test_dispatch_cupy_uses_launchers(monkeypatch):
+    cp = _cp()
+    calls = []
+    real_fwd, real_bwd = launch.launch_forward, launch.launch_backward
+
+    def spy_fwd(*a, **k):
+        calls.append("fwd")
+        return real_fwd(*a, **k)
+
+    def spy_bwd(*a, **k):
+        calls.append("bwd")
+        return real_bwd(*a, **k)
+
+    def no_reference(*a, **k):
+        raise AssertionError("the NumPy reference ran for CuPy inputs")
+
+    monkeypatch.setattr(launch, "launch_forward", spy_fwd)
+    monkeypatch.setattr(launch, "launch_backward", spy_bwd)
+    monkeypatch.setattr(cce.reference, "forward", no_reference)
+    monkeypatch.setattr(cce.reference, "backward", no_reference)
+    e, c, t, _ = make_problem(10, 8, 20)
+    cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t))
+    assert calls == ["fwd", "bwd"]
+
+
+def test_torch_through_dlpack():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    e, c, t, b = make_problem(64, 32, 300, bias=True, peaked=True, seed=10)
+    te, tc, tt, tb = (torch.from_numpy(x).cuda() for x in (e, c, t, b))
+    loss, de, dc, db = cce.linear_cross_entropy_with_grad(te, tc, tt, tb)
+    assert isinstance(loss, torch.Tensor) and isinstance(de, torch.Tensor) and de.is_cuda
+    truth = dense_reference(e, c, t, b, CCEOptions())
+    assert_rel_close(loss.cpu().numpy(), truth["loss"], 1e-5, "loss")
+    assert_rel_close(de.cpu().numpy(), truth["de"], 1e-5, "de")
+    assert_rel_close(dc.cpu().numpy(), truth["dc"], 1e-5, "dc")
+    # bf16 torch tensors and in-place logits gradient through the DLPack view
+    tl = torch.from_numpy((e @ c.T).astype(np.float32)).cuda().to(torch.bfloat16)
+    loss = cce.cross_entropy(tl, tt, inplace_backward=True)
+    ref = dense_reference(tl.float().cpu().numpy(), np.eye(300), t, None, CCEOptions())
+    assert_rel_close(loss.cpu().numpy(), ref["loss"], 1e-2, "loss(bf16 torch)")
+    assert_rel_close(tl.float().cpu().numpy(), ref["g"], 1e-2, "dlogits(bf16 torch, in place)")
+    with pytest.raises(TypeError, match="one kind"):
+        cce.linear_cross_entropy(te, torch.from_numpy(c), tt)
