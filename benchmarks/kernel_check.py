@@ -159,7 +159,7 @@ def timing(shapes, repeats):
             lambda: launch.launch_backward(e, c, t, None, of, lse, cpp, cq, de, dc, None, scratch_f), repeats)
         logits = cp.empty((n, v), bf)
         ms_mm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), repeats)
-        del logits
+        logits = None  # 4 GB at gemma2: freed before the next shape
         cp.get_default_memory_pool().free_all_blocks()
         flops = 2.0 * n * d * v
         row = {"shape": name, "N": n, "D": d, "V": v, "fwd_ms": ms_fwd, "bwd_ms": ms_bwd,
@@ -168,7 +168,6 @@ def timing(shapes, repeats):
                "fwd_over_cublas": ms_fwd / ms_mm, "fwdbwd_over_4gemm": (ms_fwd + ms_bwd) / (4 * ms_mm)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del e, c, de, dc, scratch
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 

@@ -196,11 +196,13 @@ def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> 
 
 
 def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                    scratch=None):
+                    scratch=None, use_cublas: bool = True):
     """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
 
     Each gradient element is written by one kernel or GEMM in a fixed order (no atomics): the
-    result is bitwise reproducible run to run on the same GPU.
+    result is bitwise reproducible run to run on the same GPU. Exact gradients use cuBLAS for the
+    two gradient GEMMs unless `use_cublas` is False (CUDA-graph capture, where CuPy refuses cuBLAS
+    calls); filtered gradients always use our tiled GEMMs, which skip dead tiles.
     """
     import cupy
 
@@ -227,7 +229,7 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
         G=buf("G", e.dtype, (rows, vc_max)),
         flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
         de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
-        hopper=use_hopper(e, c, ld=d),
+        hopper=use_hopper(e, c, ld=d), use_cublas=use_cublas and eps is None,
     )
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -238,12 +240,10 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
 class _BackwardPlan:
     """The kernels of one backward call, run over the row parts (see backward_blocking)."""
 
-    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper):
+    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas):
         self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
             opts, eps, vc_max, G, flags, de_acc, hopper)
-        # Exact gradients go through cuBLAS for dC and dE; filtered ones through our GEMMs,
-        # which skip the dead tiles.
-        self.use_cublas = eps is None
+        self.use_cublas = use_cublas
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
         n, d = e.shape
@@ -291,7 +291,7 @@ class _BackwardPlan:
                 if de_final is not None:
                     de_final[...] = de_target
             else:
-                self._gemms_filtered(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
+                self._gemms_tiled(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
                                      first_part, aligned_g)
             if dbias_out is not None:
                 bias_grad = get_kernel("reductions.cu", template_name(
@@ -301,9 +301,9 @@ class _BackwardPlan:
                     (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0)),
                 )
 
-    def _gemms_filtered(self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part,
+    def _gemms_tiled(self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part,
                         aligned_g):
-        """dC and dE of one chunk with our tiled GEMMs, skipping the K-blocks of dead gradient tiles."""
+        """dC and dE of one chunk with our tiled GEMMs (skipping the K-blocks of dead tiles when filtering)."""
         n, d = e.shape
         vc = c_chunk.shape[0]
         flag_ld = np.int64(flag_cols)

@@ -30,12 +30,13 @@ from jax.experimental.buffer_callback import buffer_callback
 from cce_cupy import launch
 from cce_cupy.options import CCEOptions
 
-# Default of `command_buffer_compatible` when the caller passes None: XLA records the callback's
-# launches into a CUDA graph once and replays them without calling Python again. The callback
-# qualifies: it never allocates, never syncs, and reads no Python state that changes between calls
-# (kernels are compiled and loaded at trace time, see `precompile`). Flip this (or pass the
-# argument) to benchmark both settings.
-COMMAND_BUFFER_COMPATIBLE = True
+# Default of `command_buffer_compatible` when the caller passes None. With True, XLA records the
+# callback's launches into a CUDA graph once and replays them without calling Python again: the
+# callback never allocates, never syncs, and reads no Python state that changes between calls
+# (kernels are loaded at trace time, see `precompile`). CuPy refuses cuBLAS calls during capture,
+# so a captured backward runs its two gradient GEMMs on our tiled kernels instead (slower on
+# Hopper): hence off by default. Pass the argument to benchmark both settings.
+COMMAND_BUFFER_COMPATIBLE = False
 
 VMAP_METHODS = ("sequential", "sequential_unrolled", "expand_dims", "broadcast_all")
 
@@ -75,18 +76,25 @@ BRIDGE = _Bridge()
 
 @functools.cache
 def precompile() -> int:
-    """Compile and load every kernel instance on the current CuPy device; returns their count.
+    """Compile and load every kernel instance the current GPU can run; returns their count.
 
-    Called at trace time when JAX's default backend is a GPU, so no compilation or module load
-    happens inside a callback (or inside XLA's CUDA-graph capture).
+    Also creates CuPy's cuBLAS handle (the backward's GEMMs). Called at trace time when JAX's
+    default backend is a GPU, so no compilation, module load or handle creation happens inside a
+    callback (or inside XLA's CUDA-graph capture).
     """
+    import cupy
+
     from cce_cupy import kernel_sources
 
+    cc = f"sm_{cupy.cuda.Device().compute_capability}"
     count = 0
     for filename, names in kernel_sources.all_instances().items():
+        if kernel_sources.FILE_ARCH.get(filename, cc).rstrip("a") != cc:
+            continue  # e.g. the sm_90a kernels on another architecture
         for name in names:
             kernel_sources.get_kernel(filename, name)
             count += 1
+    cupy.cuda.device.get_cublas_handle()
     return count
 
 
@@ -127,7 +135,7 @@ def _forward_callback(opts: CCEOptions, has_bias: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_callback(opts: CCEOptions, has_bias: bool):
+def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
     def callback(ctx, out, *args) -> None:
         with BRIDGE.context(ctx, out[0]) as wrap:
             de, dc, *rest_out = (wrap(b) for b in out)
@@ -142,6 +150,7 @@ def _backward_callback(opts: CCEOptions, has_bias: bool):
                     None if bias is None else _pick(bias, idx, 1), opts,
                     _pick(lse, idx, 1), _pick(coef_p, idx, 1), _pick(coef_q, idx, 1),
                     de[idx], dc[idx], None if dbias is None else dbias[idx], scratch=scratch,
+                    use_cublas=not captured,
                 )
 
     return callback
@@ -181,7 +190,7 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap
         result.append(jax.ShapeDtypeStruct((v,), gdt))
     result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
     call = buffer_callback(
-        _backward_callback(opts, bias is not None), tuple(result),
+        _backward_callback(opts, bias is not None, command_buffer_compatible), tuple(result),
         vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible,
     )
     f32 = jnp.float32

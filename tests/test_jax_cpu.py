@@ -366,7 +366,7 @@ class _NumpyBridge:
         tgt_out[...] = tgt
 
     def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                        scratch=None):
+                        scratch=None, use_cublas=True):
         n, d = e.shape
         v = c.shape[0]
         assert scratch.nbytes >= launch.backward_scratch_nbytes(n, v, d, e.dtype, opts)

@@ -4,11 +4,11 @@
 // (wgmma) straight from shared memory, and the epilogue run on the accumulator registers: no
 // logit is written to shared or global memory by the forward.
 //
-// Main loop (hopper_tiles): 256 threads = 2 warpgroups; warpgroup w owns rows [64 w, 64 w + 64)
-// of the 128-row E tile and all 256 columns (C rows) of the tile: one wgmma.m64n256k16 per 16 of K.
-// Operand tiles are K-major, 64 elements (128 bytes) per row, in the 128-byte swizzle that wgmma
-// descriptors expect: 16-byte chunk c of row r sits at r * 128 + ((c ^ (r & 7)) * 16), each tile
-// 1024-byte aligned. Every thread copies with cp.async (zero-fill past the edges) into a ring of
+// Main loop (hopper_tiles): WGS warpgroups of 128 threads; warpgroup w owns rows [64 w, 64 w + 64)
+// of the 64 WGS-row E tile and all 256 columns (C rows) of the tile: one wgmma.m64n256k16 per 16
+// of K.
+// Operand tiles are K-major, H_BK elements per row, in the swizzle that wgmma descriptors expect
+// (see swizzled_offset), each tile 1024-byte aligned. Every thread copies with cp.async (zero-fill past the edges) into a ring of
 // H_STAGES stages; the loop runs over (tile, k-block) pairs of all the block's tiles as one
 // stream, so the next tile's first k-blocks load while the current tile's epilogue runs.
 // Requirements (checked by the launcher): T is bf16 or fp16, D % 8 == 0, 16-byte aligned bases.
@@ -18,21 +18,39 @@
 // 8 j + 2 (l % 4) + {0, 1, 0, 1}) of the warpgroup's 64 x 256 tile.
 #include "common.cuh"
 
-#define H_BM 128
 #define H_BN 256
+#ifndef H_FWD_WGS  // warpgroups (64 rows each) of the forward's tile; the backward's is always 2
+#define H_FWD_WGS 2
+#endif
+#ifndef H_BK  // K per stage: 64 (128-byte rows, 128-byte swizzle) or 32 (64-byte rows and swizzle)
 #define H_BK 64
+#endif
+#ifndef H_STAGES
 #define H_STAGES 4
-#define H_THREADS 256
-#define H_A_BYTES (H_BM * H_BK * 2)                // 16 KiB
-#define H_STAGE_BYTES (H_A_BYTES + H_BN * H_BK * 2)  // 48 KiB
-// +1024: the dynamic shared memory base is only 16-byte aligned; the swizzle needs 1024.
-#define H_SMEM_BYTES (H_STAGES * H_STAGE_BYTES + 1024)
+#endif
+#ifndef H_INFLIGHT  // wgmma groups left in flight at the end of an iteration (0 or 1)
+#define H_INFLIGHT 1
+#endif
+// k-blocks loaded ahead: the stage being refilled must not be read by an MMA still in flight.
+#define H_AHEAD (H_STAGES - 1 - H_INFLIGHT)
+#define H_ROW_BYTES (H_BK * 2)
+// Stage = A tile (64 WGS rows) + B tile (256 rows). +1024: the dynamic shared memory base is only
+// 16-byte aligned; the swizzle needs 1024.
+__host__ __device__ constexpr int hopper_stage_bytes(int wgs) { return (64 * wgs + H_BN) * H_ROW_BYTES; }
+__host__ __device__ constexpr int hopper_smem_bytes(int wgs) { return H_STAGES * hopper_stage_bytes(wgs) + 1024; }
+
+// Byte offset of 16-byte chunk `ch` of row `r` in a swizzled K-major tile: the swizzle XORs the
+// chunk index with address bits 7.. (row bits for 128-byte rows, row / 2 for 64-byte rows).
+__device__ __forceinline__ int swizzled_offset(int r, int ch) {
+    return r * H_ROW_BYTES + ((ch ^ ((r * H_ROW_BYTES >> 7) & (H_ROW_BYTES / 16 - 1))) << 4);
+}
 
 // Shared-memory matrix descriptor: start address, leading byte offset (unused by K-major
-// swizzled operands), stride byte offset 1024 (8 rows of 128 bytes), 128-byte swizzle.
+// swizzled operands), stride byte offset of 8 rows, swizzle mode (1: 128-byte, 2: 64-byte).
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned smem_addr) {
     return (unsigned long long)((smem_addr & 0x3FFFF) >> 4) | ((unsigned long long)1 << 16) |
-           ((unsigned long long)(1024 >> 4) << 32) | ((unsigned long long)1 << 62);
+           ((unsigned long long)((8 * H_ROW_BYTES) >> 4) << 32) |
+           ((unsigned long long)(H_ROW_BYTES == 128 ? 1 : 2) << 62);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -84,9 +102,11 @@ template <> struct Wgmma<__half> {
 // Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
 // block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile. Rows of E >= N and of C >= V
 // and k >= D are zero-filled.
-template <typename T, typename Epi>
+template <typename T, int WGS, typename Epi>
 __device__ __forceinline__ void hopper_tiles(const T* __restrict__ e, const T* __restrict__ c, int N, int V, int D,
                                              int m0, int n_begin, int n_end, char* smem_raw, Epi& epi) {
+    constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
+    constexpr int A_BYTES = BM * H_ROW_BYTES, STAGE_BYTES = hopper_stage_bytes(WGS);
     const int tid = threadIdx.x, wg = tid >> 7;
     char* smem = reinterpret_cast<char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
     const unsigned smem_base = smem_u32(smem);
@@ -94,19 +114,21 @@ __device__ __forceinline__ void hopper_tiles(const T* __restrict__ e, const T* _
     const int ntiles = (n_end - n_begin + H_BN - 1) / H_BN;
     const int total = ntiles * KT;  // (tile, k-block) pairs, loaded as one stream
 
-    // 12 chunks per thread per stage: 1024 of A (128 rows x 8), 2048 of B (256 rows x 8).
+    // (BM + 256) rows x CH chunks per stage, spread over the threads.
+    constexpr int CH = H_ROW_BYTES / 16, CHUNKS = (BM + H_BN) * CH;
     auto load = [&](int it) {
         if (it < total) {
             const int n0 = n_begin + (it / KT) * H_BN, k0 = (it % KT) * H_BK;
-            char* sA = smem + (it % H_STAGES) * H_STAGE_BYTES;
-            char* sB = sA + H_A_BYTES;
+            char* sA = smem + (it % H_STAGES) * STAGE_BYTES;
+            char* sB = sA + A_BYTES;
 #pragma unroll
-            for (int i = 0; i < 12; ++i) {
-                const int idx = tid + i * H_THREADS;
-                const bool is_a = idx < H_BM * 8;
-                const int cidx = is_a ? idx : idx - H_BM * 8;
-                const int r = cidx >> 3, ch = cidx & 7;
-                char* dst = (is_a ? sA : sB) + r * 128 + ((ch ^ (r & 7)) << 4);
+            for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
+                const int idx = tid + i * THREADS;
+                if (CHUNKS % THREADS != 0 && idx >= CHUNKS) break;
+                const bool is_a = idx < BM * CH;
+                const int cidx = is_a ? idx : idx - BM * CH;
+                const int r = cidx / CH, ch = cidx % CH;
+                char* dst = (is_a ? sA : sB) + swizzled_offset(r, ch);
                 if (is_a) load_chunk<T, true>(reinterpret_cast<T*>(dst), e, D, m0 + r, k0 + ch * 8, N, D);
                 else load_chunk<T, true>(reinterpret_cast<T*>(dst), c, D, n0 + r, k0 + ch * 8, V, D);
             }
@@ -117,22 +139,22 @@ __device__ __forceinline__ void hopper_tiles(const T* __restrict__ e, const T* _
     float acc[128];  // written first by the accumulate = 0 MMA of each tile
 
 #pragma unroll
-    for (int s = 0; s < H_STAGES - 2; ++s) load(s);
+    for (int s = 0; s < H_AHEAD; ++s) load(s);
     for (int tile = 0, it = 0; tile < ntiles; ++tile) {
         for (int kt = 0; kt < KT; ++kt, ++it) {
-            cp_async_wait<H_STAGES - 3>();  // this thread's copies of k-block `it` have landed
-            fence_proxy_async();            // ... and are visible to the tensor cores
+            cp_async_wait<H_AHEAD - 1>();  // this thread's copies of k-block `it` have landed
+            fence_proxy_async();           // ... and are visible to the tensor cores
             __syncthreads();  // every thread's copies of stage `it` are in; every warpgroup has finished
-                              // the wgmma of k-block it - 2 (waited last iteration), whose stage we refill
-            load(it + H_STAGES - 2);
-            const unsigned sA = smem_base + (it % H_STAGES) * H_STAGE_BYTES + wg * (64 * 128);
-            const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES;
+                              // the wgmma of k-block it - 1 - H_INFLIGHT, whose stage we refill
+            load(it + H_AHEAD);
+            const unsigned sA = smem_base + (it % H_STAGES) * STAGE_BYTES + wg * (64 * H_ROW_BYTES);
+            const unsigned sB = smem_base + (it % H_STAGES) * STAGE_BYTES + A_BYTES;
             wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < H_BK / 16; ++ks)
                 Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
             wgmma_commit();
-            wgmma_wait<1>();  // keep one group in flight while the next stage's barrier is reached
+            wgmma_wait<H_INFLIGHT>();  // with 1: this group runs on while the next barrier is reached
         }
         wgmma_wait<0>();
         epi(n_begin + tile * H_BN, acc);  // reads acc only
@@ -150,7 +172,8 @@ __device__ __forceinline__ int hopper_col0() { return (threadIdx.x & 3) * 2; }
 // ---------------------------------------------------------------------------------------------
 // lce_forward_partials_sm90<T, HAS_BIAS, SOFTCAP, SMOOTH>
 //   Same arguments and output as lce_forward_partials (lce_forward.cu), with v_per_split a multiple
-//   of 256. Grid: (ceil(N / 128), splits). Block: 256 threads. Dynamic smem: H_SMEM_BYTES.
+//   of 256. Grid: (ceil(N / (64 H_FWD_WGS)), splits). Block: 128 H_FWD_WGS threads.
+//   Dynamic smem: hopper_smem_bytes(H_FWD_WGS).
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
 // ---------------------------------------------------------------------------------------------
@@ -196,16 +219,16 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
 };
 
 template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
-__global__ void __launch_bounds__(H_THREADS, 1)
+__global__ void __launch_bounds__(128 * H_FWD_WGS, 1)
     lce_forward_partials_sm90(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
                               float* __restrict__ part, int N, int V, int D, int v_per_split, float softcap,
                               int aligned) {
     extern __shared__ __align__(16) char smem[];
-    const int m0 = blockIdx.x * H_BM;
+    const int m0 = blockIdx.x * (64 * H_FWD_WGS);
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
     ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, T> epi{bias, v_end, softcap};
-    hopper_tiles<T>(e, c, N, V, D, m0, v_begin, v_end, smem, epi);
+    hopper_tiles<T, H_FWD_WGS>(e, c, N, V, D, m0, v_begin, v_end, smem, epi);
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -232,7 +255,7 @@ __global__ void __launch_bounds__(H_THREADS, 1)
 // ---------------------------------------------------------------------------------------------
 // lce_grad_logits_sm90<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
 //   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit).
-//   Grid: (ceil(N / 128), ceil(Vc / 256)). Block: 256 threads. Dynamic smem: H_SMEM_BYTES.
+//   Grid: (ceil(N / 128), ceil(Vc / 256)). Block: 256 threads. Dynamic smem: hopper_smem_bytes(2).
 //   The gradient tile is stored from registers, 2 elements per store. With FILTER the live flags
 //   keep their 128-column granularity: block y writes flag columns 2y and 2y + 1.
 // ---------------------------------------------------------------------------------------------
@@ -284,7 +307,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
 };
 
 template <typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
-__global__ void __launch_bounds__(H_THREADS, 1)
+__global__ void __launch_bounds__(256, 1)
     lce_grad_logits_sm90(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
                          const TI* __restrict__ targets, const float* __restrict__ lse,
                          const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
@@ -293,11 +316,11 @@ __global__ void __launch_bounds__(H_THREADS, 1)
     extern __shared__ __align__(16) char smem[];
     __shared__ int tile_live[2];
     if (threadIdx.x < 2) tile_live[threadIdx.x] = 0;  // ordered before use by the main loop's barriers
-    const int m0 = blockIdx.x * H_BM, n0 = blockIdx.y * H_BN;
+    const int m0 = blockIdx.x * 128, n0 = blockIdx.y * H_BN;
     GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, N, V, v0, Vc, m0,
                                                           (i64)ldg, softcap, smoothing, filter_eps};
     // The chunk's C rows start at v0: pass the shifted base, V limit = Vc.
-    hopper_tiles<T>(e, c + (i64)v0 * D, N, Vc, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
+    hopper_tiles<T, 2>(e, c + (i64)v0 * D, N, Vc, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
     if (FILTER) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)

@@ -1,0 +1,92 @@
+"""Time compile-time variants of the Hopper forward kernel (lce_hopper.cu) on the device.
+
+Each variant is the same source built with other -D values for H_BK, H_STAGES and H_INFLIGHT;
+its per-row logsumexp is checked against the default build's, then timed with CUDA events next
+to cuBLAS E @ C^T. Usage: python benchmarks/hopper_variants.py [--shapes gemma2,llama3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import cupy as cp
+import ml_dtypes
+import numpy as np
+
+from benchmarks.kernel_check import cuda_time
+from cce_cupy import kernel_sources
+
+VARIANTS = {
+    "bk64_s4_if1": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=1),
+    "bk64_s4_if0": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=0),
+    "bk32_s8_if1": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=1),
+    "bk32_s8_if0": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=0),
+    "bk64_s4_if1_wgs3": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=1, H_FWD_WGS=3),
+    "bk64_s3_if1_wgs3": dict(H_BK=64, H_STAGES=3, H_INFLIGHT=1, H_FWD_WGS=3),
+    "bk32_s8_if2_wgs3": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=2, H_FWD_WGS=3),
+}
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+NAME = "lce_forward_partials_sm90<__nv_bfloat16, false, false, false>"
+
+
+def build(defs: dict[str, int]):
+    opts = kernel_sources.compile_options("lce_hopper.cu") + tuple(f"-D{k}={v}" for k, v in defs.items())
+    mod = cp.RawModule(code=kernel_sources.kernel_source("lce_hopper.cu"), options=opts, name_expressions=[NAME])
+    fn = mod.get_function(NAME)
+    wgs = defs.get("H_FWD_WGS", 2)
+    smem = defs["H_STAGES"] * (64 * wgs + 256) * defs["H_BK"] * 2 + 1024
+    fn.max_dynamic_shared_size_bytes = smem
+    return fn, smem, wgs
+
+
+def splits_for(n: int, v: int, rows: int, sms: int = 132) -> tuple[int, int]:
+    """Vocab splits for one block per SM with `rows`-row tiles (launch.forward_splits' rule)."""
+    rb, tiles = -(-n // rows), -(-v // 256)
+    s = min(range(1, tiles + 1), key=lambda s: (-(-rb * s // sms) * (-(-tiles // s) + 0.5), s))
+    per = -(-tiles // s) * 256
+    return -(-v // per), per
+
+
+def lse_of(part, splits, n):
+    p = part[: 3 * splits * n].reshape(3, splits, n)
+    m = p[0].max(0)
+    return m + cp.log((p[1] * cp.exp(p[0] - m)).sum(0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="gemma2,llama3")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    for shape in args.shapes.split(","):
+        n, d, v = SHAPES[shape]
+        e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+        c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(ml_dtypes.bfloat16)
+        part = cp.empty(3 * 132 * 4 * n, cp.float32)
+        logits = cp.empty((n, v), ml_dtypes.bfloat16)
+        ms_gemm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), args.repeats)
+        logits = None  # 4 GB at gemma2
+        ref = None
+        for name, defs in VARIANTS.items():
+            fn, smem, wgs = build(defs)
+            splits, per_split = splits_for(n, v, 64 * wgs)
+            call = lambda: fn(  # noqa: E731
+                (-(-n // (64 * wgs)), splits), (128 * wgs,),
+                (e, c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
+                 np.float32(0), np.int32(1)), shared_mem=smem)
+            part.fill(cp.nan)
+            call()
+            lse = lse_of(part, splits, n)
+            if ref is None:
+                ref = lse.copy()
+            err = float(cp.abs(lse - ref).max())
+            ms = cuda_time(call, args.repeats)
+            print(json.dumps({"shape": shape, "variant": name, "ms": round(ms, 3), "cublas_ms": round(ms_gemm, 3),
+                              "tflops": round(2 * n * d * v / ms / 1e9, 1), "x_cublas": round(ms / ms_gemm, 3),
+                              "max_abs_lse_diff": err, "finite": bool(cp.isfinite(lse).all())}), flush=True)
+        cp.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
