@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=cs
 t0=$(date +%s)
 # CuPy's compiled-kernel cache from an earlier call (carried as .kcache): unchanged sources skip NVRTC.
 CACHE_DIR=${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}
-if [ -f .kcache/kcache.tar ]; then mkdir -p "$CACHE_DIR" && tar -xf .kcache/kcache.tar -C "$CACHE_DIR"; fi
+if [ -f .kcache/kcache.tgz ]; then mkdir -p "$CACHE_DIR" && tar -xzf .kcache/kcache.tgz -C "$CACHE_DIR"; fi
 python3 -m cce_cupy.kernel_sources 2>&1 | tee "$OUT/compile.log"
 rc=0
 for step in "$@"; do
@@ -25,10 +25,10 @@ for step in "$@"; do
     time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
-    bench) python3 benchmarks/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done
-tar -cf "$OUT/kcache.tar" -C "$CACHE_DIR" . 2>/dev/null
+tar -czf "$OUT/kcache.tgz" -C "$CACHE_DIR" . 2>/dev/null
 echo "=== done ($(( $(date +%s) - t0 )) s), rc=$rc"
 exit $rc

@@ -1,6 +1,6 @@
 """Time compile-time variants of the Hopper forward kernel (lce_hopper.cu) on the device.
 
-Each variant is the same source built with other -D values for H_BK, H_STAGES and H_INFLIGHT;
+Each variant is the same source built with other -D values (H_STAGES);
 its per-row logsumexp is checked against the default build's, then timed with CUDA events next
 to cuBLAS E @ C^T. Usage: python benchmarks/hopper_variants.py [--shapes gemma2,llama3]
 """
@@ -15,16 +15,11 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks.kernel_check import cuda_time
-from cce_cupy import kernel_sources
+from cce_cupy import kernel_sources, launch
 
 VARIANTS = {
-    "bk64_s4_if1": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=1),
-    "bk64_s4_if0": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=0),
-    "bk32_s8_if1": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=1),
-    "bk32_s8_if0": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=0),
-    "bk64_s4_if1_wgs3": dict(H_BK=64, H_STAGES=4, H_INFLIGHT=1, H_FWD_WGS=3),
-    "bk64_s3_if1_wgs3": dict(H_BK=64, H_STAGES=3, H_INFLIGHT=1, H_FWD_WGS=3),
-    "bk32_s8_if2_wgs3": dict(H_BK=32, H_STAGES=8, H_INFLIGHT=2, H_FWD_WGS=3),
+    "stages4": dict(H_STAGES=4),
+    "stages3": dict(H_STAGES=3),
 }
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 NAME = "lce_forward_partials_sm90<__nv_bfloat16, false, false, false>"
@@ -34,10 +29,9 @@ def build(defs: dict[str, int]):
     opts = kernel_sources.compile_options("lce_hopper.cu") + tuple(f"-D{k}={v}" for k, v in defs.items())
     mod = cp.RawModule(code=kernel_sources.kernel_source("lce_hopper.cu"), options=opts, name_expressions=[NAME])
     fn = mod.get_function(NAME)
-    wgs = defs.get("H_FWD_WGS", 2)
-    smem = defs["H_STAGES"] * (64 * wgs + 256) * defs["H_BK"] * 2 + 1024
+    smem = defs["H_STAGES"] * (128 + 256) * 64 * 2 + 1024
     fn.max_dynamic_shared_size_bytes = smem
-    return fn, smem, wgs
+    return fn, smem, kernel_sources.HOPPER_THREADS
 
 
 def splits_for(n: int, v: int, rows: int, sms: int = 132) -> tuple[int, int]:
@@ -68,13 +62,14 @@ def main() -> None:
         ms_gemm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), args.repeats)
         logits = None  # 4 GB at gemma2
         ref = None
+        tma_e, tma_c = launch.tma_desc(e, 128), launch.tma_desc(c, 256)
         for name, defs in VARIANTS.items():
-            fn, smem, wgs = build(defs)
-            splits, per_split = splits_for(n, v, 64 * wgs)
+            fn, smem, threads = build(defs)
+            splits, per_split = splits_for(n, v, 128)
             call = lambda: fn(  # noqa: E731
-                (-(-n // (64 * wgs)), splits), (128 * wgs,),
-                (e, c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
-                 np.float32(0), np.int32(1)), shared_mem=smem)
+                (-(-n // 128), splits), (threads,),
+                (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
+                 np.float32(0)), shared_mem=smem)
             part.fill(cp.nan)
             call()
             lse = lse_of(part, splits, n)

@@ -26,8 +26,10 @@ FILE_ARCH = {"lce_hopper.cu": "sm_90a"}
 TILE_M = 128
 TILE_N = 128
 THREADS = 256
-# The Hopper kernels (lce_hopper.cu): 128 x 256 tiles, H_SMEM_BYTES of dynamic shared memory.
+# The Hopper kernels (lce_hopper.cu): 128 x 256 tiles, H_THREADS threads (a producer warpgroup and
+# two consumers), H_SMEM_BYTES of dynamic shared memory.
 HOPPER_TILE_N = 256
+HOPPER_THREADS = 384
 HOPPER_SMEM_BYTES = 4 * (128 + 256) * 64 * 2 + 1024
 HOPPER_DTYPES = ("float16", "bfloat16")
 # Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,

@@ -15,6 +15,7 @@ from cce_cupy.kernel_sources import (
     GEMM_SMEM_BYTES,
     HOPPER_DTYPES,
     HOPPER_SMEM_BYTES,
+    HOPPER_THREADS,
     HOPPER_TILE_N,
     THREADS,
     TILE_M,
@@ -97,6 +98,45 @@ def forward_scratch_nbytes(n: int, v: int, d: int, dtype) -> int:
     return max(_ALIGN, 3 * splits * n * 4)
 
 
+_TMA_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def tma_desc(a, box_rows: int) -> np.ndarray:
+    """TMA tensor map of a row-major 16-bit (rows, D) CuPy array, box of box_rows x 64 elements,
+    128-byte swizzle, zero fill out of bounds: the 128 bytes of a CUtensorMap as a one-element
+    NumPy array, which CuPy passes by value (the kernels' __grid_constant__ TmaDesc parameter).
+    Cached by address and shape: encoding costs a driver call."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    rows, d = a.shape
+    key = (a.data.ptr, rows, d, a.strides[0], a.dtype.name, box_rows)
+    desc = _TMA_CACHE.get(key)
+    if desc is not None:
+        return desc
+    dtypes = {
+        "bfloat16": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        "float16": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    }
+    err, tmap = driver.cuTensorMapEncodeTiled(
+        dtypes[a.dtype.name], 2, a.data.ptr,
+        [driver.cuuint64_t(d), driver.cuuint64_t(max(rows, 1))], [driver.cuuint64_t(a.strides[0])],
+        [driver.cuuint32_t(64), driver.cuuint32_t(box_rows)], [driver.cuuint32_t(1), driver.cuuint32_t(1)],
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    )
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for a {a.dtype.name} array of shape {a.shape}")
+    desc = np.frombuffer(ctypes.string_at(tmap.getPtr(), 128), dtype=np.dtype((np.void, 128))).copy()
+    if len(_TMA_CACHE) > 256:  # addresses of freed arrays accumulate; keep the cache small
+        _TMA_CACHE.clear()
+    _TMA_CACHE[key] = desc
+    return desc
+
+
 def use_hopper(*arrays, ld: int) -> bool:
     """The wgmma kernels apply: Hopper GPU, 16-bit inputs, 16-byte aligned rows and bases."""
     import cupy
@@ -131,12 +171,20 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
         partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", e.dtype, *flags))
     else:
         partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
-    aligned = np.int32(_aligned(e, c, ld=d))
-    partials(
-        (_cdiv(n, TILE_M), splits), (THREADS,),
-        (e, c, _ptr(bias), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), softcap, aligned),
-        shared_mem=HOPPER_SMEM_BYTES if hopper else GEMM_SMEM_BYTES,
-    )
+    if hopper:
+        partials(
+            (_cdiv(n, TILE_M), splits), (HOPPER_THREADS,),
+            (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N), _ptr(bias), part, np.int32(n), np.int32(v),
+             np.int32(d), np.int32(per_split), softcap),
+            shared_mem=HOPPER_SMEM_BYTES,
+        )
+    else:
+        partials(
+            (_cdiv(n, TILE_M), splits), (THREADS,),
+            (e, c, _ptr(bias), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), softcap,
+             np.int32(_aligned(e, c, ld=d))),
+            shared_mem=GEMM_SMEM_BYTES,
+        )
     finish = get_kernel("lce_forward.cu", template_name("lce_forward_finish", e.dtype, *flags, targets.dtype))
     rows_per_block = THREADS // 32
     finish(
@@ -255,12 +303,12 @@ class _BackwardPlan:
             grad_logits = get_kernel("lce_hopper.cu", template_name(
                 "lce_grad_logits_sm90", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
                 targets.dtype))
-            grad_grid_n, grad_smem = HOPPER_TILE_N, HOPPER_SMEM_BYTES
+            grad_grid_n, grad_smem, grad_threads = HOPPER_TILE_N, HOPPER_SMEM_BYTES, HOPPER_THREADS
         else:
             grad_logits = get_kernel("lce_backward.cu", template_name(
                 "lce_grad_logits", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
                 targets.dtype))
-            grad_grid_n, grad_smem = TILE_N, GEMM_SMEM_BYTES
+            grad_grid_n, grad_smem, grad_threads = TILE_N, GEMM_SMEM_BYTES, THREADS
         aligned_in = np.int32(_aligned(e, c, ld=d))
         aligned_g = np.int32(bool(aligned_in) and _aligned(G, ld=vc_max))
 
@@ -269,11 +317,13 @@ class _BackwardPlan:
             v0 = k * vc_max
             vc = min(vc_max, v - v0)
             flag_cols = _cdiv(vc, TILE_N)
+            operands = (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N)) if self.hopper else (e, c)
             grad_logits(
-                (_cdiv(n, TILE_M), _cdiv(vc, grad_grid_n)), (THREADS,),
-                (e, c, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
+                (_cdiv(n, TILE_M), _cdiv(vc, grad_grid_n)), (grad_threads,),
+                (*operands, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
                  np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
-                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0), aligned_in),
+                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0))
+                + (() if self.hopper else (aligned_in,)),
                 shared_mem=grad_smem,
             )
             Gc = G[:, :vc]

@@ -7,6 +7,11 @@ Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` when CuPy and JAX share a GPU (see REA
 from cce_cupy.options import CCEOptions, make_options
 from jax_bindings.gpu import COMMAND_BUFFER_COMPATIBLE, precompile
 from jax_bindings.loss import BACKWARD_IMPLS, linear_cross_entropy
+from jax_bindings.sharded import VocabShards as VocabShards
+from jax_bindings.sharded import make_vocab_parallel_loss as make_vocab_parallel_loss
+from jax_bindings.sharded import make_vocab_parallel_mesh as make_vocab_parallel_mesh
+from jax_bindings.sharded import shard_classifier as shard_classifier
+from jax_bindings.sharded import vocab_parallel_linear_cross_entropy as vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "BACKWARD_IMPLS",

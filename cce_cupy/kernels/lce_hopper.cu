@@ -4,14 +4,16 @@
 // (wgmma) straight from shared memory, and the epilogue run on the accumulator registers: no
 // logit is written to shared or global memory by the forward.
 //
-// Main loop (hopper_tiles): WGS warpgroups of 128 threads; warpgroup w owns rows [64 w, 64 w + 64)
-// of the 64 WGS-row E tile and all 256 columns (C rows) of the tile: one wgmma.m64n256k16 per 16
-// of K.
-// Operand tiles are K-major, H_BK elements per row, in the swizzle that wgmma descriptors expect
-// (see swizzled_offset), each tile 1024-byte aligned. Every thread copies with cp.async (zero-fill past the edges) into a ring of
-// H_STAGES stages; the loop runs over (tile, k-block) pairs of all the block's tiles as one
-// stream, so the next tile's first k-blocks load while the current tile's epilogue runs.
-// Requirements (checked by the launcher): T is bf16 or fp16, D % 8 == 0, 16-byte aligned bases.
+// Main loop (hopper_tiles_ws): three warpgroups. Consumer warpgroup w (threads 128 + 128 w ..)
+// owns rows [64 w, 64 w + 64) of the 128-row E tile and all 256 columns (C rows) of the tile: one
+// wgmma.m64n256k16 per 16 of K. One thread of the producer warpgroup (threads 0-127, which give
+// their registers to the consumers through setmaxnreg) feeds a ring of H_STAGES stages with TMA
+// bulk tensor copies; full/empty mbarriers per stage hand stages over, and no block-wide barrier
+// runs in the loop. Operand tiles are K-major, 64 elements (128 bytes) per row, 128-byte swizzled
+// (see wgmma_desc), each 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all
+// the block's tiles as one stream, so the next tile's first k-blocks load during an epilogue.
+// Requirements (checked by the launcher): T is bf16 or fp16, D % 8 == 0, 16-byte aligned bases
+// (TMA's global-stride and address rules).
 //
 // Accumulator layout of wgmma m64nNk16 (f32), thread t of warpgroup w, warp q = (t / 32) % 4,
 // lane l: acc[4 j + {0, 1, 2, 3}] hold (row, col) = (16 q + l / 4 + {0, 0, 8, 8},
@@ -19,47 +21,31 @@
 #include "common.cuh"
 
 #define H_BN 256
-#ifndef H_FWD_WGS  // warpgroups (64 rows each) of the forward's tile; the backward's is always 2
-#define H_FWD_WGS 2
-#endif
-#ifndef H_BK  // K per stage: 64 (128-byte rows, 128-byte swizzle) or 32 (64-byte rows and swizzle)
-#define H_BK 64
-#endif
+#define H_BM 128
+#define H_PRODUCERS 128  // the producer warpgroup, ahead of the two consumer warpgroups
+#define H_THREADS (H_PRODUCERS + 256)
+#define H_BK 64  // K per stage: 128-byte rows, the TMA box's inner extent and the swizzle width
 #ifndef H_STAGES
 #define H_STAGES 4
 #endif
-#ifndef H_INFLIGHT  // wgmma groups left in flight at the end of an iteration (0 or 1)
-#define H_INFLIGHT 1
-#endif
-// k-blocks loaded ahead: the stage being refilled must not be read by an MMA still in flight.
-#define H_AHEAD (H_STAGES - 1 - H_INFLIGHT)
 #define H_ROW_BYTES (H_BK * 2)
-// Stage = A tile (64 WGS rows) + B tile (256 rows). +1024: the dynamic shared memory base is only
+// Stage = A tile (128 rows) + B tile (256 rows). +1024: the dynamic shared memory base is only
 // 16-byte aligned; the swizzle needs 1024.
-__host__ __device__ constexpr int hopper_stage_bytes(int wgs) { return (64 * wgs + H_BN) * H_ROW_BYTES; }
-__host__ __device__ constexpr int hopper_smem_bytes(int wgs) { return H_STAGES * hopper_stage_bytes(wgs) + 1024; }
-
-// Byte offset of 16-byte chunk `ch` of row `r` in a swizzled K-major tile: the swizzle XORs the
-// chunk index with address bits 7.. (row bits for 128-byte rows, row / 2 for 64-byte rows).
-__device__ __forceinline__ int swizzled_offset(int r, int ch) {
-    return r * H_ROW_BYTES + ((ch ^ ((r * H_ROW_BYTES >> 7) & (H_ROW_BYTES / 16 - 1))) << 4);
-}
+#define H_A_BYTES (H_BM * H_ROW_BYTES)
+#define H_STAGE_BYTES (H_A_BYTES + H_BN * H_ROW_BYTES)
+#define H_SMEM_BYTES (H_STAGES * H_STAGE_BYTES + 1024)
 
 // Shared-memory matrix descriptor: start address, leading byte offset (unused by K-major
-// swizzled operands), stride byte offset of 8 rows, swizzle mode (1: 128-byte, 2: 64-byte).
+// swizzled operands), stride byte offset 1024 (8 rows of 128 bytes), 128-byte swizzle: 16-byte
+// chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16), the layout TMA writes with SWIZZLE_128B.
 __device__ __forceinline__ unsigned long long wgmma_desc(unsigned smem_addr) {
     return (unsigned long long)((smem_addr & 0x3FFFF) >> 4) | ((unsigned long long)1 << 16) |
-           ((unsigned long long)((8 * H_ROW_BYTES) >> 4) << 32) |
-           ((unsigned long long)(H_ROW_BYTES == 128 ? 1 : 2) << 62);
+           ((unsigned long long)(1024 >> 4) << 32) | ((unsigned long long)1 << 62);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// cp.async writes go through the generic proxy; wgmma reads through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 #define WG_F8(b) "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), \
@@ -99,81 +85,138 @@ template <> struct Wgmma<__half> {
     }
 };
 
-// Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
-// block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile. Rows of E >= N and of C >= V
-// and k >= D are zero-filled.
-template <typename T, int WGS, typename Epi>
-__device__ __forceinline__ void hopper_tiles(const T* __restrict__ e, const T* __restrict__ c, int N, int V, int D,
-                                             int m0, int n_begin, int n_end, char* smem_raw, Epi& epi) {
-    constexpr int BM = 64 * WGS, THREADS = 128 * WGS;
-    constexpr int A_BYTES = BM * H_ROW_BYTES, STAGE_BYTES = hopper_stage_bytes(WGS);
-    const int tid = threadIdx.x, wg = tid >> 7;
-    char* smem = reinterpret_cast<char*>((reinterpret_cast<size_t>(smem_raw) + 1023) & ~size_t(1023));
-    const unsigned smem_base = smem_u32(smem);
-    const int KT = (D + H_BK - 1) / H_BK;
-    const int ntiles = (n_end - n_begin + H_BN - 1) / H_BN;
-    const int total = ntiles * KT;  // (tile, k-block) pairs, loaded as one stream
+// The per-tile geometry shared by both main loops.
+struct HopperTiles {
+    int KT, ntiles, total;  // k-blocks per tile, tiles, (tile, k-block) pairs
+    __device__ HopperTiles(int D, int n_begin, int n_end)
+        : KT((D + H_BK - 1) / H_BK), ntiles((n_end - n_begin + H_BN - 1) / H_BN), total(0) {
+        total = KT * ntiles;
+    }
+};
 
-    // (BM + 256) rows x CH chunks per stage, spread over the threads.
-    constexpr int CH = H_ROW_BYTES / 16, CHUNKS = (BM + H_BN) * CH;
-    auto load = [&](int it) {
-        if (it < total) {
-            const int n0 = n_begin + (it / KT) * H_BN, k0 = (it % KT) * H_BK;
-            char* sA = smem + (it % H_STAGES) * STAGE_BYTES;
-            char* sB = sA + A_BYTES;
+__device__ __forceinline__ char* align_1024(char* p) {
+    return reinterpret_cast<char*>((reinterpret_cast<size_t>(p) + 1023) & ~size_t(1023));
+}
+
+// The 4 MMAs of k-block `it` for consumer warpgroup `cwg` (0 or 1).
+template <typename T>
+__device__ __forceinline__ void hopper_mma_stage(float (&acc)[128], unsigned smem_base, int it, int kt, int cwg) {
+    const unsigned sA = smem_base + (it % H_STAGES) * H_STAGE_BYTES + cwg * (64 * H_ROW_BYTES);
+    const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES;
+    wgmma_fence();
 #pragma unroll
-            for (int i = 0; i < (CHUNKS + THREADS - 1) / THREADS; ++i) {
-                const int idx = tid + i * THREADS;
-                if (CHUNKS % THREADS != 0 && idx >= CHUNKS) break;
-                const bool is_a = idx < BM * CH;
-                const int cidx = is_a ? idx : idx - BM * CH;
-                const int r = cidx / CH, ch = cidx % CH;
-                char* dst = (is_a ? sA : sB) + swizzled_offset(r, ch);
-                if (is_a) load_chunk<T, true>(reinterpret_cast<T*>(dst), e, D, m0 + r, k0 + ch * 8, N, D);
-                else load_chunk<T, true>(reinterpret_cast<T*>(dst), c, D, n0 + r, k0 + ch * 8, V, D);
+    for (int ks = 0; ks < H_BK / 16; ++ks)
+        Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
+    wgmma_commit();
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+
+// A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
+// __grid_constant__ kernel parameter. The launcher encodes one per operand: 2-D (rows, D), box
+// (rows 128 or 256) x 64 elements, 128-byte swizzle, out-of-bounds elements read as zero.
+struct alignas(64) TmaDesc {
+    unsigned long long bytes[16];
+};
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned tx_bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
+                 ::"r"(smem_u32(bar)), "r"(tx_bytes) : "memory");
+}
+// Box of `tmap` at (k0, row0) -> shared memory at dst; completes `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* tmap, int k0, int row0,
+                                            unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+        ::"r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(tmap)), "r"(k0), "r"(row0),
+        "r"(smem_u32(bar)) : "memory");
+}
+
+// Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
+// block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile on the consumer threads. Rows
+// of E >= N and of C >= V and k >= D read as zero (TMA fills them). One producer thread issues two
+// bulk tensor copies per stage; consumers wait on the stage's `full` mbarrier (transaction
+// bytes) and release it through `empty` once their MMAs of it have completed. Returns on every
+// thread. c_row0 offsets the C rows (a vocabulary chunk).
+template <typename T, typename Epi>
+__device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const TmaDesc* tmap_c, int c_row0, int D,
+                                                int m0, int n_begin, int n_end, char* smem_raw, Epi& epi) {
+    __shared__ __align__(8) unsigned long long full[H_STAGES], empty[H_STAGES];
+    char* smem = align_1024(smem_raw);
+    const HopperTiles g(D, n_begin, n_end);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < H_STAGES; ++s) {
+            mbar_init(&full[s], 1);      // the producer's arrive + the stage's transaction bytes
+            mbar_init(&empty[s], 256);   // every consumer thread is done reading it
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // barriers initialized before any thread uses them; the last block-wide barrier
+    if (threadIdx.x < H_PRODUCERS) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            for (int it = 0; it < g.total; ++it) {
+                const int s = it % H_STAGES;
+                if (it >= H_STAGES) mbar_wait(&empty[s], ((it / H_STAGES) - 1) & 1);
+                char* sA = smem + s * H_STAGE_BYTES;
+                const int k0 = (it % g.KT) * H_BK, n0 = n_begin + (it / g.KT) * H_BN;
+                mbar_arrive_expect_tx(&full[s], H_STAGE_BYTES);
+                tma_load_2d(sA, tmap_e, k0, m0, &full[s]);
+                tma_load_2d(sA + H_A_BYTES, tmap_c, k0, c_row0 + n0, &full[s]);
             }
         }
-        cp_async_commit();  // an empty group past the end keeps the wait counts uniform
-    };
-
-    float acc[128];  // written first by the accumulate = 0 MMA of each tile
-
-#pragma unroll
-    for (int s = 0; s < H_AHEAD; ++s) load(s);
-    for (int tile = 0, it = 0; tile < ntiles; ++tile) {
-        for (int kt = 0; kt < KT; ++kt, ++it) {
-            cp_async_wait<H_AHEAD - 1>();  // this thread's copies of k-block `it` have landed
-            fence_proxy_async();           // ... and are visible to the tensor cores
-            __syncthreads();  // every thread's copies of stage `it` are in; every warpgroup has finished
-                              // the wgmma of k-block it - 1 - H_INFLIGHT, whose stage we refill
-            load(it + H_AHEAD);
-            const unsigned sA = smem_base + (it % H_STAGES) * STAGE_BYTES + wg * (64 * H_ROW_BYTES);
-            const unsigned sB = smem_base + (it % H_STAGES) * STAGE_BYTES + A_BYTES;
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < H_BK / 16; ++ks)
-                Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
-            wgmma_commit();
-            wgmma_wait<H_INFLIGHT>();  // with 1: this group runs on while the next barrier is reached
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        const unsigned smem_base = smem_u32(smem);
+        const int cwg = (threadIdx.x - H_PRODUCERS) >> 7;
+        float acc[128];  // written first by the accumulate = 0 MMA of each tile
+        int unreleased = -1;  // the k-block whose stage an MMA may still be reading
+        for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
+            for (int kt = 0; kt < g.KT; ++kt, ++it) {
+                mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
+                hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
+                wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
+                if (unreleased >= 0) mbar_arrive(&empty[unreleased % H_STAGES]);
+                unreleased = it;
+            }
+            wgmma_wait<0>();
+            mbar_arrive(&empty[unreleased % H_STAGES]);
+            unreleased = -1;
+            epi(n_begin + tile * H_BN, acc);  // may overwrite acc: the next tile starts with accumulate = 0
         }
-        wgmma_wait<0>();
-        epi(n_begin + tile * H_BN, acc);  // reads acc only
     }
-    cp_async_wait<0>();
 }
+
+// Consumer threads only: rank among the 256 consumers.
+__device__ __forceinline__ int consumer_tid() { return threadIdx.x - H_PRODUCERS; }
+__device__ __forceinline__ bool is_consumer() { return threadIdx.x >= H_PRODUCERS; }
 
 // This thread's two rows (local to the 128-row tile) and its column offset within each 8-column group.
 __device__ __forceinline__ int hopper_row0() {
-    const int tid = threadIdx.x, lane = tid & 31;
+    const int tid = consumer_tid(), lane = tid & 31;
     return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
 }
-__device__ __forceinline__ int hopper_col0() { return (threadIdx.x & 3) * 2; }
+__device__ __forceinline__ int hopper_col0() { return (consumer_tid() & 3) * 2; }
 
 // ---------------------------------------------------------------------------------------------
 // lce_forward_partials_sm90<T, HAS_BIAS, SOFTCAP, SMOOTH>
 //   Same arguments and output as lce_forward_partials (lce_forward.cu), with v_per_split a multiple
-//   of 256. Grid: (ceil(N / (64 H_FWD_WGS)), splits). Block: 128 H_FWD_WGS threads.
-//   Dynamic smem: hopper_smem_bytes(H_FWD_WGS).
+//   of 256. Grid: (ceil(N / 128), splits). Block: H_THREADS. Dynamic smem: H_SMEM_BYTES.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
 // ---------------------------------------------------------------------------------------------
@@ -183,22 +226,21 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
     float softcap;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
-    __device__ __forceinline__ float logit(const float (&acc)[128], int i, int col) const {
-        float y = acc[i];
-        if (HAS_BIAS) y += (col < v_end) ? to_f32(bias[col]) : 0.f;
-        y = apply_softcap<SOFTCAP>(y, softcap);
-        return (col < v_end) ? y : -INFINITY;  // the next split's columns, or past V
-    }
-
-    __device__ __forceinline__ void operator()(int n0, const float (&acc)[128]) {
+    // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
+    __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
         const int col0 = n0 + hopper_col0();
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < 32; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const float y = logit(acc, 4 * j + q, col0 + j * 8 + (q & 1));
-                if (SMOOTH && y != -INFINITY) run_y[q >> 1] += y;
+                const int col = col0 + j * 8 + (q & 1);
+                float y = acc[4 * j + q];
+                if (HAS_BIAS) y += (col < v_end) ? to_f32(bias[col]) : 0.f;
+                y = apply_softcap<SOFTCAP>(y, softcap);
+                if (col >= v_end) y = -INFINITY;  // the next split's columns, or past V
+                else if (SMOOTH) run_y[q >> 1] += y;
+                acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
 #pragma unroll
@@ -212,23 +254,24 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
         for (int j = 0; j < 32; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const float y = logit(acc, 4 * j + q, col0 + j * 8 + (q & 1));
+                const float y = acc[4 * j + q];
                 run_sum[q >> 1] += (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
             }
     }
 };
 
 template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
-__global__ void __launch_bounds__(128 * H_FWD_WGS, 1)
-    lce_forward_partials_sm90(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
-                              float* __restrict__ part, int N, int V, int D, int v_per_split, float softcap,
-                              int aligned) {
+__global__ void __launch_bounds__(H_THREADS, 1)
+    lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
+                              const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
+                              int v_per_split, float softcap) {
     extern __shared__ __align__(16) char smem[];
-    const int m0 = blockIdx.x * (64 * H_FWD_WGS);
+    const int m0 = blockIdx.x * H_BM;
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
     ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, T> epi{bias, v_end, softcap};
-    hopper_tiles<T, H_FWD_WGS>(e, c, N, V, D, m0, v_begin, v_end, smem, epi);
+    hopper_tiles_ws<T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
+    if (!is_consumer()) return;
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -255,7 +298,7 @@ __global__ void __launch_bounds__(128 * H_FWD_WGS, 1)
 // ---------------------------------------------------------------------------------------------
 // lce_grad_logits_sm90<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
 //   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit).
-//   Grid: (ceil(N / 128), ceil(Vc / 256)). Block: 256 threads. Dynamic smem: hopper_smem_bytes(2).
+//   Grid: (ceil(N / 128), ceil(Vc / 256)). Block: H_THREADS. Dynamic smem: H_SMEM_BYTES.
 //   The gradient tile is stored from registers, 2 elements per store. With FILTER the live flags
 //   keep their 128-column granularity: block y writes flag columns 2y and 2y + 1.
 // ---------------------------------------------------------------------------------------------
@@ -269,7 +312,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
     float softcap, smoothing, filter_eps;
     bool live[2] = {false, false};  // per 128-column half of the tile
 
-    __device__ __forceinline__ void operator()(int n0, const float (&acc)[128]) {  // n0 is chunk-relative
+    __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {  // n0 is chunk-relative
         const float smooth_q = smoothing / (float)V;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -307,20 +350,21 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
 };
 
 template <typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
-__global__ void __launch_bounds__(256, 1)
-    lce_grad_logits_sm90(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
+__global__ void __launch_bounds__(H_THREADS, 1)
+    lce_grad_logits_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
+                         const T* __restrict__ bias,
                          const TI* __restrict__ targets, const float* __restrict__ lse,
                          const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
                          int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
-                         float softcap, float smoothing, float filter_eps, int aligned) {
+                         float softcap, float smoothing, float filter_eps) {
     extern __shared__ __align__(16) char smem[];
     __shared__ int tile_live[2];
     if (threadIdx.x < 2) tile_live[threadIdx.x] = 0;  // ordered before use by the main loop's barriers
-    const int m0 = blockIdx.x * 128, n0 = blockIdx.y * H_BN;
+    const int m0 = blockIdx.x * H_BM, n0 = blockIdx.y * H_BN;
     GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, N, V, v0, Vc, m0,
                                                           (i64)ldg, softcap, smoothing, filter_eps};
-    // The chunk's C rows start at v0: pass the shifted base, V limit = Vc.
-    hopper_tiles<T, 2>(e, c + (i64)v0 * D, N, Vc, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
+    // The chunk's C rows start at v0; columns past Vc (the next chunk's) are computed, not stored.
+    hopper_tiles_ws<T>(&tmap_e, &tmap_c, v0, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
     if (FILTER) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)

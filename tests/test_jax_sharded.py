@@ -1,0 +1,367 @@
+"""Vocab-parallel and data-parallel loss under `jax.shard_map` against the single-device loss.
+
+CPU: 4 host devices need XLA_FLAGS=--xla_force_host_platform_device_count=4 before JAX starts, and
+other test modules start JAX first in the same pytest process. So unless this process already has
+4 devices, every case runs in ONE subprocess (`python -c "... _worker()"` with that flag) that
+prints its results as JSON; each test then checks its case. Meshes (4,) ("tp"), (2, 2) and (1, 4)
+(("dp", "tp")); fp32; V = 37 is not a multiple of the shard count (padding), V = 5 over 4 shards
+leaves one shard with one real column and one with none; ignore_index rows sit in every dp shard.
+
+GPU (`pytest -m gpu`, >= 2 GPUs, XLA_PYTHON_CLIENT_PREALLOCATE=false): the same comparison through
+the buffer_callback kernels on 2 devices, fp32 and bf16, under jit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+TOL = 1e-5
+DEVICES = 4
+MESHES = {"4": (None, 4), "2x2": (2, 2), "1x4": (1, 4)}
+ALL = {"reduction": "none", "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-2, "shift": True,
+       "return_lse": True, "return_z_loss": True}
+# name: (mesh, V, options, bias, variant)
+CASES = {
+    **{f"all_bias_{m}": (m, 37, ALL, True, None) for m in MESHES},
+    **{f"mean_{m}": (m, 37, {}, False, None) for m in MESHES},
+    "sum_2x2": ("2x2", 37, {"reduction": "sum"}, False, None),
+    "none_4": ("4", 37, {"reduction": "none", "return_lse": True}, False, None),
+    "softcap_1x4": ("1x4", 37, {"softcap": 2.0}, False, None),
+    "z_loss_2x2": ("2x2", 37, {"z_loss": 1e-3, "return_z_loss": True}, False, None),
+    "label_smoothing_4": ("4", 37, {"label_smoothing": 0.2}, False, None),
+    "label_smoothing_softcap_2x2": ("2x2", 37, {"label_smoothing": 0.1, "softcap": 4.0}, True, None),
+    "bias_1x4": ("1x4", 37, {}, True, None),
+    "ignore0_sum_2x2": ("2x2", 37, {"ignore_index": 0, "reduction": "sum"}, True, None),
+    "empty_shard_4": ("4", 5, {"label_smoothing": 0.1, "softcap": 3.0, "return_lse": True}, True, None),
+    "divisible_2x2": ("2x2", 40, {"label_smoothing": 0.1}, True, None),
+    "garbage_pads_4": ("4", 37, ALL, True, "garbage"),
+    "grad_inside_2x2": ("2x2", 37, {"label_smoothing": 0.1, "z_loss": 1e-3}, True, "inside"),
+    "check_vma_off_2x2": ("2x2", 37, {"label_smoothing": 0.1, "softcap": 3.0, "reduction": "sum"}, True, "no_vma"),
+    "callback_path_2x2": ("2x2", 37, ALL, True, "callback"),
+}
+
+
+# ------------------------------------------------------------------------------ the worker
+def _problem(v: int, bias: bool, seed: int = 0, ignore_index: int = -100):
+    """e (2, 8, D), c (V, D), targets (2, 8) with ignore_index rows in both halves, bias or None."""
+    rng = np.random.default_rng(seed)
+    b_sz, s_len, d = 2, 8, 8
+    e = rng.standard_normal((b_sz, s_len, d)).astype(np.float32)
+    c = (rng.standard_normal((v, d)) / np.sqrt(d) * 2).astype(np.float32)
+    t = rng.integers(0, v, (b_sz, s_len)).astype(np.int32)
+    t[:, 0], t[:, 1] = v - 1, 0  # the last real column (in a partly padded shard) and the first
+    t[:, 3::4] = ignore_index
+    b = (0.3 * rng.standard_normal(v)).astype(np.float32) if bias else None
+    return e, c, t, b
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
+
+
+class _NumpyBridge:
+    """Dense NumPy stand-ins for the CuPy launchers (their contract), to run the callback path on CPU."""
+
+    def __init__(self):
+        self.calls = []
+
+    def context(self, ctx, any_buffer):
+        import contextlib
+
+        return contextlib.nullcontext(np.asarray)
+
+    @staticmethod
+    def _y(e, c, bias, opts):
+        z = e.astype(np.float64) @ c.astype(np.float64).T
+        z = z if bias is None else z + bias
+        return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
+
+    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None):
+        self.calls.append("forward")
+        n, v = e.shape[0], c.shape[0]
+        y = self._y(e, c, bias, opts)
+        mx = y.max(1)
+        ls = opts.label_smoothing
+        tgt = (1 - ls) * y[np.arange(n), np.clip(targets, 0, v - 1)] + ls / v * y.sum(1)
+        ok = (targets >= 0) & (targets < v)
+        lse_out[...] = mx + np.log(np.exp(y - mx[:, None]).sum(1))
+        tgt_out[...] = np.where(targets == opts.ignore_index, 0.0, np.where(ok, tgt, np.nan))
+
+    def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
+                        scratch=None, use_cublas=True):
+        self.calls.append("backward")
+        v = c.shape[0]
+        y = self._y(e, c, bias, opts)
+        ls = opts.label_smoothing
+        onehot = (np.arange(v)[None, :] == targets[:, None]).astype(np.float64)
+        dy = coef_p[:, None] * np.exp(y - lse[:, None]) - coef_q[:, None] * ((1 - ls) * onehot + ls / v)
+        if opts.softcap:
+            dy = dy * (1 - (y / opts.softcap) ** 2)
+        de_out[...] = dy @ c
+        dc_out[...] = dy.T @ e
+        if dbias_out is not None:
+            dbias_out[...] = dy.sum(0)
+
+
+def _sharded_fn(mesh, dp_axis, v, opts, variant):
+    """f(e, c, t, b) over global arrays: the library's shard_map wrapper, or a hand-written one."""
+    from jax.sharding import PartitionSpec as P
+
+    from jax_bindings import make_vocab_parallel_loss, vocab_parallel_linear_cross_entropy
+
+    if variant != "inside":
+        return make_vocab_parallel_loss(mesh, vocab_size=v, tp_axis="tp", dp_axis=dp_axis,
+                                        check_vma=variant != "no_vma", **opts)
+
+    # jax.grad inside the shard_map body (check_vma=True): returns (loss, de, dc, db).
+    def body(e, c, t, b):
+        def lf(e_, c_, b_):
+            return vocab_parallel_linear_cross_entropy(e_, c_, t, b_, axis_name="tp", vocab_size=v,
+                                                       data_parallel_axis=dp_axis, **opts)
+
+        loss, grads = jax.value_and_grad(lf, argnums=(0, 1, 2))(e, c, b)
+        return (loss, *grads)
+
+    tok = P(dp_axis)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, P("tp", None), tok, P("tp")),
+                         out_specs=(P(), tok, P("tp", None), P("tp")))
+
+
+def _run_case(name: str) -> dict:
+    from jax_bindings import gpu, linear_cross_entropy, make_vocab_parallel_mesh, shard_classifier
+    from jax_bindings import loss as loss_mod
+
+    mesh_key, v, opts, bias, variant = CASES[name]
+    dp, tp = MESHES[mesh_key]
+    mesh = make_vocab_parallel_mesh(tp, dp)
+    dp_axis = None if dp is None else "dp"
+    e, c, t, b = _problem(v, bias, ignore_index=opts.get("ignore_index", -100))
+    e, c, t = jnp.asarray(e), jnp.asarray(c), jnp.asarray(t)
+    b = None if b is None else jnp.asarray(b)
+    sh = shard_classifier(c, mesh, "tp", bias=b)
+    c1, b1 = sh.c, sh.bias
+    assert sh.vocab_size == v and c1.shape[0] % tp == 0
+    if variant == "garbage":  # padded rows full of large values: they must never be read
+        c1 = c1.at[v:].set(50.0)
+        b1 = b1.at[v:].set(7.0)
+    if b1 is None and variant == "inside":
+        b1 = jnp.zeros((c1.shape[0],), c1.dtype)
+        b = jnp.zeros((v,), c.dtype)
+
+    def single(e_, c_, b_):
+        return linear_cross_entropy(e_, c_, t, b_, **opts)
+
+    out0, pull0 = jax.vjp(single, e, c, b)
+    rng = np.random.default_rng(1)
+    cts = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), out0)
+    if variant == "inside":  # jax.grad: a cotangent of 1
+        cts = jnp.ones_like(out0)
+    g0 = pull0(cts)
+    res = {}
+    old_path, old_bridge = loss_mod._CPU_PATH, gpu.BRIDGE
+    try:
+        if variant == "callback":
+            loss_mod._CPU_PATH, gpu.BRIDGE = "callback", _NumpyBridge()
+        fn = _sharded_fn(mesh, dp_axis, v, opts, variant)
+        if variant == "inside":
+            loss1, *g1 = jax.jit(fn)(e, c1, t, b1)
+            res["loss"] = _rel(loss1, out0)
+        else:
+            out1, pull1 = jax.vjp(jax.jit(lambda e_, c_, b_: fn(e_, c_, t, b_)), e, c1, b1)
+            g1 = pull1(cts)
+            for i, (x1, x0) in enumerate(zip(jax.tree.leaves(out1), jax.tree.leaves(out0))):
+                res[f"out{i}"] = _rel(x1, x0)
+        if variant == "callback":
+            res["callback_calls"] = sorted(set(gpu.BRIDGE.calls))
+    finally:
+        loss_mod._CPU_PATH, gpu.BRIDGE = old_path, old_bridge
+    res["de"] = _rel(g1[0], g0[0])
+    res["dc"] = _rel(g1[1][:v], g0[1])
+    res["dc_pad_max"] = float(jnp.abs(g1[1][v:]).max()) if g1[1].shape[0] > v else 0.0
+    if b is not None:
+        res["db"] = _rel(g1[2][:v], g0[2])
+        res["db_pad_max"] = float(jnp.abs(g1[2][v:]).max()) if g1[2].shape[0] > v else 0.0
+    return res
+
+
+def _run_padded_target_case() -> dict:
+    """Targets pointing at padded columns (ids in [V, padded V)) must give NaN, never a finite loss."""
+    from jax_bindings import (
+        linear_cross_entropy,
+        make_vocab_parallel_loss,
+        make_vocab_parallel_mesh,
+        shard_classifier,
+    )
+
+    v = 37  # padded to 40 over 4 shards: ids 37, 38, 39 are padding
+    mesh = make_vocab_parallel_mesh(4)
+    e, c, t, b = _problem(v, True)
+    t[0, 2], t[1, 2], t[1, 5] = 37, 39, 38
+    sh = shard_classifier(jnp.asarray(c), mesh, bias=jnp.asarray(b))
+    fn = make_vocab_parallel_loss(mesh, vocab_size=v, reduction="none")
+    out = np.asarray(jax.jit(fn)(jnp.asarray(e), sh.c, jnp.asarray(t), sh.bias))
+    ref = np.asarray(linear_cross_entropy(jnp.asarray(e), jnp.asarray(c), jnp.asarray(t), jnp.asarray(b),
+                                          reduction="none"))
+    bad = t >= v
+    ok = ~bad
+    mean = float(jax.jit(make_vocab_parallel_loss(mesh, vocab_size=v))(jnp.asarray(e), sh.c, jnp.asarray(t),
+                                                                        sh.bias))
+    return {"bad_all_nan": bool(np.isnan(out[bad]).all()), "ref_bad_all_nan": bool(np.isnan(ref[bad]).all()),
+            "others": _rel(out[ok], ref[ok]), "others_finite": bool(np.isfinite(out[ok]).all()),
+            "mean_is_nan": bool(np.isnan(mean))}
+
+
+def _worker() -> None:
+    """Entry point of the subprocess: run every case, print one JSON object."""
+    assert jax.device_count() >= DEVICES, jax.devices()
+    print(json.dumps(_all_results()))
+
+
+def _all_results() -> dict:
+    out = {}
+    for name in CASES:
+        try:
+            out[name] = _run_case(name)
+        except Exception as exc:  # reported by the test of that case
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+    try:
+        out["padded_targets"] = _run_padded_target_case()
+    except Exception as exc:
+        out["padded_targets"] = {"error": f"{type(exc).__name__}: {exc}"[:3000]}
+    return out
+
+
+@functools.cache
+def _results() -> dict:
+    if jax.device_count() >= DEVICES and jax.default_backend() == "cpu":
+        return _all_results()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_ENABLE_X64", None)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_jax_sharded as m; m._worker()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(here), capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sharded worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_equals_single_device(name):
+    res = _results()[name]
+    assert "error" not in res, res.get("error")
+    errs = {k: x for k, x in res.items() if k not in ("dc_pad_max", "db_pad_max", "callback_calls")}
+    assert errs and all(x <= TOL for x in errs.values()), res
+    assert res["dc_pad_max"] == 0.0 and res.get("db_pad_max", 0.0) == 0.0, res
+    if CASES[name][4] == "callback":
+        assert res["callback_calls"] == ["backward", "forward"], res
+
+
+def test_padded_column_is_never_a_target():
+    """The sentinel bug of Cut Cross-Entropy: a padded column must never score as a target."""
+    res = _results()["padded_targets"]
+    assert "error" not in res, res.get("error")
+    assert res["bad_all_nan"] and res["ref_bad_all_nan"] and res["mean_is_nan"], res
+    assert res["others_finite"] and res["others"] <= TOL, res
+
+
+# ------------------------------------------------------------------- in-process, one device
+def test_bad_arguments_raise():
+    from jax.sharding import PartitionSpec as P
+
+    from jax_bindings import make_vocab_parallel_mesh, vocab_parallel_linear_cross_entropy
+
+    mesh = make_vocab_parallel_mesh(1, devices=jax.devices()[:1])
+    e, c, t, _ = _problem(7, False)
+
+    def run(**kw):
+        body = functools.partial(vocab_parallel_linear_cross_entropy, axis_name="tp", **kw)
+        f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("tp", None), P()), out_specs=P())
+        return f(e, c, t)
+
+    assert np.isfinite(float(run(vocab_size=7)))
+    for bad in (0, 8, 3.5):
+        with pytest.raises(ValueError, match="vocab_size"):
+            run(vocab_size=bad)
+    with pytest.raises(ValueError, match="backward_impl"):
+        run(backward_impl="nope")
+    with pytest.raises(TypeError, match="unknown option"):
+        run(nope=1)
+    with pytest.raises(ValueError, match="devices"):
+        make_vocab_parallel_mesh(2, 2, devices=jax.devices()[:1])
+
+
+def test_one_shard_equals_single_device():
+    """A 1-device mesh (no collectives to speak of) in this process: same loss and gradients."""
+    from jax_bindings import linear_cross_entropy, make_vocab_parallel_loss, make_vocab_parallel_mesh
+
+    mesh = make_vocab_parallel_mesh(1, devices=jax.devices()[:1])
+    e, c, t, b = (None if x is None else jnp.asarray(x) for x in _problem(11, True))
+    kw = {"label_smoothing": 0.1, "softcap": 3.0, "z_loss": 1e-3}
+    fn = make_vocab_parallel_loss(mesh, vocab_size=11, **kw)
+    l1, g1 = jax.value_and_grad(lambda *a: fn(a[0], a[1], t, a[2]), argnums=(0, 1, 2))(e, c, b)
+    l0, g0 = jax.value_and_grad(lambda *a: linear_cross_entropy(a[0], a[1], t, a[2], **kw), argnums=(0, 1, 2))(e, c, b)
+    assert _rel(l1, l0) <= TOL
+    for x1, x0 in zip(g1, g0):
+        assert _rel(x1, x0) <= TOL
+
+
+# ----------------------------------------------------------------------------------- GPU
+def _gpu_count() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs >= 2 GPUs visible to JAX")
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("opts", [{}, ALL, {"label_smoothing": 0.1, "reduction": "sum"}], ids=["mean", "all", "ls"])
+def test_two_gpus_buffer_callback(dtype, tol, opts):
+    """2 GPUs, V not a multiple of 2, through the kernels (buffer_callback) under jit."""
+    from jax_bindings import (
+        linear_cross_entropy,
+        make_vocab_parallel_loss,
+        make_vocab_parallel_mesh,
+        shard_classifier,
+    )
+
+    n, d, v = 256, 512, 1001
+    rng = np.random.default_rng(0)
+    dt = jnp.dtype(dtype)
+    e = jnp.asarray(rng.standard_normal((2, n // 2, d)), dt)
+    c = jnp.asarray(rng.standard_normal((v, d)) / np.sqrt(d), dt)
+    b = jnp.asarray(0.1 * rng.standard_normal(v), dt)
+    t = rng.integers(0, v, (2, n // 2)).astype(np.int32)
+    t[:, ::5] = -100
+    t = jnp.asarray(t)
+    for dp, tp in ((None, 2), (1, 2)):
+        mesh = make_vocab_parallel_mesh(tp, dp, devices=jax.devices("gpu")[:2])
+        sh = shard_classifier(c, mesh, bias=b)
+        fn = make_vocab_parallel_loss(mesh, vocab_size=v, dp_axis=None if dp is None else "dp", **opts)
+        out1, pull1 = jax.vjp(jax.jit(lambda e_, c_, b_: fn(e_, c_, t, b_)), e, sh.c, sh.bias)
+        out0, pull0 = jax.vjp(jax.jit(lambda e_, c_, b_: linear_cross_entropy(e_, c_, t, b_, **opts)), e, c, b)
+        rng_ct = np.random.default_rng(1)
+        cts = jax.tree.map(lambda x: jnp.asarray(rng_ct.standard_normal(x.shape), x.dtype), out0)
+        g1, g0 = pull1(cts), pull0(cts)
+        for x1, x0 in zip(jax.tree.leaves(out1), jax.tree.leaves(out0)):
+            assert _rel(x1, x0) <= max(tol, 1e-5), (dtype, opts)
+        assert _rel(g1[0], g0[0]) <= tol
+        assert _rel(g1[1][:v], g0[1]) <= tol
+        assert _rel(g1[2][:v], g0[2]) <= tol
+        assert float(jnp.abs(g1[1][v:].astype(jnp.float32)).max()) == 0.0
