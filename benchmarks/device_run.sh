@@ -25,6 +25,7 @@ for step in "$@"; do
     time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac

@@ -166,6 +166,9 @@ def linear_cross_entropy(
     vmap_method: str = "sequential",
     command_buffer_compatible: bool | None = None,
     block_v: int | None = None,
+    vocab_parallel_axis: str | None = None,
+    vocab_size: int | None = None,
+    data_parallel_axis: str | None = None,
     **option_kwargs: Any,
 ):
     """Cross-entropy of `e @ c.T (+ bias)` against `targets`, differentiable, without N x V logits.
@@ -186,6 +189,13 @@ def linear_cross_entropy(
         command_buffer_compatible: let XLA capture the GPU callbacks into CUDA graphs; None takes
             `jax_bindings.gpu.COMMAND_BUFFER_COMPATIBLE`.
         block_v: vocabulary columns per block of the pure-JAX path (default: from a memory budget).
+        vocab_parallel_axis: inside `jax.shard_map` with `c` (and `bias`) sharded along V over this
+            mesh axis: the loss over the whole vocabulary, each device getting its dC shard and the
+            full dE (see `jax_bindings.sharded.vocab_parallel_linear_cross_entropy`).
+        vocab_size: with vocab_parallel_axis, the true V when c was padded to a multiple of the
+            axis size (`jax_bindings.shard_classifier` pads); padded rows are never read.
+        data_parallel_axis: with vocab_parallel_axis, the mesh axis sharding the tokens: "mean" and
+            "sum" then reduce over all of them.
 
     Returns:
         The loss (float32; float64 for float64 inputs): a scalar for "mean"/"sum", shaped like
@@ -195,6 +205,16 @@ def linear_cross_entropy(
     Out-of-range targets (not ignore_index, outside [0, V)) give a NaN loss; nothing is raised.
     The pure-JAX path ignores `filter_eps` (its gradient is exact).
     """
+    if vocab_parallel_axis is not None:  # inside jax.shard_map: c is this device's vocab slice
+        from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # sharded imports this module
+
+        return vocab_parallel_linear_cross_entropy(
+            e, c, targets, bias, axis_name=vocab_parallel_axis, vocab_size=vocab_size,
+            data_parallel_axis=data_parallel_axis, options=options, backward_impl=backward_impl,
+            vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible, block_v=block_v,
+            **option_kwargs)
+    if vocab_size is not None or data_parallel_axis is not None:
+        raise ValueError("vocab_size and data_parallel_axis go with vocab_parallel_axis (sharded vocabulary)")
     opts = make_options(options, **option_kwargs)
     prob = check_linear_ce_args(e, c, targets, bias, allow_float64=True)
     if backward_impl not in BACKWARD_IMPLS:

@@ -54,9 +54,10 @@ def test_train_smoke_both_losses_agree(smoke):
         assert len(r["losses"]) == len(r["step_ms"]) == r["config"]["steps"]
         assert np.all(np.isfinite(r["losses"]))
         assert np.mean(r["losses"][-5:]) < r["losses"][0] - 0.3, r["losses"]  # it learns
-    # Same init and batches, float32 on CPU: the two losses agree step by step.
+    # Same init and batches, float32: the two losses agree step by step (looser on a GPU, where
+    # XLA's float32 matmuls may run in TF32).
     gap = np.max(np.abs(np.subtract(recs["cce"]["losses"], recs["optax"]["losses"])))
-    assert gap < 1e-3, gap
+    assert gap < (1e-3 if recs["cce"]["env"]["backend"] == "cpu" else 3e-2), gap
 
 
 def test_sweep_and_plots(smoke, tmp_path):

@@ -118,17 +118,18 @@ def _sharded_fn(mesh, dp_axis, v, opts, variant):
     """f(e, c, t, b) over global arrays: the library's shard_map wrapper, or a hand-written one."""
     from jax.sharding import PartitionSpec as P
 
-    from jax_bindings import make_vocab_parallel_loss, vocab_parallel_linear_cross_entropy
+    from jax_bindings import linear_cross_entropy, make_vocab_parallel_loss
 
     if variant != "inside":
         return make_vocab_parallel_loss(mesh, vocab_size=v, tp_axis="tp", dp_axis=dp_axis,
                                         check_vma=variant != "no_vma", **opts)
 
-    # jax.grad inside the shard_map body (check_vma=True): returns (loss, de, dc, db).
+    # jax.grad inside the shard_map body (check_vma=True), through the public entry point's
+    # vocab_parallel_axis: returns (loss, de, dc, db).
     def body(e, c, t, b):
         def lf(e_, c_, b_):
-            return vocab_parallel_linear_cross_entropy(e_, c_, t, b_, axis_name="tp", vocab_size=v,
-                                                       data_parallel_axis=dp_axis, **opts)
+            return linear_cross_entropy(e_, c_, t, b_, vocab_parallel_axis="tp", vocab_size=v,
+                                        data_parallel_axis=dp_axis, **opts)
 
         loss, grads = jax.value_and_grad(lf, argnums=(0, 1, 2))(e, c, b)
         return (loss, *grads)
@@ -248,12 +249,18 @@ def _results() -> dict:
         return _all_results()
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    # The 4 host "devices" are threads: on a busy machine a collective can wait for a starved peer
+    # longer than XLA's 40 s default before it aborts the process, so allow 10 minutes; single-
+    # threaded Eigen keeps the device threads from oversubscribing the cores.
+    flags = (f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false"
+             " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+             " --xla_cpu_collective_call_terminate_timeout_seconds=600")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_ENABLE_X64", None)
     code = f"import sys; sys.path.insert(0, {here!r}); import test_jax_sharded as m; m._worker()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(here), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"sharded worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
