@@ -246,13 +246,7 @@ def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, d
     p = check_linear_ce_args(conv["e"], conv["c"], conv["targets"], conv["bias"])
     xp = kind.xp
     t = conv["targets"]
-    if opts.shift:
-        if t.ndim == 0:
-            raise ValueError(
-                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
-            )
-        t = shifted_targets(xp, t, opts)
-    t = xp.ascontiguousarray(t.reshape(-1))
+    t = _flat_targets(xp, t, opts)
     if kind.name in ("numpy", "host"):
         _check_targets_now(t, p.v, opts)
     else:
@@ -440,6 +434,17 @@ def backward(
     return tuple(call.kind.back(x) for x in grads)
 
 
+def _flat_targets(xp, t, opts: CCEOptions):
+    """The targets each row is scored against (shifted under `shift`), flattened and contiguous."""
+    if opts.shift:
+        if t.ndim == 0:
+            raise ValueError(
+                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
+            )
+        t = shifted_targets(xp, t, opts)
+    return xp.ascontiguousarray(t.reshape(-1))
+
+
 def cross_entropy(
     logits,
     targets,
@@ -469,13 +474,7 @@ def cross_entropy(
             raise ValueError(
                 "logits: inplace_backward=True needs a C-contiguous NumPy/CuPy/GPU array to write into"
             )
-    if opts.shift:
-        if t.ndim == 0:
-            raise ValueError(
-                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
-            )
-        t = shifted_targets(xp, t, opts)
-    t = xp.ascontiguousarray(t.reshape(-1))
+    t = _flat_targets(xp, t, opts)
     x2 = x.reshape(p.n, p.v)
     if not inplace_backward:
         x2 = xp.ascontiguousarray(x2)

@@ -155,6 +155,19 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 
 
 # ---------------------------------------------------------------------------------- public
+def check_call_args(backward_impl: str, vmap_method: str, block_v, command_buffer_compatible) -> bool:
+    """Validate the binding's own keyword arguments; returns command_buffer_compatible resolved."""
+    if backward_impl not in BACKWARD_IMPLS:
+        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
+    if vmap_method not in gpu.VMAP_METHODS:
+        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
+    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1):
+        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
+    if command_buffer_compatible is None:
+        return bool(gpu.COMMAND_BUFFER_COMPATIBLE)
+    return bool(command_buffer_compatible)
+
+
 def linear_cross_entropy(
     e,
     c,
@@ -217,14 +230,7 @@ def linear_cross_entropy(
         raise ValueError("vocab_size and data_parallel_axis go with vocab_parallel_axis (sharded vocabulary)")
     opts = make_options(options, **option_kwargs)
     prob = check_linear_ce_args(e, c, targets, bias, allow_float64=True)
-    if backward_impl not in BACKWARD_IMPLS:
-        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
-    if vmap_method not in gpu.VMAP_METHODS:
-        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
-    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1):
-        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
-    if command_buffer_compatible is None:
-        command_buffer_compatible = gpu.COMMAND_BUFFER_COMPATIBLE
+    command_buffer_compatible = check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
     cfg = _Config(
         opts=opts.replace(shift=False),  # the shift is applied here, once
         backward_impl=backward_impl,

@@ -81,8 +81,16 @@ def _block_logits(e, c_blk, b_blk, k, block_v: int, v: int, softcap, acc):
     return y, cols, cols < v
 
 
-def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None):
-    """Per-row (lse, tgt) in the accumulation type; tgt is 0 for ignored rows, NaN out of range."""
+def _same(x):
+    return x
+
+
+def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None, vary=_same):
+    """Per-row (lse, tgt) in the accumulation type; tgt is 0 for ignored rows, NaN out of range.
+
+    `vary` is applied to the scan's constant starting values: inside shard_map it casts them to
+    the inputs' varying mesh axes (see `jax_bindings.sharded`).
+    """
     n, _ = e.shape
     v = c.shape[0]
     acc = acc_dtype(e.dtype)
@@ -110,8 +118,8 @@ def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None):
         jnp.zeros((n,), acc),
         jnp.zeros((n,), acc),
     )
-    xs = (jnp.arange(nblocks, dtype=jnp.int32), cb, bb)
-    (m, s, yt, ysum), _ = lax.scan(step, init, xs)
+    xs = (vary(jnp.arange(nblocks, dtype=jnp.int32)), cb, bb)
+    (m, s, yt, ysum), _ = lax.scan(step, tuple(vary(x) for x in init), xs)
     lse = m + jnp.log(s)
     ls = opts.label_smoothing
     tgt = (1.0 - ls) * yt + (ls / v) * ysum if ls else yt
@@ -121,10 +129,10 @@ def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None):
     return lse.astype(acc), tgt
 
 
-def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v: int | None = None):
+def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v: int | None = None, vary=_same):
     """(dE, dC, dbias) in the accumulation type, for dL/dy = coef_p * softmax - coef_q * onehot_ls.
 
-    dbias is None when bias is None.
+    dbias is None when bias is None. `vary` as in `forward`.
     """
     n, d = e.shape
     v = c.shape[0]
@@ -154,8 +162,8 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v
         db_blk = jnp.sum(dz, axis=0) if b_blk is not None else None
         return de, (dc_blk, db_blk)
 
-    xs = (jnp.arange(nblocks, dtype=jnp.int32), cb, bb)
-    de, (dc, db) = lax.scan(step, jnp.zeros((n, d), acc), xs)
+    xs = (vary(jnp.arange(nblocks, dtype=jnp.int32)), cb, bb)
+    de, (dc, db) = lax.scan(step, vary(jnp.zeros((n, d), acc)), xs)
     dc = dc.reshape(nblocks * block_v, d)[:v]
     db = None if db is None else db.reshape(nblocks * block_v)[:v]
     return de, dc, db

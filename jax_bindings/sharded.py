@@ -88,73 +88,18 @@ def _vma_union(*xs) -> frozenset:
 
 # ------------------------------------------------------------ the reference, vma-aware
 # `reference.forward` / `reference.backward` start their `lax.scan` carries from constants, which
-# shard_map (check_vma=True) rejects once the inputs vary over a mesh axis. These are the same
-# algorithm and contract on the same helpers, with the carries cast to the inputs' varying axes.
+# shard_map (check_vma=True) rejects once the inputs vary over a mesh axis: cast them.
 def _reference_forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None):
     """`reference.forward` that runs inside shard_map: per-row (lse, tgt) over c's columns."""
-    n, _ = e.shape
-    v = c.shape[0]
-    acc = reference.acc_dtype(e.dtype)
     vma = _vma_union(e, c, targets, bias)
-    block_v = block_v or reference.default_block_v(n, v, e.dtype)
-    cb, bb, nblocks = reference._blocks(c, bias, block_v)
-    t, softcap, ls = targets, opts.softcap, opts.label_smoothing
-
-    def step(carry, xs):
-        m, s, yt, ysum = carry
-        k, c_blk, b_blk = xs
-        y, cols, col_ok = reference._block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
-        ym = jnp.where(col_ok[None, :], y, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(ym, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(ym - m_new[:, None]), axis=1)
-        yt = yt + jnp.sum(jnp.where(cols[None, :] == t[:, None], y, 0.0), axis=1)
-        if ls:
-            ysum = ysum + jnp.sum(jnp.where(col_ok[None, :], y, 0.0), axis=1)
-        return (m_new, s, yt, ysum), None
-
-    init = (jnp.full((n,), -jnp.inf, acc),) + tuple(jnp.zeros((n,), acc) for _ in range(3))
-    xs = (_vary(jnp.arange(nblocks, dtype=jnp.int32), vma), cb, bb)
-    (m, s, yt, ysum), _ = lax.scan(step, tuple(_vary(x, vma) for x in init), xs)
-    lse = m + jnp.log(s)
-    tgt = (1.0 - ls) * yt + (ls / v) * ysum if ls else yt
-    tgt = jnp.where((targets >= 0) & (targets < v), tgt, jnp.nan)
-    tgt = jnp.where(targets == opts.ignore_index, 0.0, tgt).astype(acc)
-    return lse.astype(acc), tgt
+    return reference.forward(e, c, targets, bias, opts, block_v, vary=lambda x: _vary(x, vma))
 
 
 def _reference_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v: int | None = None):
     """`reference.backward` that runs inside shard_map: (dE, dC, dbias) in the accumulation type."""
-    n, d = e.shape
-    v = c.shape[0]
-    acc = reference.acc_dtype(e.dtype)
     vma = _vma_union(e, c, targets, bias, lse, coef_p, coef_q)
-    block_v = block_v or reference.default_block_v(n, v, e.dtype)
-    cb, bb, nblocks = reference._blocks(c, bias, block_v)
-    t, softcap, ls = targets, opts.softcap, opts.label_smoothing
-    lse = lse.astype(acc)
-    cp, cq = coef_p.astype(acc)[:, None], coef_q.astype(acc)[:, None]
-    e_acc = e.astype(acc)
-
-    def step(de, xs):
-        k, c_blk, b_blk = xs
-        y, cols, col_ok = reference._block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
-        p = jnp.exp(jnp.where(col_ok[None, :], y, -jnp.inf) - lse[:, None])
-        onehot = (cols[None, :] == t[:, None]).astype(acc)
-        if ls:
-            onehot = (1.0 - ls) * onehot + (ls / v) * col_ok[None, :].astype(acc)
-        dz = cp * p - cq * onehot
-        if softcap is not None:
-            dz = dz * (1.0 - (y / softcap) ** 2)
-        dz = jnp.where(col_ok[None, :], dz, 0.0)
-        de = de + jnp.dot(dz, c_blk.astype(acc), precision=lax.Precision.HIGHEST)
-        dc_blk = jnp.dot(dz.T, e_acc, precision=lax.Precision.HIGHEST)
-        return de, (dc_blk, jnp.sum(dz, axis=0) if b_blk is not None else None)
-
-    xs = (_vary(jnp.arange(nblocks, dtype=jnp.int32), vma), cb, bb)
-    de, (dc, db) = lax.scan(step, _vary(jnp.zeros((n, d), acc), vma), xs)
-    dc = dc.reshape(nblocks * block_v, d)[:v]
-    db = None if db is None else db.reshape(nblocks * block_v)[:v]
-    return de, dc, db
+    return reference.backward(e, c, targets, bias, opts, lse, coef_p, coef_q, block_v,
+                              vary=lambda x: _vary(x, vma))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -359,14 +304,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     opts = make_options(options, **option_kwargs)
     prob = check_linear_ce_args(e, c_shard, targets, bias_shard, allow_float64=True)
-    if backward_impl not in _loss.BACKWARD_IMPLS:
-        raise ValueError(f"backward_impl must be one of {_loss.BACKWARD_IMPLS}, got {backward_impl!r}")
-    if vmap_method not in gpu.VMAP_METHODS:
-        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
-    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1):
-        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
-    if command_buffer_compatible is None:
-        command_buffer_compatible = gpu.COMMAND_BUFFER_COMPATIBLE
+    command_buffer_compatible = _loss.check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
     shards = lax.axis_size(axis_name)
     v_local = prob.v
     padded = v_local * shards
