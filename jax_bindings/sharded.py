@@ -369,8 +369,7 @@ def vocab_parallel_linear_cross_entropy(
     tgt = jnp.where(valid & ~in_range, jnp.nan, tgt).astype(acc)  # out of range: NaN, as single-device
 
     loss_tok, zl_tok = per_token_loss(xp, opts, valid, lse, tgt)
-    loss = _reduce(opts, valid, loss_tok, data_parallel_axis, acc)
-    zl = _reduce(opts, valid, zl_tok, data_parallel_axis, acc)
+    loss, zl = _reduce(opts, valid, (loss_tok, zl_tok), data_parallel_axis, acc)
     if opts.reduction == "none":
         loss, zl = loss.reshape(prob.batch_shape), zl.reshape(prob.batch_shape)
     out = [loss]
@@ -381,19 +380,23 @@ def vocab_parallel_linear_cross_entropy(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _reduce(opts: CCEOptions, valid, per_token, dp_axis, acc):
-    """The reduction over this device's tokens, then over the data-parallel axes when given."""
+def _reduce(opts: CCEOptions, valid, per_tokens: tuple, dp_axis, acc) -> tuple:
+    """Each per-token array reduced over this device's tokens, then over the data-parallel axes.
+
+    One psum over dp carries every sum and the valid-token count. Its input depends on the vocab-
+    axis collectives above, so every device runs the collectives in the same order: independent
+    dp and tp all-reduces could otherwise be started in different orders by different devices
+    (seen deadlocking XLA's CPU runtime with 4 host devices on a 2-core machine).
+    """
     if opts.reduction == "none":
-        return per_token
-    total = jnp.sum(per_token, dtype=acc)
+        return per_tokens
+    sums = jnp.stack([jnp.sum(p, dtype=acc) for p in per_tokens] + [jnp.sum(valid.astype(acc))])
     if dp_axis is not None:
-        total = lax.psum(total, dp_axis)
+        sums = lax.psum(sums, dp_axis)
     if opts.reduction == "sum":
-        return total
-    count = jnp.sum(valid.astype(acc))
-    if dp_axis is not None:
-        count = lax.psum(count, dp_axis)
-    return (total / jnp.maximum(count, 1.0)).astype(acc)
+        return tuple(sums[i] for i in range(len(per_tokens)))
+    count = jnp.maximum(sums[-1], 1.0)
+    return tuple((sums[i] / count).astype(acc) for i in range(len(per_tokens)))
 
 
 # ----------------------------------------------------------------------------------- helpers
