@@ -169,9 +169,6 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
 
     if hopper:
         partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", e.dtype, *flags))
-    else:
-        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
-    if hopper:
         partials(
             (_cdiv(n, TILE_M), splits), (HOPPER_THREADS,),
             (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N), _ptr(bias), part, np.int32(n), np.int32(v),
@@ -179,6 +176,7 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
             shared_mem=HOPPER_SMEM_BYTES,
         )
     else:
+        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
         partials(
             (_cdiv(n, TILE_M), splits), (THREADS,),
             (e, c, _ptr(bias), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), softcap,
