@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
-# steps: check (kernel_check correctness), time (kernel_check timing), gpu (pytest -m gpu), bench
+# steps: check (kernel_check correctness), time (kernel_check timing), variants (Hopper build variants),
+# gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -26,6 +27,13 @@ for step in "$@"; do
     variants) python3 -m benchmarks.hopper_variants 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
+    train) M="--batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16"
+           { python3 examples/train_lm.py --loss optax --steps 300 $M --out "$OUT/train_optax.json" \
+             && python3 examples/train_lm.py --loss cce --steps 300 $M --out "$OUT/train_cce.json" \
+             && python3 examples/cupy_pipeline.py \
+             && python3 examples/train_lm.py --sweep-vocab 32768,65536,131072,262144,524288 --sweep-steps 5 \
+                  --sweep-budget 240 $M --out "$OUT/sweep.json" \
+             && python3 examples/plot_train.py --dir "$OUT"; } 2>&1 | tee "$OUT/train.log" || rc=1 ;;
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
