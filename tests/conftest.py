@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cce_cupy import launch
 from cce_cupy.options import CCEOptions
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -183,3 +184,57 @@ def assert_rel_close(ours, ref, tol, name=""):
             f"{name}: rel-norm err {err:.3e} > {tol:.1e}; {bad}/{a.size} elements off by > tol*max|ref|; "
             f"worst at {w}: ours {a[w] if a.size else None!r} vs ref {b[w] if b.size else None!r}"
         )
+
+
+# ------------------------------------------------------------ launchers on NumPy, for JAX on CPU
+class NumpyBridge:
+    """Dense NumPy stand-ins for the CuPy launchers, with their contract (docs/CONTRACT.md): they let
+    the JAX buffer_callback path run on a CPU (jax_bindings.gpu.BRIDGE)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def context(self, ctx, any_buffer):
+        import contextlib
+
+        return contextlib.nullcontext(np.asarray)
+
+    @staticmethod
+    def _logits(e, c, bias, opts):
+        z = e.astype(np.float64) @ c.astype(np.float64).T
+        if bias is not None:
+            z = z + bias
+        return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
+
+    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None):
+        n, d = e.shape
+        v = c.shape[0]
+        assert scratch.nbytes >= launch.forward_scratch_nbytes(n, v, d, e.dtype)
+        assert bad_target.shape == (1,) and bad_target[0] == 0
+        self.calls.append("forward")
+        y = self._logits(e, c, bias, opts)
+        lse = np.log(np.exp(y - y.max(1, keepdims=True)).sum(1)) + y.max(1)
+        ok = (targets >= 0) & (targets < v)
+        ls = opts.label_smoothing
+        tgt = (1 - ls) * y[np.arange(n), np.clip(targets, 0, v - 1)] + ls / v * y.sum(1)
+        tgt = np.where(targets == opts.ignore_index, 0.0, np.where(ok, tgt, np.nan))
+        lse_out[...] = lse
+        tgt_out[...] = tgt
+
+    def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
+                        scratch=None, use_cublas=True):
+        n, d = e.shape
+        v = c.shape[0]
+        assert scratch.nbytes >= launch.backward_scratch_nbytes(n, v, d, e.dtype, opts)
+        self.calls.append("backward")
+        y = self._logits(e, c, bias, opts)
+        p = np.exp(y - lse[:, None])
+        onehot = (np.arange(v)[None, :] == targets[:, None]).astype(np.float64)
+        ls = opts.label_smoothing
+        dy = coef_p[:, None] * p - coef_q[:, None] * ((1 - ls) * onehot + ls / v)
+        if opts.softcap:
+            dy = dy * (1 - (y / opts.softcap) ** 2)
+        de_out[...] = dy @ c
+        dc_out[...] = dy.T @ e
+        if dbias_out is not None:
+            dbias_out[...] = dy.sum(0)

@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_rel_close, make_problem
+from conftest import NumpyBridge, assert_rel_close, make_problem
 from jax.test_util import check_grads
 
-from cce_cupy import launch
 from cce_cupy.options import CCEOptions, make_options
 from jax_bindings import gpu, linear_cross_entropy
 from jax_bindings import loss as loss_mod
@@ -332,61 +331,9 @@ def test_no_n_by_v_intermediate():
 
 
 # ------------------------------------------------- buffer_callback plumbing, NumPy stand-ins
-class _NumpyBridge:
-    """Dense NumPy stand-ins for the CuPy launchers, with the launchers' contract (CONTRACT.md)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def context(self, ctx, any_buffer):
-        import contextlib
-
-        return contextlib.nullcontext(np.asarray)
-
-    @staticmethod
-    def _logits(e, c, bias, opts):
-        z = e.astype(np.float64) @ c.astype(np.float64).T
-        if bias is not None:
-            z = z + bias
-        return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
-
-    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None):
-        n, d = e.shape
-        v = c.shape[0]
-        assert scratch.nbytes >= launch.forward_scratch_nbytes(n, v, d, e.dtype)
-        assert bad_target.shape == (1,) and bad_target[0] == 0
-        self.calls.append("forward")
-        y = self._logits(e, c, bias, opts)
-        lse = np.log(np.exp(y - y.max(1, keepdims=True)).sum(1)) + y.max(1)
-        ok = (targets >= 0) & (targets < v)
-        ls = opts.label_smoothing
-        tgt = (1 - ls) * y[np.arange(n), np.clip(targets, 0, v - 1)] + ls / v * y.sum(1)
-        tgt = np.where(targets == opts.ignore_index, 0.0, np.where(ok, tgt, np.nan))
-        lse_out[...] = lse
-        tgt_out[...] = tgt
-
-    def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                        scratch=None, use_cublas=True):
-        n, d = e.shape
-        v = c.shape[0]
-        assert scratch.nbytes >= launch.backward_scratch_nbytes(n, v, d, e.dtype, opts)
-        self.calls.append("backward")
-        y = self._logits(e, c, bias, opts)
-        p = np.exp(y - lse[:, None])
-        onehot = (np.arange(v)[None, :] == targets[:, None]).astype(np.float64)
-        ls = opts.label_smoothing
-        dy = coef_p[:, None] * p - coef_q[:, None] * ((1 - ls) * onehot + ls / v)
-        if opts.softcap:
-            dy = dy * (1 - (y / opts.softcap) ** 2)
-        de_out[...] = dy @ c
-        dc_out[...] = dy.T @ e
-        if dbias_out is not None:
-            dbias_out[...] = dy.sum(0)
-
-
 @pytest.fixture
 def numpy_bridge(monkeypatch):
-    bridge = _NumpyBridge()
+    bridge = NumpyBridge()
     monkeypatch.setattr(loss_mod, "_CPU_PATH", "callback")
     monkeypatch.setattr(gpu, "BRIDGE", bridge)
     return bridge

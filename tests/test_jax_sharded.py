@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import NumpyBridge
 
 TOL = 1e-5
 DEVICES = 4
@@ -73,50 +74,6 @@ def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     den = np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / (den if den > 0 else 1.0))
-
-
-class _NumpyBridge:
-    """Dense NumPy stand-ins for the CuPy launchers (their contract), to run the callback path on CPU."""
-
-    def __init__(self):
-        self.calls = []
-
-    def context(self, ctx, any_buffer):
-        import contextlib
-
-        return contextlib.nullcontext(np.asarray)
-
-    @staticmethod
-    def _y(e, c, bias, opts):
-        z = e.astype(np.float64) @ c.astype(np.float64).T
-        z = z if bias is None else z + bias
-        return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
-
-    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None):
-        self.calls.append("forward")
-        n, v = e.shape[0], c.shape[0]
-        y = self._y(e, c, bias, opts)
-        mx = y.max(1)
-        ls = opts.label_smoothing
-        tgt = (1 - ls) * y[np.arange(n), np.clip(targets, 0, v - 1)] + ls / v * y.sum(1)
-        ok = (targets >= 0) & (targets < v)
-        lse_out[...] = mx + np.log(np.exp(y - mx[:, None]).sum(1))
-        tgt_out[...] = np.where(targets == opts.ignore_index, 0.0, np.where(ok, tgt, np.nan))
-
-    def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                        scratch=None, use_cublas=True):
-        self.calls.append("backward")
-        v = c.shape[0]
-        y = self._y(e, c, bias, opts)
-        ls = opts.label_smoothing
-        onehot = (np.arange(v)[None, :] == targets[:, None]).astype(np.float64)
-        dy = coef_p[:, None] * np.exp(y - lse[:, None]) - coef_q[:, None] * ((1 - ls) * onehot + ls / v)
-        if opts.softcap:
-            dy = dy * (1 - (y / opts.softcap) ** 2)
-        de_out[...] = dy @ c
-        dc_out[...] = dy.T @ e
-        if dbias_out is not None:
-            dbias_out[...] = dy.sum(0)
 
 
 def _sharded_fn(mesh, dp_axis, v, opts, variant):
@@ -187,7 +144,7 @@ def _run_case(name: str) -> dict:
     old_path, old_bridge = loss_mod._CPU_PATH, gpu.BRIDGE
     try:
         if variant == "callback":
-            loss_mod._CPU_PATH, gpu.BRIDGE = "callback", _NumpyBridge()
+            loss_mod._CPU_PATH, gpu.BRIDGE = "callback", NumpyBridge()
         fn = _sharded_fn(mesh, dp_axis, v, opts, variant)
         if variant == "inside":
             loss1, *g1 = jax.jit(fn)(e, c1, t, b1)
