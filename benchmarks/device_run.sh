@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
 # steps: check (kernel_check correctness), time (kernel_check timing), variants (Hopper build variants),
-# gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers)
+# gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
+# bench.py arguments in BENCH_ARGS), bench32 (fp32 forward against the cuBLAS fp32 GEMM)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -34,7 +35,10 @@ for step in "$@"; do
              && python3 examples/train_lm.py --sweep-vocab 32768,65536,131072,262144,524288 --sweep-steps 5 \
                   --sweep-budget 240 $M --out "$OUT/sweep.json" \
              && python3 examples/plot_train.py --dir "$OUT"; } 2>&1 | tee "$OUT/train.log" || rc=1 ;;
-    bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
+             | tee "$OUT/bench.log" || rc=1 ;;
+    bench32) python3 benchmarks/bench.py --out "$OUT" --dtype float32 --providers cublas,ours --modes fwd \
+               --data uniform --label fp32 2>&1 | tee "$OUT/bench32.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done

@@ -36,6 +36,12 @@ HOPPER_DTYPES = ("float16", "bfloat16")
 # the 128 x 132 fp32 epilogue tile).
 GEMM_SMEM_BYTES = max(3 * 2 * 128 * 32 * 2, 128 * 132 * 4)
 
+# ce_logits_inplace_cluster: the cluster sizes built, and the most shared memory one block may hold
+# of its row slice (so that two blocks fit on an SM when they can: 2 x 112 KiB of the 227 KiB).
+CE_CLUSTER_SIZES = (1, 2, 4, 8)
+CE_SLICE_BYTES_SHARED_SM = 112 * 1024
+CE_SLICE_BYTES_MAX = 200 * 1024
+
 _CXX_TYPES = {
     "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int", "int64": "long long",
 }
@@ -98,6 +104,8 @@ def all_instances() -> dict[str, list[str]]:
     red = [template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc)
            for t in floats for o in {t, "float32"} for acc in b]
     red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
+    red += [template_name("ce_logits_inplace_cluster", t, i, *f, cl)
+            for t in floats for i in idx for f in itertools.product(b, b) for cl in CE_CLUSTER_SIZES]
     hop = [template_name("lce_forward_partials_sm90", t, *f) for t in HOPPER_DTYPES for f in itertools.product(b, b, b)]
     hop += [
         template_name("lce_grad_logits_sm90", t, grad_chunk_dtype(t), *f, i)
@@ -138,10 +146,10 @@ def _module(filename: str):
     )
 
 
-# Kernels whose blocks run the tiled GEMM main loop and need more than 48 KiB of dynamic shared memory.
+# Kernels that need more than 48 KiB of dynamic shared memory, and how much at most.
 _TILED_KERNELS = {"lce_forward_partials": GEMM_SMEM_BYTES, "lce_grad_logits": GEMM_SMEM_BYTES,
                   "lce_gemm": GEMM_SMEM_BYTES, "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
-                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES}
+                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES, "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX}
 
 
 @functools.cache

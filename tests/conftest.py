@@ -94,18 +94,28 @@ def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, 
     z_loss (reduced), lse, tgt (per token, batch-shaped), de (like e), dc, db (or None), and g (N x V).
     filter_eps: a numeric threshold applied per 128 x 128 tile, as the kernels do.
     """
-    batch = t.shape
     d = e.shape[-1]
+    e64 = np.asarray(e).astype(np.float64).reshape(-1, d)
+    c64 = np.asarray(c).astype(np.float64)
+    z = e64 @ c64.T
+    if bias is not None:
+        z = z + np.asarray(bias).astype(np.float64)
+    out = logits_reference(z, t, o, grad_loss, grad_lse, filter_eps)
+    gy = out["g"]
+    out.update(de=(gy @ c64).reshape(e.shape), dc=gy.T @ e64, db=gy.sum(0) if bias is not None else None)
+    return out
+
+
+def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None):
+    """Float64 ground truth of the loss on logits z (N x V) against t (batch-shaped, N elements in
+    all, unshifted): the dict of dense_reference without de, dc, db; g is dloss/dz."""
+    batch = t.shape
     t = np.asarray(t).astype(np.int64)
     if o.shift:
         t = np.concatenate([t[..., 1:], np.full(batch[:-1] + (1,), o.ignore_index)], axis=-1)
     t = t.reshape(-1)
-    e64 = np.asarray(e).astype(np.float64).reshape(-1, d)
-    c64 = np.asarray(c).astype(np.float64)
-    n, v = e64.shape[0], c64.shape[0]
-    z = e64 @ c64.T
-    if bias is not None:
-        z = z + np.asarray(bias).astype(np.float64)
+    z = np.asarray(z).astype(np.float64)
+    n, v = z.shape
     y = o.softcap * np.tanh(z / o.softcap) if o.softcap else z
     m = y.max(1, keepdims=True) if n else np.zeros((0, 1))
     lse = (m + np.log(np.exp(y - m).sum(1, keepdims=True)))[:, 0]
@@ -144,9 +154,6 @@ def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, 
         "z_loss": zl,
         "lse": lse.reshape(batch),
         "tgt": tgt.reshape(batch),
-        "de": (gy @ c64).reshape(e.shape),
-        "dc": gy.T @ e64,
-        "db": gy.sum(0) if bias is not None else None,
         "g": gy,
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, rel_err, to_f64
+from conftest import DTYPES, assert_rel_close, dense_reference, logits_reference, make_problem, rel_err, to_f64
 
 import cce_cupy as cce
 from cce_cupy import launch
@@ -227,20 +227,34 @@ def test_out_of_range_target_flag():
         cce.check_targets()
 
 
+# (N, V) of the logits-level tests, and the cluster size ce_logits_inplace_cluster gets on an H100
+# per element size (None: the two-sweep ce_logits). V = 1003: rows start off 16 bytes (scalar
+# head and tail); the others take every cluster size and the fallback past the largest.
+LOGITS_SHAPES = {
+    (77, 1003): {2: None, 4: None},
+    (64, 1024): {2: 1, 4: 1},
+    (6, 140000): {2: 4, 4: 8},
+    (3, 520000): {2: 8, 4: None},
+}
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize(
     "kw",
     [{}, {"softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-2, "reduction": "sum"}, {"reduction": "none"}],
 )
-def test_cross_entropy_logits_kernel(dtype, kw):
+@pytest.mark.parametrize("shape", list(LOGITS_SHAPES))
+def test_cross_entropy_logits_kernel(dtype, kw, shape):
     cp = _cp()
     o = CCEOptions(**kw)
-    n, v = 77, 1003
+    n, v = shape
     e, c, t, _ = make_problem(n, 24, v, peaked=True, seed=9)
     logits = (e @ c.T).astype(DTYPES[dtype])
-    truth = dense_reference(logits, np.eye(v), t, None, o)
+    truth = logits_reference(logits, t, o)
     tol = TOL[dtype]
     gx, gt = cp.asarray(logits), cp.asarray(t)
+    if cp.cuda.Device().compute_capability == "90" and launch.KERNELS == "auto":
+        assert launch.ce_cluster_size(gx) == LOGITS_SHAPES[shape][gx.itemsize], "not the kernel this case is for"
     lse = cp.full(n, cp.nan, cp.float32)
     tgt = cp.full(n, cp.nan, cp.float32)
     launch.launch_cross_entropy(gx, gt, o, lse, tgt)

@@ -109,15 +109,36 @@ __global__ void __launch_bounds__(CCE_THREADS, 2)
 //   row blockIdx.x (dE: A = G, K = chunk columns). SKIP_DIM 2: flag row (kt*BK)/128, flag column
 //   blockIdx.x (dC: A = G^T, K = rows of G).
 //   Grid: (ceil(M / 128), ceil(N / 128)). Block: 256 threads. Dynamic smem: gemm_smem_bytes().
+//   The block first gathers its line of flags into a shared bitmask with coalesced loads, so that
+//   walking the live K-blocks costs no dependent global loads (flags past the mask's capacity,
+//   only at tiny N, are read from global memory).
+#define CCE_FLAG_WORDS 64  // bitmask capacity: 2048 flags = 262144 chunk columns or G rows
+
 struct FlagSkip {
     const int* flags;
+    const unsigned* bits;  // shared: bit kb = flag of K-block group kb (128 wide)
     i64 flag_ld;
     int fixed, dim;
+    __device__ __forceinline__ int flag(int kb) const {
+        return dim == 1 ? flags[(i64)fixed * flag_ld + kb] : flags[(i64)kb * flag_ld + fixed];
+    }
     __device__ __forceinline__ bool operator()(int kt) const {
         const int kb = (kt * CCE_BK) / 128;
-        return dim == 1 ? flags[(i64)fixed * flag_ld + kb] == 0 : flags[(i64)kb * flag_ld + fixed] == 0;
+        return kb < CCE_FLAG_WORDS * 32 ? ((bits[kb >> 5] >> (kb & 31)) & 1u) == 0 : flag(kb) == 0;
     }
 };
+
+// Fills bits[] with the flags of K-block groups [0, min(nkb, capacity)); ends with a barrier.
+__device__ __forceinline__ void gather_flags(const FlagSkip& fs, unsigned* bits, int nkb) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int limit = min(nkb, CCE_FLAG_WORDS * 32);
+    for (int base = warp * 32; base < limit; base += CCE_THREADS) {
+        const int kb = base + lane;
+        const unsigned live = __ballot_sync(0xffffffffu, kb < limit && fs.flag(kb) != 0);
+        if (lane == 0) bits[base >> 5] = live;
+    }
+    __syncthreads();  // the mask is complete before any thread walks it
+}
 
 template <typename T, typename OUT, bool A_KMAJOR, bool B_KMAJOR, int MODE, bool ALIGNED>
 __device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, OUT* __restrict__ out,
@@ -127,9 +148,12 @@ __device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, OUT*
     float* epi = reinterpret_cast<float*>(smem);
     const int m0 = blockIdx.x * CCE_BM, n0 = blockIdx.y * CCE_BN;
     GemmArgs<T> g{a, b, lda, ldb, M, N, K};
-    if (flags != nullptr)
-        gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, FlagSkip{flags, flag_ld, (int)blockIdx.x, skip_dim});
-    else
+    if (flags != nullptr) {
+        __shared__ unsigned live_bits[CCE_FLAG_WORDS];
+        const FlagSkip fs{flags, live_bits, flag_ld, (int)blockIdx.x, skip_dim};
+        gather_flags(fs, live_bits, (K + 127) / 128);
+        gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, fs);
+    } else
         gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, NoSkip{});
     for (int idx = threadIdx.x; idx < CCE_BM * CCE_BN / 4; idx += CCE_THREADS) {
         const int lr = idx / (CCE_BN / 4), lc = (idx % (CCE_BN / 4)) * 4;

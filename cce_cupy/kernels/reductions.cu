@@ -6,12 +6,24 @@
 //   Grid: ceil(Vc / 32) blocks of (32, 32) threads: threadIdx.x picks the column, threadIdx.y
 //   strides over rows; the 32 partial sums are added in a fixed order (deterministic).
 //
+// Cross-entropy on materialized logits (N, V) row-major (cce_cupy.cross_entropy). Both kernels
+// take the same arguments and write lse_out[i] and tgt_out[i] (the target term, 0 for ignored
+// rows); with a gradient they overwrite the logits with dloss/dlogits, row_grad[i] being the
+// upstream gradient of loss_i (0 for ignored rows). Out-of-range targets: tgt = NaN and
+// *bad_target = 1. The row is read in 16-byte vectors (a scalar head and tail where the row does
+// not start or end on 16 bytes) with one exp-rescale per vector.
+//
 // ce_logits<T, TI, SOFTCAP, SMOOTH, INPLACE>
-//   Cross-entropy on materialized logits (N, V) row-major, one block of 256 threads per row.
-//   One pass reads the row: online max and sum of exp (and sum of y with SMOOTH), then lse and the
-//   target term; with INPLACE a second sweep overwrites the row with dloss/dlogits, so the
-//   backward needs no extra N x V memory. row_grad[i] is the upstream gradient of loss_i (0 for
-//   ignored rows). Out-of-range targets: tgt = NaN and *bad_target = 1.
+//   One block of 256 threads per row; grid (N). One read of the row for the loss. With INPLACE
+//   a second sweep re-reads the row to write the gradient (the fallback of the kernel below).
+//
+// ce_logits_inplace_cluster<T, TI, SOFTCAP, SMOOTH, CL>   (sm_90: thread-block clusters)
+//   Loss and in-place gradient reading the row once: a cluster of CL blocks (256 threads each)
+//   owns a row; block r keeps the 16-byte vectors [r * per, (r + 1) * per) of it in shared memory
+//   (per = ceil(V / VEC / CL), VEC = 16 / sizeof(T)), the CL partial (max, sum) pairs are
+//   exchanged through distributed shared memory, and each block writes its slice's gradient from
+//   shared memory. Grid (N * CL). Dynamic smem: per * 16 bytes. Needs V % VEC == 0 and a 16-byte
+//   aligned base (the launcher checks and otherwise uses ce_logits).
 #include "common.cuh"
 
 template <typename GT, typename OUT, bool ACCUMULATE>
@@ -47,56 +59,272 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch, bool is_m
     return is_max ? warp_max(r) : warp_sum(r);
 }
 
+// 16 bytes of logits <-> VEC floats.
+template <typename T> struct Vec16 {
+    static constexpr int n = 16 / sizeof(T);
+    static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[16 / sizeof(T)]) {
+        const T* x = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int k = 0; k < n; ++k) f[k] = to_f32(x[k]);
+    }
+    static __device__ __forceinline__ uint4 pack(const float (&f)[16 / sizeof(T)]) {
+        uint4 u;
+        T* x = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int k = 0; k < n; ++k) x[k] = from_f32<T>(f[k]);
+        return u;
+    }
+};
+
+// Running (max, sum of exp(y - max), sum of y) over a thread's logits, folded K at a time: one
+// rescale of the sum per fold. NaN anywhere makes the sum NaN (fmaxf skips it, exp does not);
+// +Inf makes it NaN through exp(inf - inf).
+template <bool SMOOTH> struct OnlineLse {
+    float mx = -INFINITY, sm = 0.f, ys = 0.f;
+
+    template <int K> __device__ __forceinline__ void fold(const float (&y)[K]) {
+        float m = mx;
+#pragma unroll
+        for (int k = 0; k < K; ++k) m = fmaxf(m, y[k]);
+        const float base = (m == -INFINITY) ? 0.f : m;  // all -inf so far: every exp below is 0
+        float s = sm * __expf(mx - base);
+#pragma unroll
+        for (int k = 0; k < K; ++k) s += __expf(y[k] - base);
+        if (SMOOTH) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) ys += y[k];
+        }
+        mx = m;
+        sm = s;
+    }
+    __device__ __forceinline__ void fold1(float y) {
+        const float one[1] = {y};
+        fold(one);
+    }
+    // Adds another partial (m2, s2, y2) to this one.
+    __device__ __forceinline__ void merge(float m2, float s2, float y2) {
+        const float m = fmaxf(mx, m2), base = (m == -INFINITY) ? 0.f : m;
+        sm = (sm == 0.f ? 0.f : sm * __expf(mx - base)) + (s2 == 0.f ? 0.f : s2 * __expf(m2 - base));
+        mx = m;
+        ys += y2;
+    }
+    // The whole block's row statistics (every thread gets them).
+    __device__ __forceinline__ void block_combine(float* scratch) {
+        const float row_max = block_reduce(mx, scratch, true);
+        const float base = (row_max == -INFINITY) ? 0.f : row_max;
+        sm = block_reduce(sm == 0.f ? 0.f : sm * __expf(mx - base), scratch, false);
+        if (SMOOTH) ys = block_reduce(ys, scratch, false);
+        mx = row_max;
+    }
+    __device__ __forceinline__ float lse() const { return mx + logf(sm); }
+};
+
+// The loss terms and gradient coefficients of one row, from its final statistics.
+struct CeRow {
+    long long t;       // the target
+    bool valid;        // not ignore_index
+    bool in_range;     // 0 <= t < V
+    float lse, cp, g;  // logsumexp; coefficients of softmax and of the smoothed one-hot
+};
+
+__device__ __forceinline__ CeRow ce_row(long long t, long long ignore_index, int V, float lse,
+                                        const float* row_grad, int row, float z_loss) {
+    CeRow r;
+    r.t = t;
+    r.valid = (t != ignore_index);
+    r.in_range = (t >= 0 && t < V);
+    r.lse = lse;
+    r.g = (row_grad != nullptr && r.valid) ? row_grad[row] : 0.f;
+    r.cp = r.g * (1.f + 2.f * z_loss * lse);
+    return r;
+}
+
+// The target term (1 - smoothing) y_t + smoothing / V * sum(y) from y_t = softcap(x[t]).
+__device__ __forceinline__ float ce_target_term(float y_t, float ysum, float smoothing, int V, bool smooth) {
+    float t_term = (1.f - smoothing) * y_t;
+    if (smooth) t_term += (smoothing / (float)V) * ysum;
+    return t_term;
+}
+
+// dloss/dlogit of column j of the row.
+template <bool SOFTCAP>
+__device__ __forceinline__ float ce_grad(float x, long long j, const CeRow& r, float softcap, float smoothing,
+                                         float q_all) {
+    const float y = apply_softcap<SOFTCAP>(x, softcap);
+    float d = r.cp * __expf(y - r.lse) - r.g * ((j == r.t ? 1.f - smoothing : 0.f) + q_all);
+    if (SOFTCAP) d *= 1.f - (y / softcap) * (y / softcap);
+    return d;
+}
+
+#define CE_UNROLL 4  // 16-byte loads in flight per thread
+
 template <typename T, typename TI, bool SOFTCAP, bool SMOOTH, bool INPLACE>
 __global__ void __launch_bounds__(256)
     ce_logits(T* __restrict__ logits, const TI* __restrict__ targets, const float* __restrict__ row_grad,
               float* __restrict__ lse_out, float* __restrict__ tgt_out, int* __restrict__ bad_target, int N,
               int V, float softcap, float smoothing, float z_loss, long long ignore_index) {
+    using Vec = Vec16<T>;
+    constexpr int VEC = Vec::n;
     __shared__ float scratch[32];
-    const int row = blockIdx.x;
+    const int row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
     T* x = logits + (i64)row * V;
-    // Online logsumexp over this thread's strided columns, then one block reduction.
-    float mx = -INFINITY, sm = 0.f, ys = 0.f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        const float y = apply_softcap<SOFTCAP>(to_f32(x[j]), softcap);
-        if (y > mx) { sm = sm * __expf(mx - y) + 1.f; mx = y; }
-        else sm += __expf(y - mx);
-        if (SMOOTH) ys += y;
-        if (y != y) sm = NAN;  // NaN logits give a NaN loss, never a finite one
-    }
-    const float row_max = block_reduce(mx, scratch, true);
-    const float rescaled = (mx == -INFINITY) ? 0.f : sm * __expf(mx - row_max);
-    const float total = block_reduce(rescaled, scratch, false);
-    const float lse = row_max + logf(total);
-    if (SMOOTH) ys = block_reduce(ys, scratch, false);
+    // Columns [0, head) and [body_end, V) are scalar; [head, body_end) are 16-byte vectors.
+    const int head = min(V, (int)((VEC - (reinterpret_cast<unsigned long long>(x) / sizeof(T)) % VEC) % VEC));
+    const int nvec = (V - head) / VEC, body_end = head + nvec * VEC;
+    const uint4* xv = reinterpret_cast<const uint4*>(x + head);
 
-    const long long t = (long long)targets[row];
-    const bool valid = (t != ignore_index);
-    const bool in_range = (t >= 0 && t < V);
-    float t_term = 0.f;
-    if (valid) {
-        if (in_range) {
-            t_term = (1.f - smoothing) * apply_softcap<SOFTCAP>(to_f32(x[t]), softcap);
-            if (SMOOTH) t_term += (smoothing / (float)V) * ys;
-        } else {
-            t_term = NAN;
-            if (threadIdx.x == 0) atomicExch(bad_target, 1);
+    OnlineLse<SMOOTH> st;
+    for (int j = tid; j < head; j += nt) st.fold1(apply_softcap<SOFTCAP>(to_f32(x[j]), softcap));
+    for (int j = body_end + tid; j < V; j += nt) st.fold1(apply_softcap<SOFTCAP>(to_f32(x[j]), softcap));
+    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
+        uint4 u[CE_UNROLL];
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k)
+            if (i0 + k * nt < nvec) u[k] = __ldcs(xv + i0 + k * nt);
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k) {
+            if (i0 + k * nt >= nvec) break;
+            float y[VEC];
+            Vec::unpack(u[k], y);
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
+            st.fold(y);
         }
     }
-    __syncthreads();  // every thread has read x[t] before any thread overwrites the row
-    if (threadIdx.x == 0) {
-        lse_out[row] = lse;
+    st.block_combine(scratch);
+    const CeRow r = ce_row((long long)targets[row], ignore_index, V, st.lse(), row_grad, row, z_loss);
+    if (tid == 0) {
+        float t_term = 0.f;
+        if (r.valid && r.in_range) {
+            t_term = ce_target_term(apply_softcap<SOFTCAP>(to_f32(x[r.t]), softcap), st.ys, smoothing, V, SMOOTH);
+        } else if (r.valid) {
+            t_term = NAN;
+            atomicExch(bad_target, 1);
+        }
+        lse_out[row] = r.lse;
         tgt_out[row] = t_term;
     }
-    if (INPLACE) {
-        const float g = valid ? row_grad[row] : 0.f;
-        const float cp = g * (1.f + 2.f * z_loss * lse);
-        const float q_all = smoothing / (float)V;
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            const float y = apply_softcap<SOFTCAP>(to_f32(x[j]), softcap);
-            float d = cp * __expf(y - lse) - g * ((j == t ? 1.f - smoothing : 0.f) + q_all);
-            if (SOFTCAP) d *= 1.f - (y / softcap) * (y / softcap);
-            x[j] = from_f32<T>(d);
+    if (!INPLACE) return;
+    __syncthreads();  // thread 0 has read x[t] before any thread overwrites the row
+    const float q_all = smoothing / (float)V;
+    for (int j = tid; j < head; j += nt) x[j] = from_f32<T>(ce_grad<SOFTCAP>(to_f32(x[j]), j, r, softcap, smoothing, q_all));
+    for (int j = body_end + tid; j < V; j += nt)
+        x[j] = from_f32<T>(ce_grad<SOFTCAP>(to_f32(x[j]), j, r, softcap, smoothing, q_all));
+    uint4* xw = reinterpret_cast<uint4*>(x + head);
+    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
+        uint4 u[CE_UNROLL];
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k)
+            if (i0 + k * nt < nvec) u[k] = __ldcs(xw + i0 + k * nt);
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k) {
+            const int i = i0 + k * nt;
+            if (i >= nvec) break;
+            float v[VEC];
+            Vec::unpack(u[k], v);
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) v[q] = ce_grad<SOFTCAP>(v[q], head + (long long)i * VEC + q, r, softcap, smoothing, q_all);
+            __stcs(xw + i, Vec::pack(v));
         }
     }
+}
+
+// Thread-block cluster primitives (sm_90).
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+// The float at `p` (a shared-memory address of this block) in block `rank` of the cluster.
+__device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CE_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
+#else
+#define CE_CLUSTER_DIMS(n)  // compiled for sm_80 as a stub the launcher never picks
+#endif
+
+template <typename T, typename TI, bool SOFTCAP, bool SMOOTH, int CL>
+__global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
+    ce_logits_inplace_cluster(T* __restrict__ logits, const TI* __restrict__ targets,
+                              const float* __restrict__ row_grad, float* __restrict__ lse_out,
+                              float* __restrict__ tgt_out, int* __restrict__ bad_target, int N, int V, float softcap,
+                              float smoothing, float z_loss, long long ignore_index) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    using Vec = Vec16<T>;
+    constexpr int VEC = Vec::n;
+    extern __shared__ uint4 slice[];
+    __shared__ float scratch[32];
+    __shared__ float part[3];  // this block's (max, sum, sum y), read by the whole cluster
+    const unsigned rank = cluster_rank();
+    const int row = blockIdx.x / CL, tid = threadIdx.x, nt = blockDim.x;
+    const int nvec_row = V / VEC, per = (nvec_row + CL - 1) / CL;
+    const int v0 = min(nvec_row, (int)rank * per), nvec = min(nvec_row, v0 + per) - v0;
+    uint4* xv = reinterpret_cast<uint4*>(logits + (i64)row * V) + v0;
+
+    // The one read of the slice: into shared memory, folding the statistics on the way.
+    OnlineLse<SMOOTH> st;
+    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
+        uint4 u[CE_UNROLL];
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k)
+            if (i0 + k * nt < nvec) u[k] = __ldcs(xv + i0 + k * nt);
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k) {
+            if (i0 + k * nt >= nvec) break;
+            slice[i0 + k * nt] = u[k];
+            float y[VEC];
+            Vec::unpack(u[k], y);
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
+            st.fold(y);
+        }
+    }
+    st.block_combine(scratch);
+    if (tid == 0) {
+        part[0] = st.mx;
+        part[1] = st.sm;
+        part[2] = st.ys;
+    }
+    cluster_arrive();  // release: part[] and slice[] are written
+    cluster_wait();
+    // Every block merges the CL partials in rank order: the same lse everywhere.
+    OnlineLse<SMOOTH> all;
+    for (unsigned q = 0; q < CL; ++q) all.merge(cluster_load(&part[0], q), cluster_load(&part[1], q),
+                                              SMOOTH ? cluster_load(&part[2], q) : 0.f);
+    cluster_arrive();  // this block is done reading the others' shared memory (waited for at the end)
+    const CeRow r = ce_row((long long)targets[row], ignore_index, V, all.lse(), row_grad, row, z_loss);
+    if (tid == 0) {
+        const T* xs = reinterpret_cast<const T*>(slice);
+        const long long first = (long long)v0 * VEC, last = first + (long long)nvec * VEC;
+        if (r.valid && r.in_range && r.t >= first && r.t < last) {  // this block holds the target
+            tgt_out[row] = ce_target_term(apply_softcap<SOFTCAP>(to_f32(xs[r.t - first]), softcap), all.ys,
+                                          smoothing, V, SMOOTH);
+        } else if (rank == 0 && !(r.valid && r.in_range)) {
+            tgt_out[row] = r.valid ? NAN : 0.f;
+            if (r.valid) atomicExch(bad_target, 1);
+        }
+        if (rank == 0) lse_out[row] = r.lse;
+    }
+    const float q_all = smoothing / (float)V;
+    for (int i = tid; i < nvec; i += nt) {
+        float v[VEC];
+        Vec::unpack(slice[i], v);
+#pragma unroll
+        for (int q = 0; q < VEC; ++q)
+            v[q] = ce_grad<SOFTCAP>(v[q], (long long)(v0 + i) * VEC + q, r, softcap, smoothing, q_all);
+        __stcs(xv + i, Vec::pack(v));
+    }
+    cluster_wait();  // no block leaves while another may still read its part[]
+#else
+    __trap();
+#endif
 }
