@@ -103,7 +103,10 @@ def versions(backend: str) -> dict:
 
 
 def _git_head() -> str | None:
-    """The checked-out commit, read from .git without running git (None if there is none)."""
+    """The checked-out commit: $CCE_CUPY_COMMIT when set (the device's copy of .git can lag the
+    working tree it was sent), else read from .git without running git (None if there is none)."""
+    if os.environ.get("CCE_CUPY_COMMIT"):
+        return os.environ["CCE_CUPY_COMMIT"]
     try:
         git = Path(__file__).resolve().parent.parent / ".git"
         head = (git / "HEAD").read_text().strip()

@@ -52,12 +52,12 @@ __device__ void grad_logits_impl(const T* __restrict__ e, const T* __restrict__ 
             const long long t = (long long)targets[row] - v0;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                const float y = apply_softcap<SOFTCAP>(z[q] + b[q], softcap);
+                const float zq = z[q] + b[q], y = apply_softcap<SOFTCAP>(zq, softcap);
                 const float p = __expf(y - l);
                 const bool is_t = (t == (long long)(col + q));
                 if (FILTER) live |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
                 float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
-                if (SOFTCAP) gq *= 1.f - (y / softcap) * (y / softcap);
+                if (SOFTCAP) gq *= softcap_grad(zq, softcap);
                 out[q] = (col + q < Vc) ? gq : 0.f;
             }
         }

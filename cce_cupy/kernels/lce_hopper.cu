@@ -335,7 +335,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
                     if (FILTER)
                         live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
                     float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
-                    if (SOFTCAP) gq *= 1.f - (y / softcap) * (y / softcap);
+                    if (SOFTCAP) gq *= softcap_grad(z, softcap);
                     g[q] = gq;
                 }
                 if (col + 1 < Vc) {

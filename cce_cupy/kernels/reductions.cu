@@ -152,7 +152,7 @@ __device__ __forceinline__ float ce_grad(float x, long long j, const CeRow& r, f
                                          float q_all) {
     const float y = apply_softcap<SOFTCAP>(x, softcap);
     float d = r.cp * __expf(y - r.lse) - r.g * ((j == r.t ? 1.f - smoothing : 0.f) + q_all);
-    if (SOFTCAP) d *= 1.f - (y / softcap) * (y / softcap);
+    if (SOFTCAP) d *= softcap_grad(x, softcap);
     return d;
 }
 
