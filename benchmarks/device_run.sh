@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
-# steps: check (kernel_check correctness), time (kernel_check timing), variants (Hopper build variants),
+# steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
+# backward), variants (Hopper build variants),
 # gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward against the cuBLAS fp32 GEMM)
 set -uo pipefail
@@ -25,6 +26,7 @@ for step in "$@"; do
   case "$step" in
     check) python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
+    profile) python3 benchmarks/kernel_profile.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
