@@ -39,6 +39,45 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(x);
 }
 
+// 16 bytes of T <-> 16 / sizeof(T) floats.
+template <typename T> struct Vec16 {
+    static constexpr int n = 16 / sizeof(T);
+    static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[16 / sizeof(T)]) {
+        const T* x = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int k = 0; k < n; ++k) f[k] = to_f32(x[k]);
+    }
+    static __device__ __forceinline__ uint4 pack(const float (&f)[16 / sizeof(T)]) {
+        uint4 u;
+        T* x = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int k = 0; k < n; ++k) x[k] = from_f32<T>(f[k]);
+        return u;
+    }
+};
+
+// 8 consecutive elements <-> floats, in 16-byte accesses (p 16-byte aligned).
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+    constexpr int n = Vec16<T>::n;
+#pragma unroll
+    for (int h = 0; h < 8 / n; ++h) {
+        float part[n];
+        Vec16<T>::unpack(reinterpret_cast<const uint4*>(p)[h], part);
+#pragma unroll
+        for (int k = 0; k < n; ++k) f[h * n + k] = part[k];
+    }
+}
+template <typename T> __device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
+    constexpr int n = Vec16<T>::n;
+#pragma unroll
+    for (int h = 0; h < 8 / n; ++h) {
+        float part[n];
+#pragma unroll
+        for (int k = 0; k < n; ++k) part[k] = f[h * n + k];
+        reinterpret_cast<uint4*>(p)[h] = Vec16<T>::pack(part);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

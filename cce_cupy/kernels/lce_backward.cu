@@ -129,15 +129,18 @@ struct FlagSkip {
 };
 
 // Fills bits[] with the flags of K-block groups [0, min(nkb, capacity)); ends with a barrier.
-__device__ __forceinline__ void gather_flags(const FlagSkip& fs, unsigned* bits, int nkb) {
+// Returns (on every thread) whether any K-block group may be live.
+__device__ __forceinline__ bool gather_flags(const FlagSkip& fs, unsigned* bits, int nkb) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int limit = min(nkb, CCE_FLAG_WORDS * 32);
+    bool any = nkb > limit;  // flags past the mask are not looked at here: assume live
     for (int base = warp * 32; base < limit; base += CCE_THREADS) {
         const int kb = base + lane;
         const unsigned live = __ballot_sync(0xffffffffu, kb < limit && fs.flag(kb) != 0);
         if (lane == 0) bits[base >> 5] = live;
+        any |= live != 0;
     }
-    __syncthreads();  // the mask is complete before any thread walks it
+    return __syncthreads_or(any);  // also: the mask is complete before any thread walks it
 }
 
 template <typename T, typename OUT, bool A_KMAJOR, bool B_KMAJOR, int MODE, bool ALIGNED>
@@ -151,24 +154,57 @@ __device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, OUT*
     if (flags != nullptr) {
         __shared__ unsigned live_bits[CCE_FLAG_WORDS];
         const FlagSkip fs{flags, live_bits, flag_ld, (int)blockIdx.x, skip_dim};
-        gather_flags(fs, live_bits, (K + 127) / 128);
+        if (!gather_flags(fs, live_bits, (K + 127) / 128) && MODE == 1) return;  // adds nothing
         gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, fs);
     } else
         gemm_tile<T, A_KMAJOR, B_KMAJOR, ALIGNED>(g, m0, n0, smem, epi, NoSkip{});
-    for (int idx = threadIdx.x; idx < CCE_BM * CCE_BN / 4; idx += CCE_THREADS) {
-        const int lr = idx / (CCE_BN / 4), lc = (idx % (CCE_BN / 4)) * 4;
-        const int row = m0 + lr;
-        if (row >= M) continue;
-        const float4 v = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lc]);
-        const float vv[4] = {v.x, v.y, v.z, v.w};
+    // Epilogue: each thread owns runs of 8 columns, EPI_BATCH runs at a time whose earlier values
+    // (MODE 1: out, MODE 2: acc_f32) are all loaded before any is stored, so the loads of a batch
+    // overlap instead of paying one memory latency each. 16-byte accesses where aligned.
+    constexpr int RUNS = CCE_BM * CCE_BN / 8 / CCE_THREADS, EPI_BATCH = 4;
+    const float* prev_base = MODE == 2 ? acc_f32 : nullptr;
+    const bool vec_ok = ldo % 8 == 0 && reinterpret_cast<unsigned long long>(out) % 16 == 0 &&
+                        reinterpret_cast<unsigned long long>(prev_base) % 16 == 0;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int col = n0 + lc + q;
-            if (col >= N) break;
+    for (int b0 = 0; b0 < RUNS; b0 += EPI_BATCH) {
+        float prev[EPI_BATCH][8];
+#pragma unroll
+        for (int u = 0; u < EPI_BATCH; ++u) {
+            const int idx = threadIdx.x + (b0 + u) * CCE_THREADS;
+            const int row = m0 + idx / (CCE_BN / 8), col = n0 + (idx % (CCE_BN / 8)) * 8;
             const i64 o = (i64)row * ldo + col;
-            if (MODE == 0) out[o] = from_f32<OUT>(vv[q]);
-            else if (MODE == 1) out[o] = from_f32<OUT>(to_f32(out[o]) + vv[q]);
-            else out[o] = from_f32<OUT>(acc_f32[o] + vv[q]);
+            if (MODE == 0 || row >= M) continue;
+            if (vec_ok && col + 8 <= N) {
+                if (MODE == 1) load8(out + o, prev[u]);
+                else load8(acc_f32 + o, prev[u]);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    prev[u][q] = col + q >= N ? 0.f : (MODE == 1 ? to_f32(out[o + q]) : acc_f32[o + q]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < EPI_BATCH; ++u) {
+            const int idx = threadIdx.x + (b0 + u) * CCE_THREADS;
+            const int lr = idx / (CCE_BN / 8), lc = (idx % (CCE_BN / 8)) * 8;
+            const int row = m0 + lr, col = n0 + lc;
+            if (row >= M) continue;
+            float v[8];
+            const float4 v0 = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lc]);
+            const float4 v1 = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lc + 4]);
+            v[0] = v0.x, v[1] = v0.y, v[2] = v0.z, v[3] = v0.w, v[4] = v1.x, v[5] = v1.y, v[6] = v1.z, v[7] = v1.w;
+            if (MODE != 0) {
+#pragma unroll
+                for (int q = 0; q < 8; ++q) v[q] += prev[u][q];
+            }
+            const i64 o = (i64)row * ldo + col;
+            if (vec_ok && col + 8 <= N) {
+                store8(out + o, v);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    if (col + q < N) out[o + q] = from_f32<OUT>(v[q]);
+            }
         }
     }
 }

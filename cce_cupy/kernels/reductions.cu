@@ -59,23 +59,6 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch, bool is_m
     return is_max ? warp_max(r) : warp_sum(r);
 }
 
-// 16 bytes of logits <-> VEC floats.
-template <typename T> struct Vec16 {
-    static constexpr int n = 16 / sizeof(T);
-    static __device__ __forceinline__ void unpack(const uint4& u, float (&f)[16 / sizeof(T)]) {
-        const T* x = reinterpret_cast<const T*>(&u);
-#pragma unroll
-        for (int k = 0; k < n; ++k) f[k] = to_f32(x[k]);
-    }
-    static __device__ __forceinline__ uint4 pack(const float (&f)[16 / sizeof(T)]) {
-        uint4 u;
-        T* x = reinterpret_cast<T*>(&u);
-#pragma unroll
-        for (int k = 0; k < n; ++k) x[k] = from_f32<T>(f[k]);
-        return u;
-    }
-};
-
 // Running (max, sum of exp(y - max), sum of y) over a thread's logits, folded K at a time: one
 // rescale of the sum per fold. NaN anywhere makes the sum NaN (fmaxf skips it, exp does not);
 // +Inf makes it NaN through exp(inf - inf).
