@@ -64,6 +64,9 @@ def main() -> None:
     print(f"forward: {1e3 * (t1 - t0):.1f} ms   forward+backward: {1e3 * (t2 - t1):.1f} ms")
     print(f"de {tuple(de.shape)} {de.dtype}, dc {tuple(dc.shape)} {dc.dtype}")
     cce.check_targets()
+    if gpu:
+        print("next: the loss in a JAX training loop, against optax on materialized logits:\n"
+              "  python examples/train_lm.py --loss cce   (and --loss optax; results: examples/results/)")
 
 
 if __name__ == "__main__":
