@@ -2,8 +2,9 @@
 
 For kernel development on the device: wraps the launchers' kernels (and the cuBLAS GEMM helper)
 so that each launch is bracketed by a pair of events, then prints per kernel the launch count and
-the summed GPU time next to the wall time of the whole call. Gaps between launches (host-bound
-launching) show as the difference. Usage: python benchmarks/kernel_profile.py [--shape N,D,V]
+the summed GPU time (event to event, so it includes the GPU waiting for a slow host) and the host
+time spent in each launch call, next to the wall time of the whole call.
+Usage: python benchmarks/kernel_profile.py [--shape N,D,V]
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import numpy as np
 from cce_cupy import launch
 from cce_cupy.options import CCEOptions, row_coefficients
 
-EVENTS: list[tuple[str, object, object]] = []
+EVENTS: list[tuple[str, object, object, float]] = []  # (kernel, start, end, host seconds in the call)
 
 
 def timed(name, fn):
     def call(*args, **kwargs):
         s, t = cp.cuda.Event(), cp.cuda.Event()
         s.record()
+        h0 = time.perf_counter()
         out = fn(*args, **kwargs)
+        host = time.perf_counter() - h0
         t.record()
-        EVENTS.append((name, s, t))
+        EVENTS.append((name, s, t, host))
         return out
 
     return call
@@ -67,14 +70,16 @@ def main():
             launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)
             cp.cuda.Device().synchronize()
             wall = (time.perf_counter() - t0) * 1e3
-        per = collections.defaultdict(lambda: [0, 0.0])
-        for name, s, t_ev in EVENTS:
+        per = collections.defaultdict(lambda: [0, 0.0, 0.0])
+        for name, s, t_ev, host in EVENTS:
             per[name][0] += 1
             per[name][1] += cp.cuda.get_elapsed_time(s, t_ev)
+            per[name][2] += host * 1e3
         print(f"--- backward {label}: N={n} D={d} V={v}, wall {wall:.2f} ms, "
               f"rows/chunk plan {launch.backward_blocking(n, v, d, e.dtype, o)}")
-        for name, (count, ms) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {name:32s} {count:5d} launches {ms:9.2f} ms  ({ms / count * 1e3:8.1f} us each)")
+        for name, (count, ms, host_ms) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {name:32s} {count:5d} launches {ms:9.2f} ms GPU ({ms / count * 1e3:7.1f} us each), "
+                  f"host {host_ms / count * 1e3:6.1f} us per launch call")
 
 
 if __name__ == "__main__":
