@@ -211,11 +211,13 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
                     f, fb = got.get("fwd"), got.get("fwd_bwd")
                     if not (f and fb and f["ms"] is not None and fb["ms"] is not None):
                         raise RuntimeError("bwd is derived from fwd and fwd_bwd, which failed")
-                    got["bwd"] = dict(
-                        ms=fb["ms"] - f["ms"],
+                    diff = fb["ms"] - f["ms"]
+                    got["bwd"] = dict(  # timing noise can exceed a tiny backward: no negative times
+                        ms=diff if diff >= 0 else None,
                         extra=fb["extra"],
                         errs=(None, None, None),
-                        note="bwd = fwd_bwd - fwd; extra_mib is fwd_bwd's",
+                        note="bwd = fwd_bwd - fwd; extra_mib is fwd_bwd's"
+                        + ("" if diff >= 0 else f"; not measurable: fwd_bwd - fwd = {diff:.3f} ms < 0 (noise)"),
                     )
                     continue
                 t0 = time.time()

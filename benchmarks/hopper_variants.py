@@ -1,7 +1,8 @@
 """Time compile-time variants of the Hopper forward kernel (lce_hopper.cu) on the device.
 
-Each variant is the same source built with other -D values (H_STAGES);
-its per-row logsumexp is checked against the default build's, then timed with CUDA events next
+Each variant is a cluster size (the kernel's CLUSTER template parameter) and a build with other -D
+values (H_STAGES);
+its per-row logsumexp is checked against the first variant's, then timed with CUDA events next
 to cuBLAS E @ C^T. Usage: python benchmarks/hopper_variants.py [--shapes gemma2,llama3]
 """
 
@@ -17,18 +18,19 @@ import numpy as np
 from benchmarks.kernel_check import cuda_time
 from cce_cupy import kernel_sources, launch
 
-VARIANTS = {
-    "stages4": dict(H_STAGES=4),
-    "stages3": dict(H_STAGES=3),
+VARIANTS = {  # name: (cluster, -D values)
+    "cluster1_stages4": (1, dict(H_STAGES=4)),
+    "cluster2_stages4": (2, dict(H_STAGES=4)),
+    "cluster2_stages3": (2, dict(H_STAGES=3)),
 }
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
-NAME = "lce_forward_partials_sm90<__nv_bfloat16, false, false, false>"
 
 
-def build(defs: dict[str, int]):
+def build(cluster: int, defs: dict[str, int]):
+    name = kernel_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
     opts = kernel_sources.compile_options("lce_hopper.cu") + tuple(f"-D{k}={v}" for k, v in defs.items())
-    mod = cp.RawModule(code=kernel_sources.kernel_source("lce_hopper.cu"), options=opts, name_expressions=[NAME])
-    fn = mod.get_function(NAME)
+    mod = cp.RawModule(code=kernel_sources.kernel_source("lce_hopper.cu"), options=opts, name_expressions=[name])
+    fn = mod.get_function(name)
     smem = defs["H_STAGES"] * (128 + 256) * 64 * 2 + 1024
     fn.max_dynamic_shared_size_bytes = smem
     return fn, smem, kernel_sources.HOPPER_THREADS
@@ -62,12 +64,13 @@ def main() -> None:
         ms_gemm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), args.repeats)
         logits = None  # 4 GB at gemma2
         ref = None
-        tma_e, tma_c = launch.tma_desc(e, 128), launch.tma_desc(c, 256)
-        for name, defs in VARIANTS.items():
-            fn, smem, threads = build(defs)
+        tma_e = launch.tma_desc(e, 128)
+        for name, (cluster, defs) in VARIANTS.items():
+            fn, smem, threads = build(cluster, defs)
+            tma_c = launch.tma_desc(c, 256 // cluster)  # each block of a cluster loads its share of the C tile
             splits, per_split = splits_for(n, v, 128)
             call = lambda: fn(  # noqa: E731
-                (-(-n // 128), splits), (threads,),
+                (-(-n // (128 * cluster)) * cluster, splits), (threads,),
                 (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
                  np.float32(0)), shared_mem=smem)
             part.fill(cp.nan)

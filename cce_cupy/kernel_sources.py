@@ -32,6 +32,10 @@ HOPPER_TILE_N = 256
 HOPPER_THREADS = 384
 HOPPER_SMEM_BYTES = 4 * (128 + 256) * 64 * 2 + 1024
 HOPPER_DTYPES = ("float16", "bfloat16")
+# Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
+# cce_cupy.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
+# them; the grid's row-block count is a multiple of CLUSTER.
+HOPPER_CLUSTERS = (1, 2)
 # Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,
 # the 128 x 132 fp32 epilogue tile).
 GEMM_SMEM_BYTES = max(3 * 2 * 128 * 32 * 2, 128 * 132 * 4)
@@ -106,10 +110,11 @@ def all_instances() -> dict[str, list[str]]:
     red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
     red += [template_name("ce_logits_inplace_cluster", t, i, *f, cl)
             for t in floats for i in idx for f in itertools.product(b, b) for cl in CE_CLUSTER_SIZES]
-    hop = [template_name("lce_forward_partials_sm90", t, *f) for t in HOPPER_DTYPES for f in itertools.product(b, b, b)]
+    hop = [template_name("lce_forward_partials_sm90", cl, t, *f)
+           for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b)]
     hop += [
-        template_name("lce_grad_logits_sm90", t, grad_chunk_dtype(t), *f, i)
-        for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx
+        template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
+        for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx
     ]
     return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red, "lce_hopper.cu": hop}
 

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from cce_cupy import autotune
 from cce_cupy.kernel_sources import (
     CE_CLUSTER_SIZES,
     CE_SLICE_BYTES_MAX,
@@ -152,8 +153,31 @@ def use_hopper(*arrays, ld: int) -> bool:
     )
 
 
-def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None):
-    """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md."""
+def hopper_row_blocks(n: int, cluster: int) -> int:
+    """grid.x of the Hopper kernels: the 128-row blocks, rounded up to whole clusters."""
+    return _round_up(_cdiv(n, TILE_M), cluster)
+
+
+_GPU_NAMES: dict[int, str] = {}
+
+
+def gpu_name() -> str:
+    """The current device's name (the autotuner's cache is per GPU model)."""
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    if dev not in _GPU_NAMES:
+        _GPU_NAMES[dev] = cupy.cuda.runtime.getDeviceProperties(dev)["name"].decode()
+    return _GPU_NAMES[dev]
+
+
+def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None,
+                   tune: bool = True):
+    """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
+
+    tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
+    (cce_cupy.autotune; it synchronizes once). False (JAX callbacks): cached choice or default.
+    """
     import cupy
 
     n, d = e.shape
@@ -171,13 +195,22 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     softcap = np.float32(opts.softcap or 0.0)
 
     if hopper:
-        partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", e.dtype, *flags))
-        partials(
-            (_cdiv(n, TILE_M), splits), (HOPPER_THREADS,),
-            (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N), _ptr(bias), part, np.int32(n), np.int32(v),
-             np.int32(d), np.int32(per_split), softcap),
-            shared_mem=HOPPER_SMEM_BYTES,
-        )
+
+        def run_partials(cluster: int) -> None:
+            partials = get_kernel("lce_hopper.cu",
+                                  template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
+            partials(
+                (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
+                (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster), _ptr(bias), part, np.int32(n),
+                 np.int32(v), np.int32(d), np.int32(per_split), softcap),
+                shared_mem=HOPPER_SMEM_BYTES,
+            )
+
+        def time_candidate(cluster: int) -> float:
+            return autotune.time_on_stream(lambda: run_partials(cluster))
+
+        run_partials(autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v,
+                                             time_candidate if tune else None))
     else:
         partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
         partials(
@@ -280,6 +313,8 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
         de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
         hopper=use_hopper(e, c, ld=d), use_cublas=use_cublas and eps is None,
     )
+    # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
+    plan.cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if plan.hopper else 1
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         plan.run_part(e[r0:r1], c, targets[r0:r1], bias, lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], de_out[r0:r1],
@@ -293,6 +328,7 @@ class _BackwardPlan:
         self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
             opts, eps, vc_max, G, flags, de_acc, hopper)
         self.use_cublas = use_cublas
+        self.cluster = 1  # of the Hopper recompute kernel, set by launch_backward
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
         n, d = e.shape
@@ -302,8 +338,8 @@ class _BackwardPlan:
         use_filter = self.eps is not None
         if self.hopper:
             grad_logits = get_kernel("lce_hopper.cu", template_name(
-                "lce_grad_logits_sm90", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
-                targets.dtype))
+                "lce_grad_logits_sm90", self.cluster, e.dtype, e.dtype, bias is not None, opts.softcap is not None,
+                use_filter, targets.dtype))
             grad_grid_n, grad_smem, grad_threads = HOPPER_TILE_N, HOPPER_SMEM_BYTES, HOPPER_THREADS
         else:
             grad_logits = get_kernel("lce_backward.cu", template_name(
@@ -318,9 +354,13 @@ class _BackwardPlan:
             v0 = k * vc_max
             vc = min(vc_max, v - v0)
             flag_cols = _cdiv(vc, TILE_N)
-            operands = (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N)) if self.hopper else (e, c)
+            if self.hopper:
+                operands = (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // self.cluster))
+                row_blocks = hopper_row_blocks(n, self.cluster)
+            else:
+                operands, row_blocks = (e, c), _cdiv(n, TILE_M)
             grad_logits(
-                (_cdiv(n, TILE_M), _cdiv(vc, grad_grid_n)), (grad_threads,),
+                (row_blocks, _cdiv(vc, grad_grid_n)), (grad_threads,),
                 (*operands, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
                  np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
                  np.float32(opts.label_smoothing), np.float32(self.eps or 0.0))

@@ -128,7 +128,7 @@ def _forward_callback(opts: CCEOptions, has_bias: bool):
                 BRIDGE.launch_forward(
                     _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1),
                     None if bias is None else _pick(bias, idx, 1), opts,
-                    lse_out[idx], tgt_out[idx], scratch=scratch, bad_target=flag,
+                    lse_out[idx], tgt_out[idx], scratch=scratch, bad_target=flag, tune=False,
                 )
 
     return callback

@@ -25,6 +25,20 @@ def gpu_available() -> bool:
         return False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory):
+    """The tests' kernel tuning goes to a throw-away cache file, not the user's."""
+    import os
+
+    old = os.environ.get("CCE_CUPY_AUTOTUNE_CACHE")
+    os.environ["CCE_CUPY_AUTOTUNE_CACHE"] = str(tmp_path_factory.mktemp("autotune") / "autotune.json")
+    yield
+    if old is None:
+        os.environ.pop("CCE_CUPY_AUTOTUNE_CACHE", None)
+    else:
+        os.environ["CCE_CUPY_AUTOTUNE_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
@@ -213,7 +227,8 @@ class NumpyBridge:
             z = z + bias
         return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
 
-    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None):
+    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None,
+                       tune=True):
         n, d = e.shape
         v = c.shape[0]
         assert scratch.nbytes >= launch.forward_scratch_nbytes(n, v, d, e.dtype)

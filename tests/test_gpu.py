@@ -274,6 +274,28 @@ def test_cross_entropy_logits_kernel(dtype, kw, shape):
     assert_rel_close(buf, truth["g"], max(tol, 1e-5), "dlogits(inplace)")
 
 
+@pytest.mark.parametrize("cluster", [1, 2])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_hopper_cluster_sizes(cluster, filtered, monkeypatch):
+    """Each cluster size the autotuner can pick, forced, at a row-block count that is not a multiple
+    of it (3 blocks of 128 rows: the last cluster has a block with no rows)."""
+    cp = _cp()
+    if cp.cuda.Device().compute_capability != "90" or launch.KERNELS != "auto":
+        pytest.skip("the Hopper kernels run only on compute capability 9.0")
+    monkeypatch.setenv("CCE_CUPY_HOPPER_CLUSTER", str(cluster))
+    n, d, v = 300, 136, 1000
+    e, c, t, _ = make_problem(n, d, v, peaked=True, seed=cluster)
+    e, c = e.astype(DTYPES["bfloat16"]), c.astype(DTYPES["bfloat16"])
+    o = CCEOptions(filter_eps="auto" if filtered else None)
+    ge, gc = cp.asarray(e), cp.asarray(c)
+    assert launch.use_hopper(ge, gc, ld=d)
+    loss, de, dc = cce.linear_cross_entropy_with_grad(ge, gc, cp.asarray(t), options=o)
+    truth = dense_reference(e, c, t, None, o)
+    assert_rel_close(loss, truth["loss"], TOL["bfloat16"], "loss")
+    assert_rel_close(de, truth["de"], TOL["bfloat16"], "dE")
+    assert_rel_close(dc, truth["dc"], TOL["bfloat16"], "dC")
+
+
 def test_dispatch_cupy_uses_launchers(monkeypatch):
     cp = _cp()
     calls = []

@@ -385,6 +385,27 @@ struct NoSkip {
     __device__ __forceinline__ bool operator()(int) const { return false; }
 };
 
+// Thread-block cluster primitives (sm_90; only called from code built for it).
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+// The shared::cluster address of `p` (a shared-memory address of this block) in block `rank`.
+__device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(p)), "r"(rank));
+    return remote;
+}
+// The float at `p` in block `rank` of the cluster.
+__device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(cluster_addr(p, rank)) : "memory");
+    return v;
+}
+
 // Softcap and its derivative: y = s * tanh(z / s), dy/dz = 1 - tanh^2(z / s).
 template <bool SOFTCAP> __device__ __forceinline__ float apply_softcap(float z, float s) {
     if constexpr (SOFTCAP) return s * tanhf(z / s);

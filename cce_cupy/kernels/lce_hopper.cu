@@ -9,7 +9,11 @@
 // wgmma.m64n256k16 per 16 of K. One thread of the producer warpgroup (threads 0-127, which give
 // their registers to the consumers through setmaxnreg) feeds a ring of H_STAGES stages with TMA
 // bulk tensor copies; full/empty mbarriers per stage hand stages over, and no block-wide barrier
-// runs in the loop. Operand tiles are K-major, 64 elements (128 bytes) per row, 128-byte swizzled
+// runs in the loop. Blocks run in clusters of CLUSTER (a template parameter, 1 or 2, picked per
+// shape by cce_cupy.autotune) consecutive row blocks that share each stage's C tile through TMA
+// multicast: each loads 256 / CLUSTER rows of it and multicasts them to all, which cuts the
+// L2 -> SM traffic per block from 48 to 32 KiB a stage at CLUSTER 2 but ties blocks in pairs to
+// one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major, 64 elements (128 bytes) per row, 128-byte swizzled
 // (see wgmma_desc), each 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all
 // the block's tiles as one stream, so the next tile's first k-blocks load during an epilogue.
 // Requirements (checked by the launcher): T is bf16 or fp16, D % 8 == 0, 16-byte aligned bases
@@ -113,13 +117,6 @@ __device__ __forceinline__ void hopper_mma_stage(float (&acc)[128], unsigned sme
 __device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// Arrives on `bar` once all of this thread's earlier cp.async copies have landed.
-__device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
     asm volatile(
         "{\n.reg .pred done;\nWAIT_%=:\n"
@@ -138,6 +135,20 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, u
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
                  ::"r"(smem_u32(bar)), "r"(tx_bytes) : "memory");
 }
+// Arrives on the barrier at `bar`'s offset in block `rank` of the cluster (this block included).
+__device__ __forceinline__ void mbar_arrive_cluster(unsigned long long* bar, unsigned rank) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr(bar, rank)) : "memory");
+}
+// Box of `tmap` at (k0, row0) -> shared memory at dst, in every block of `cta_mask`; completes its
+// bytes on the barrier at `bar`'s offset in each of them.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDesc* tmap, int k0, int row0,
+                                                      unsigned long long* bar, unsigned short cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3}], [%4], %5;\n"
+        ::"r"(smem_u32(dst)), "l"(reinterpret_cast<unsigned long long>(tmap)), "r"(k0), "r"(row0),
+        "r"(smem_u32(bar)), "h"(cta_mask) : "memory");
+}
 // Box of `tmap` at (k0, row0) -> shared memory at dst; completes `bytes` on `bar`.
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* tmap, int k0, int row0,
                                             unsigned long long* bar) {
@@ -149,24 +160,31 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* tmap, int 
 
 // Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
 // block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile on the consumer threads. Rows
-// of E >= N and of C >= V and k >= D read as zero (TMA fills them). One producer thread issues two
-// bulk tensor copies per stage; consumers wait on the stage's `full` mbarrier (transaction
-// bytes) and release it through `empty` once their MMAs of it have completed. Returns on every
-// thread. c_row0 offsets the C rows (a vocabulary chunk).
-template <typename T, typename Epi>
+// of E >= N and of C >= V and k >= D read as zero (TMA fills them). One producer thread per block
+// fills a ring of stages: its own A tile, and 256 / CLUSTER rows of the C tile multicast to every
+// block of the cluster (all blocks of a cluster walk the same C tiles). Consumers wait on the
+// stage's `full` mbarrier (48 KiB of transaction bytes, from every block's copies) and, once their
+// MMAs of it have completed, release it on the `empty` mbarrier of every block of the cluster: a
+// producer refills a stage only when all the blocks it writes into are done with it. Returns on
+// every thread, after a cluster barrier (no block exits while a peer may still write into it).
+// c_row0 offsets the C rows (a vocabulary chunk).
+template <int CLUSTER, typename T, typename Epi>
 __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const TmaDesc* tmap_c, int c_row0, int D,
                                                 int m0, int n_begin, int n_end, char* smem_raw, Epi& epi) {
     __shared__ __align__(8) unsigned long long full[H_STAGES], empty[H_STAGES];
     char* smem = align_1024(smem_raw);
     const HopperTiles g(D, n_begin, n_end);
+    const unsigned rank = cluster_rank();
+    constexpr int B_ROWS = H_BN / CLUSTER;  // C rows this block loads per stage
     if (threadIdx.x == 0) {
         for (int s = 0; s < H_STAGES; ++s) {
-            mbar_init(&full[s], 1);      // the producer's arrive + the stage's transaction bytes
-            mbar_init(&empty[s], 256);   // every consumer thread is done reading it
+            mbar_init(&full[s], 1);                 // the producer's arrive + the stage's transaction bytes
+            mbar_init(&empty[s], 8 * CLUSTER);      // each consumer warp of each block is done reading it
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();  // barriers initialized before any thread uses them; the last block-wide barrier
+    cluster_arrive();  // every block's barriers are initialized before any copy or arrive reaches them
+    cluster_wait();
     if (threadIdx.x < H_PRODUCERS) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (threadIdx.x == 0) {
@@ -177,13 +195,21 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
                 const int k0 = (it % g.KT) * H_BK, n0 = n_begin + (it / g.KT) * H_BN;
                 mbar_arrive_expect_tx(&full[s], H_STAGE_BYTES);
                 tma_load_2d(sA, tmap_e, k0, m0, &full[s]);
-                tma_load_2d(sA + H_A_BYTES, tmap_c, k0, c_row0 + n0, &full[s]);
+                char* sB = sA + H_A_BYTES + rank * B_ROWS * H_ROW_BYTES;
+                if (CLUSTER == 1) tma_load_2d(sB, tmap_c, k0, c_row0 + n0, &full[s]);
+                else tma_load_2d_multicast(sB, tmap_c, k0, c_row0 + n0 + rank * B_ROWS, &full[s],
+                                           (unsigned short)((1u << CLUSTER) - 1));
             }
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         const unsigned smem_base = smem_u32(smem);
         const int cwg = (threadIdx.x - H_PRODUCERS) >> 7;
+        // After a wgmma wait (warp-synchronous), one lane per warp releases the stage everywhere.
+        auto release = [&](int it) {
+            if ((threadIdx.x & 31) == 0)
+                for (unsigned r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(&empty[it % H_STAGES], r);
+        };
         float acc[128];  // written first by the accumulate = 0 MMA of each tile
         int unreleased = -1;  // the k-block whose stage an MMA may still be reading
         for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
@@ -191,15 +217,17 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
                 mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
                 hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
                 wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
-                if (unreleased >= 0) mbar_arrive(&empty[unreleased % H_STAGES]);
+                if (unreleased >= 0) release(unreleased);
                 unreleased = it;
             }
             wgmma_wait<0>();
-            mbar_arrive(&empty[unreleased % H_STAGES]);
+            release(unreleased);
             unreleased = -1;
             epi(n_begin + tile * H_BN, acc);  // may overwrite acc: the next tile starts with accumulate = 0
         }
     }
+    cluster_arrive();
+    cluster_wait();
 }
 
 // Consumer threads only: rank among the 256 consumers.
@@ -214,9 +242,10 @@ __device__ __forceinline__ int hopper_row0() {
 __device__ __forceinline__ int hopper_col0() { return (consumer_tid() & 3) * 2; }
 
 // ---------------------------------------------------------------------------------------------
-// lce_forward_partials_sm90<T, HAS_BIAS, SOFTCAP, SMOOTH>
+// lce_forward_partials_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, SMOOTH>
 //   Same arguments and output as lce_forward_partials (lce_forward.cu), with v_per_split a multiple
-//   of 256. Grid: (ceil(N / 128), splits). Block: H_THREADS. Dynamic smem: H_SMEM_BYTES.
+//   of 256. Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, splits). Block: H_THREADS.
+//   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
 // ---------------------------------------------------------------------------------------------
@@ -260,8 +289,8 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
     }
 };
 
-template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
-__global__ void __launch_bounds__(H_THREADS, 1)
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
+__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                               const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
                               int v_per_split, float softcap) {
@@ -270,7 +299,7 @@ __global__ void __launch_bounds__(H_THREADS, 1)
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
     ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, T> epi{bias, v_end, softcap};
-    hopper_tiles_ws<T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
+    hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
@@ -296,9 +325,10 @@ __global__ void __launch_bounds__(H_THREADS, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// lce_grad_logits_sm90<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
+// lce_grad_logits_sm90<CLUSTER, T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
 //   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit).
-//   Grid: (ceil(N / 128), ceil(Vc / 256)). Block: H_THREADS. Dynamic smem: H_SMEM_BYTES.
+//   Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, ceil(Vc / 256)). Block: H_THREADS.
+//   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
 //   The gradient tile is stored from registers, 2 elements per store. With FILTER the live flags
 //   keep their 128-column granularity: block y writes flag columns 2y and 2y + 1.
 // ---------------------------------------------------------------------------------------------
@@ -349,8 +379,8 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
     }
 };
 
-template <typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
-__global__ void __launch_bounds__(H_THREADS, 1)
+template <int CLUSTER, typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
+__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_grad_logits_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                          const T* __restrict__ bias,
                          const TI* __restrict__ targets, const float* __restrict__ lse,
@@ -364,7 +394,7 @@ __global__ void __launch_bounds__(H_THREADS, 1)
     GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, N, V, v0, Vc, m0,
                                                           (i64)ldg, softcap, smoothing, filter_eps};
     // The chunk's C rows start at v0; columns past Vc (the next chunk's) are computed, not stored.
-    hopper_tiles_ws<T>(&tmap_e, &tmap_c, v0, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
+    hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, v0, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
     if (FILTER) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -372,7 +402,7 @@ __global__ void __launch_bounds__(H_THREADS, 1)
         __syncthreads();  // every warp's liveness is in before thread 0 publishes the flags
         if (threadIdx.x < 2) {
             const int flag_cols = (Vc + 127) / 128, fc = 2 * blockIdx.y + threadIdx.x;
-            if (fc < flag_cols) flags[(i64)blockIdx.x * flag_cols + fc] = tile_live[threadIdx.x];
+            if (fc < flag_cols && m0 < N) flags[(i64)blockIdx.x * flag_cols + fc] = tile_live[threadIdx.x];
         }
     }
 }

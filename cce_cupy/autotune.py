@@ -1,0 +1,163 @@
+"""The Hopper kernels' cluster size, picked per GPU, dtype and shape class by timing, once.
+
+The wgmma kernels (lce_hopper.cu) run with CLUSTER = 1 (each block loads its whole C tile) or 2
+(pairs of row blocks share it through TMA multicast). Which is faster depends on the shape: on an
+H100, 2 wins at llama3's (8192, 4096, 128256) and loses at gemma2's (8192, 2304, 256000). The first
+CuPy forward of a shape class times the forward kernel with each candidate on the call's own
+inputs (it only writes the scratch partials, so rerunning it is harmless) and records the faster.
+The choice is cached in memory and in a JSON file, keyed by GPU name, dtype, shape class and
+kernel version (the package version and a hash of the kernel source), so it is never re-tuned on
+every call, and a kernel edit starts afresh. Calls that must not synchronize (JAX callbacks, CUDA
+graph capture) never tune: they use the cached choice, else DEFAULT_CLUSTER; `tune()` fills the
+cache ahead of them.
+
+Environment: CCE_CUPY_AUTOTUNE_CACHE (the file; default ~/.cache/cce_cupy/autotune.json, or under
+$XDG_CACHE_HOME), CCE_CUPY_HOPPER_CLUSTER (1 or 2: use it, no tuning).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from cce_cupy.kernel_sources import HOPPER_CLUSTERS, kernel_source
+
+DEFAULT_CLUSTER = 1
+TIMED_RUNS = 3
+
+
+def cache_path() -> Path:
+    env = os.environ.get("CCE_CUPY_AUTOTUNE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cce_cupy" / "autotune.json"
+
+
+@functools.cache
+def kernel_version() -> str:
+    from cce_cupy import __version__
+
+    return f"{__version__}+{hashlib.sha1(kernel_source('lce_hopper.cu').encode()).hexdigest()[:12]}"
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (max(1, x) - 1).bit_length())
+
+
+def tuning_key(gpu: str, dtype: str, n: int, d: int, v: int) -> str:
+    """Shape class: N and V rounded up to powers of two (the grid's shape), D exact (the K loop)."""
+    return f"{gpu}|{dtype}|N{_pow2_at_least(n)}|D{d}|V{_pow2_at_least(v)}|{kernel_version()}"
+
+
+class TuningCache:
+    """{key: choice} in memory, backed by a JSON file that other processes share."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._mem: dict[str, int] | None = None
+
+    def _load(self) -> dict[str, int]:
+        if self._mem is None:
+            try:
+                data = json.loads(self.path.read_text())
+                self._mem = {k: int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+            except (OSError, ValueError):  # no file yet, or unreadable: start empty
+                self._mem = {}
+        return self._mem
+
+    def get(self, key: str) -> int | None:
+        return self._load().get(key)
+
+    def put(self, key: str, value: int) -> None:
+        """Record in memory, then merge into the file atomically (a failed write only loses the disk copy)."""
+        self._load()[key] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                on_disk = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                on_disk = {}
+            on_disk = on_disk if isinstance(on_disk, dict) else {}
+            on_disk[key] = value
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(on_disk, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def choose(self, key: str, candidates, time_candidate: Callable[[int], float]) -> int:
+        """The cached choice for key; on a miss, the candidate with the least time (then cached)."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        times = {cand: time_candidate(cand) for cand in candidates}
+        best = min(times, key=times.get)
+        self.put(key, best)
+        return best
+
+
+@functools.cache
+def _cache(path: str) -> TuningCache:
+    return TuningCache(Path(path))
+
+
+def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
+                   time_candidate: Callable[[int], float] | None = None) -> int:
+    """CLUSTER for the Hopper kernels of this call: forced, cached, tuned (when time_candidate is
+    given) or DEFAULT_CLUSTER."""
+    forced = os.environ.get("CCE_CUPY_HOPPER_CLUSTER")
+    if forced:
+        if int(forced) not in HOPPER_CLUSTERS:
+            raise ValueError(f"CCE_CUPY_HOPPER_CLUSTER must be one of {HOPPER_CLUSTERS}, got {forced!r}")
+        return int(forced)
+    cache = _cache(str(cache_path()))
+    key = tuning_key(gpu, dtype, n, d, v)
+    if time_candidate is None:
+        hit = cache.get(key)
+        return DEFAULT_CLUSTER if hit is None else hit
+    return cache.choose(key, HOPPER_CLUSTERS, time_candidate)
+
+
+def time_on_stream(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
+    """Median milliseconds of run() on CuPy's current stream, after one untimed run."""
+    import cupy
+
+    run()
+    times = []
+    for _ in range(runs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return sorted(times)[len(times) // 2]
+
+
+def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
+    """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
+    callbacks never tune), on random inputs; returns the cluster size now cached."""
+    import cupy
+    import numpy as np
+
+    from cce_cupy import launch
+    from cce_cupy.options import CCEOptions
+
+    dt = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
+    c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
+    t = cupy.zeros(n, cupy.int32)
+    lse, tgt = cupy.empty(n, cupy.float32), cupy.empty(n, cupy.float32)
+    launch.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
+    return hopper_cluster(launch.gpu_name(), np.dtype(dt).name, n, d, v)
+
+
+__all__ = ["DEFAULT_CLUSTER", "TuningCache", "cache_path", "hopper_cluster", "kernel_version", "tune",
+           "tuning_key"]

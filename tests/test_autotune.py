@@ -1,0 +1,71 @@
+"""The autotuner's choice logic and its disk cache (CPU: the timing function is a stand-in)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cce_cupy import autotune
+from cce_cupy.kernel_sources import HOPPER_CLUSTERS
+
+
+def test_choose_times_each_candidate_once_then_caches(tmp_path):
+    path = tmp_path / "tune.json"
+    timed = []
+
+    def time_candidate(c):
+        timed.append(c)
+        return {1: 5.0, 2: 3.0}[c]
+
+    cache = autotune.TuningCache(path)
+    assert cache.choose("k", HOPPER_CLUSTERS, time_candidate) == 2
+    assert timed == [1, 2]
+    assert cache.choose("k", HOPPER_CLUSTERS, time_candidate) == 2
+    assert timed == [1, 2], "re-tuned a cached key"
+    # A new process (a fresh cache object) reads the choice from disk and does not time again.
+    assert autotune.TuningCache(path).choose("k", HOPPER_CLUSTERS, time_candidate) == 2
+    assert timed == [1, 2]
+    assert json.loads(path.read_text()) == {"k": 2}
+
+
+def test_put_merges_with_other_writers(tmp_path):
+    path = tmp_path / "tune.json"
+    a, b = autotune.TuningCache(path), autotune.TuningCache(path)
+    a.put("x", 1)
+    b.put("y", 2)
+    assert json.loads(path.read_text()) == {"x": 1, "y": 2}
+
+
+def test_unreadable_cache_starts_empty(tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text("not json")
+    assert autotune.TuningCache(path).get("k") is None
+
+
+def test_key_has_gpu_dtype_shape_class_and_version():
+    k = autotune.tuning_key("NVIDIA H100 80GB HBM3", "bfloat16", 8192, 2304, 256000)
+    assert k.startswith("NVIDIA H100 80GB HBM3|bfloat16|N8192|D2304|V262144|")
+    assert k.endswith(autotune.kernel_version())
+    assert autotune.tuning_key("g", "bfloat16", 5000, 2304, 200000) == autotune.tuning_key("g", "bfloat16", 8192,
+                                                                                             2304, 262144)
+    assert autotune.tuning_key("g", "bfloat16", 8192, 2304, 256000) != autotune.tuning_key("g", "float16", 8192,
+                                                                                             2304, 256000)
+
+
+def test_hopper_cluster_forced_cached_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCE_CUPY_AUTOTUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.delenv("CCE_CUPY_HOPPER_CLUSTER", raising=False)
+    args = ("gpu", "bfloat16", 8192, 4096, 128256)
+    # Not allowed to tune and nothing cached: the default, and nothing recorded.
+    assert autotune.hopper_cluster(*args) == autotune.DEFAULT_CLUSTER
+    assert not (tmp_path / "tune.json").exists()
+    # Allowed: tuned once; later calls (even those not allowed to tune) get the cached choice.
+    assert autotune.hopper_cluster(*args, time_candidate=lambda c: 1.0 / c) == 2
+    assert autotune.hopper_cluster(*args) == 2
+    assert autotune.hopper_cluster(*args, time_candidate=lambda c: pytest.fail("re-tuned")) == 2
+    monkeypatch.setenv("CCE_CUPY_HOPPER_CLUSTER", "1")
+    assert autotune.hopper_cluster(*args) == 1
+    monkeypatch.setenv("CCE_CUPY_HOPPER_CLUSTER", "3")
+    with pytest.raises(ValueError, match="CCE_CUPY_HOPPER_CLUSTER"):
+        autotune.hopper_cluster(*args)
