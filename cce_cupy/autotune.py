@@ -4,7 +4,8 @@ The wgmma kernels (lce_hopper.cu) run with CLUSTER = 1 (each block loads its who
 (pairs of row blocks share it through TMA multicast). Which is faster depends on the shape: on an
 H100, 2 wins at llama3's (8192, 4096, 128256) and loses at gemma2's (8192, 2304, 256000). The first
 CuPy forward of a shape class times the forward kernel with each candidate on the call's own
-inputs (it only writes the scratch partials, so rerunning it is harmless) and records the faster.
+inputs (it only writes the scratch partials, so rerunning it is harmless; the candidates take
+turns, 7 runs each) and records the faster.
 The choice is cached in memory and in a JSON file, keyed by GPU name, dtype, shape class and
 kernel version (the package version and a hash of the kernel source), so it is never re-tuned on
 every call, and a kernel edit starts afresh. Calls that must not synchronize (JAX callbacks, CUDA
@@ -28,7 +29,7 @@ from pathlib import Path
 from cce_cupy.kernel_sources import HOPPER_CLUSTERS, kernel_source
 
 DEFAULT_CLUSTER = 1
-TIMED_RUNS = 3
+TIMED_ROUNDS = 7  # after one untimed run of each candidate
 
 
 def cache_path() -> Path:
@@ -93,12 +94,23 @@ class TuningCache:
             pass
 
     def choose(self, key: str, candidates, time_candidate: Callable[[int], float]) -> int:
-        """The cached choice for key; on a miss, the candidate with the least time (then cached)."""
+        """The cached choice for key; on a miss, the candidate with the least median time (then cached).
+
+        time_candidate(c) runs candidate c once and returns its time. Each candidate runs once
+        untimed, then the candidates take turns, in alternating order, for TIMED_ROUNDS rounds, so
+        that clock and temperature drift during tuning does not favour one of them.
+        """
         hit = self.get(key)
         if hit is not None:
             return hit
-        times = {cand: time_candidate(cand) for cand in candidates}
-        best = min(times, key=times.get)
+        candidates = list(candidates)
+        times: dict[int, list[float]] = {cand: [] for cand in candidates}
+        for cand in candidates:
+            time_candidate(cand)
+        for r in range(TIMED_ROUNDS):
+            for cand in candidates if r % 2 == 0 else candidates[::-1]:
+                times[cand].append(time_candidate(cand))
+        best = min(candidates, key=lambda cand: sorted(times[cand])[len(times[cand]) // 2])
         self.put(key, best)
         return best
 
@@ -125,20 +137,16 @@ def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
     return cache.choose(key, HOPPER_CLUSTERS, time_candidate)
 
 
-def time_on_stream(run: Callable[[], None], runs: int = TIMED_RUNS) -> float:
-    """Median milliseconds of run() on CuPy's current stream, after one untimed run."""
+def time_on_stream(run: Callable[[], None]) -> float:
+    """Milliseconds of one run() on CuPy's current stream (synchronizes)."""
     import cupy
 
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
     run()
-    times = []
-    for _ in range(runs):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    return sorted(times)[len(times) // 2]
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end)
 
 
 def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
