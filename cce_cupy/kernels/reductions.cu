@@ -141,13 +141,49 @@ __device__ __forceinline__ float ce_grad(float x, long long j, const CeRow& r, f
 
 #define CE_UNROLL 4  // 16-byte loads in flight per thread
 
+// Calls f(i, xv[i]) for the 16-byte vectors i in [0, nvec), strided over the block, with CE_UNROLL
+// loads in flight per thread before any f runs (streaming loads: the logits are touched once).
+template <typename F>
+__device__ __forceinline__ void for_each_vector(const uint4* xv, int nvec, F&& f) {
+    const int nt = blockDim.x;
+    for (int i0 = threadIdx.x; i0 < nvec; i0 += CE_UNROLL * nt) {
+        uint4 u[CE_UNROLL];
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k)
+            if (i0 + k * nt < nvec) u[k] = __ldcs(xv + i0 + k * nt);
+#pragma unroll
+        for (int k = 0; k < CE_UNROLL; ++k)
+            if (i0 + k * nt < nvec) f(i0 + k * nt, u[k]);
+    }
+}
+
+// Folds the softcapped logits held in one vector into st.
+template <typename T, bool SOFTCAP, bool SMOOTH>
+__device__ __forceinline__ void fold_vector(OnlineLse<SMOOTH>& st, const uint4& u, float softcap) {
+    float y[Vec16<T>::n];
+    Vec16<T>::unpack(u, y);
+#pragma unroll
+    for (int q = 0; q < Vec16<T>::n; ++q) y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
+    st.fold(y);
+}
+
+// The gradient of the logits held in one vector whose first column is col0.
+template <typename T, bool SOFTCAP>
+__device__ __forceinline__ uint4 grad_vector(const uint4& u, long long col0, const CeRow& r, float softcap,
+                                             float smoothing, float q_all) {
+    float v[Vec16<T>::n];
+    Vec16<T>::unpack(u, v);
+#pragma unroll
+    for (int q = 0; q < Vec16<T>::n; ++q) v[q] = ce_grad<SOFTCAP>(v[q], col0 + q, r, softcap, smoothing, q_all);
+    return Vec16<T>::pack(v);
+}
+
 template <typename T, typename TI, bool SOFTCAP, bool SMOOTH, bool INPLACE>
 __global__ void __launch_bounds__(256)
     ce_logits(T* __restrict__ logits, const TI* __restrict__ targets, const float* __restrict__ row_grad,
               float* __restrict__ lse_out, float* __restrict__ tgt_out, int* __restrict__ bad_target, int N,
               int V, float softcap, float smoothing, float z_loss, long long ignore_index) {
-    using Vec = Vec16<T>;
-    constexpr int VEC = Vec::n;
+    constexpr int VEC = Vec16<T>::n;
     __shared__ float scratch[32];
     const int row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
     T* x = logits + (i64)row * V;
@@ -159,21 +195,7 @@ __global__ void __launch_bounds__(256)
     OnlineLse<SMOOTH> st;
     for (int j = tid; j < head; j += nt) st.fold1(apply_softcap<SOFTCAP>(to_f32(x[j]), softcap));
     for (int j = body_end + tid; j < V; j += nt) st.fold1(apply_softcap<SOFTCAP>(to_f32(x[j]), softcap));
-    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
-        uint4 u[CE_UNROLL];
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k)
-            if (i0 + k * nt < nvec) u[k] = __ldcs(xv + i0 + k * nt);
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k) {
-            if (i0 + k * nt >= nvec) break;
-            float y[VEC];
-            Vec::unpack(u[k], y);
-#pragma unroll
-            for (int q = 0; q < VEC; ++q) y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
-            st.fold(y);
-        }
-    }
+    for_each_vector(xv, nvec, [&](int, const uint4& u) { fold_vector<T, SOFTCAP>(st, u, softcap); });
     st.block_combine(scratch);
     const CeRow r = ce_row((long long)targets[row], ignore_index, V, st.lse(), row_grad, row, z_loss);
     if (tid == 0) {
@@ -194,22 +216,9 @@ __global__ void __launch_bounds__(256)
     for (int j = body_end + tid; j < V; j += nt)
         x[j] = from_f32<T>(ce_grad<SOFTCAP>(to_f32(x[j]), j, r, softcap, smoothing, q_all));
     uint4* xw = reinterpret_cast<uint4*>(x + head);
-    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
-        uint4 u[CE_UNROLL];
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k)
-            if (i0 + k * nt < nvec) u[k] = __ldcs(xw + i0 + k * nt);
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k) {
-            const int i = i0 + k * nt;
-            if (i >= nvec) break;
-            float v[VEC];
-            Vec::unpack(u[k], v);
-#pragma unroll
-            for (int q = 0; q < VEC; ++q) v[q] = ce_grad<SOFTCAP>(v[q], head + (long long)i * VEC + q, r, softcap, smoothing, q_all);
-            __stcs(xw + i, Vec::pack(v));
-        }
-    }
+    for_each_vector(xw, nvec, [&](int i, const uint4& u) {
+        __stcs(xw + i, grad_vector<T, SOFTCAP>(u, head + (long long)i * VEC, r, softcap, smoothing, q_all));
+    });
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -225,8 +234,7 @@ __global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
                               float* __restrict__ tgt_out, int* __restrict__ bad_target, int N, int V, float softcap,
                               float smoothing, float z_loss, long long ignore_index) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    using Vec = Vec16<T>;
-    constexpr int VEC = Vec::n;
+    constexpr int VEC = Vec16<T>::n;
     extern __shared__ uint4 slice[];
     __shared__ float scratch[32];
     __shared__ float part[3];  // this block's (max, sum, sum y), read by the whole cluster
@@ -238,22 +246,10 @@ __global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
 
     // The one read of the slice: into shared memory, folding the statistics on the way.
     OnlineLse<SMOOTH> st;
-    for (int i0 = tid; i0 < nvec; i0 += CE_UNROLL * nt) {
-        uint4 u[CE_UNROLL];
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k)
-            if (i0 + k * nt < nvec) u[k] = __ldcs(xv + i0 + k * nt);
-#pragma unroll
-        for (int k = 0; k < CE_UNROLL; ++k) {
-            if (i0 + k * nt >= nvec) break;
-            slice[i0 + k * nt] = u[k];
-            float y[VEC];
-            Vec::unpack(u[k], y);
-#pragma unroll
-            for (int q = 0; q < VEC; ++q) y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
-            st.fold(y);
-        }
-    }
+    for_each_vector(xv, nvec, [&](int i, const uint4& u) {
+        slice[i] = u;
+        fold_vector<T, SOFTCAP>(st, u, softcap);
+    });
     st.block_combine(scratch);
     if (tid == 0) {
         part[0] = st.mx;
@@ -281,14 +277,8 @@ __global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
         if (rank == 0) lse_out[row] = r.lse;
     }
     const float q_all = smoothing / (float)V;
-    for (int i = tid; i < nvec; i += nt) {
-        float v[VEC];
-        Vec::unpack(slice[i], v);
-#pragma unroll
-        for (int q = 0; q < VEC; ++q)
-            v[q] = ce_grad<SOFTCAP>(v[q], (long long)(v0 + i) * VEC + q, r, softcap, smoothing, q_all);
-        __stcs(xv + i, Vec::pack(v));
-    }
+    for (int i = tid; i < nvec; i += nt)
+        __stcs(xv + i, grad_vector<T, SOFTCAP>(slice[i], (long long)(v0 + i) * VEC, r, softcap, smoothing, q_all));
     cluster_wait();  // no block leaves while another may still read its part[]
 #else
     __trap();
