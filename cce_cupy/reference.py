@@ -59,15 +59,31 @@ def _blocks(n: int, v: int, itemsize: int):
         yield r0, min(n, r0 + rb), [(v0, min(v, v0 + cb)) for v0 in range(0, v, cb)]
 
 
-def _logits(e_blk, c, bias, opts: CCEOptions, v0: int, v1: int, acc):
-    """y = softcap(e_blk @ c[v0:v1].T + bias[v0:v1]) in the accumulation dtype."""
+def _raw_logits(e_blk, c, bias, v0: int, v1: int, acc):
+    """z = e_blk @ c[v0:v1].T + bias[v0:v1] in the accumulation dtype (before the softcap)."""
     z = e_blk @ c[v0:v1].astype(acc, copy=False).T
     if bias is not None:
         z += bias[v0:v1].astype(acc, copy=False)
-    if opts.softcap is not None:
-        s = acc.type(opts.softcap)
-        z = s * np.tanh(z / s)
     return z
+
+
+def _softcap(z, opts: CCEOptions):
+    if opts.softcap is None:
+        return z
+    s = z.dtype.type(opts.softcap)
+    return s * np.tanh(z / s)
+
+
+def softcap_grad(z, softcap: float):
+    """d softcap(z) / dz = 1 - tanh^2(z / s), as 4 u / (1 + u)^2 with u = exp(-2 |z / s|): it keeps
+    its relative accuracy where tanh saturates, which 1 - (y / s)^2 loses (as in the kernels)."""
+    u = np.exp(-2.0 * np.abs(z / z.dtype.type(softcap)))
+    return 4.0 * u / (1.0 + u) ** 2
+
+
+def _logits(e_blk, c, bias, opts: CCEOptions, v0: int, v1: int, acc):
+    """y = softcap(e_blk @ c[v0:v1].T + bias[v0:v1]) in the accumulation dtype."""
+    return _softcap(_raw_logits(e_blk, c, bias, v0, v1, acc), opts)
 
 
 def _target_term(e_blk, c, bias, t, valid, in_range, opts: CCEOptions, ysum, v: int, acc):
@@ -149,11 +165,13 @@ def _live_tiles(mask: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:r, :cdim]
 
 
-def logit_grad(y, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps: float | None, stats=None):
-    """dL/dz of one block (rows r, columns [v0, v0 + width)), with tile filtering when eps is set.
+def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps: float | None, stats=None):
+    """dL/dz of one block of logits z before the softcap (rows r, columns [v0, v0 + width)), with
+    tile filtering when eps is set.
 
     `stats`, if a dict, gets "tiles" and "live_tiles" counts added (to measure filtering).
     """
+    y = _softcap(z, opts)
     cols = np.arange(v0, v0 + y.shape[1])
     onehot = t[:, None] == cols[None, :]
     p = np.exp(y - lse[:, None])
@@ -161,7 +179,7 @@ def logit_grad(y, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps
     q = np.where(onehot, 1.0 - ls, 0.0) + ls / v if ls > 0.0 else onehot
     g = coef_p[:, None] * p - coef_q[:, None] * q
     if opts.softcap is not None:
-        g *= 1.0 - (y / opts.softcap) ** 2
+        g *= softcap_grad(z, opts.softcap)
     if eps is not None:
         active = (coef_p != 0) | (coef_q != 0)
         live = _live_tiles((np.abs(p - onehot) >= eps) & active[:, None])
@@ -196,9 +214,9 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=N
         for r0, r1, cols in _blocks(n, v, acc.itemsize):
             e_blk = e[r0:r1].astype(acc)
             for v0, v1 in cols:
-                y = _logits(e_blk, c, bias, opts, v0, v1, acc)
+                z = _raw_logits(e_blk, c, bias, v0, v1, acc)
                 g = logit_grad(
-                    y, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats
+                    z, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats
                 )
                 de[r0:r1] += g @ c[v0:v1].astype(acc, copy=False)
                 dc[v0:v1] += g.T @ e_blk
@@ -225,10 +243,8 @@ def cross_entropy_logits(logits, targets, opts: CCEOptions, row_grad=None, bad_t
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for r0 in range(0, n, rb):
             r1 = min(n, r0 + rb)
-            y = logits[r0:r1].astype(acc)
-            if opts.softcap is not None:
-                s = acc.type(opts.softcap)
-                y = s * np.tanh(y / s)
+            z = logits[r0:r1].astype(acc)
+            y = _softcap(z, opts)
             m = y.max(axis=1)
             m_safe = np.where(m == -np.inf, 0.0, m)
             l_blk = m_safe + np.log(np.exp(y - m_safe[:, None]).sum(axis=1))
@@ -247,7 +263,7 @@ def cross_entropy_logits(logits, targets, opts: CCEOptions, row_grad=None, bad_t
             if row_grad is not None:
                 g = np.where(valid, np.asarray(row_grad[r0:r1], dtype=acc), 0.0).astype(acc)
                 cp = g * (1.0 + 2.0 * opts.z_loss * l_blk)
-                logits[r0:r1] = logit_grad(y, t, l_blk, cp, g, opts, 0, v, None).astype(logits.dtype)
+                logits[r0:r1] = logit_grad(z, t, l_blk, cp, g, opts, 0, v, None).astype(logits.dtype)
     bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
     if bad.any():
         (target_error_flag() if bad_target is None else bad_target)[0] = 1

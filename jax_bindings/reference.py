@@ -70,7 +70,8 @@ def _blocks(c, bias, block_v: int):
 
 
 def _block_logits(e, c_blk, b_blk, k, block_v: int, v: int, softcap, acc):
-    """(y, cols, col_ok) of one block: softcapped logits in `acc`, column indices, column < V."""
+    """(y, cols, col_ok, z) of one block: softcapped logits in `acc`, column indices, column < V,
+    and the logits before the softcap."""
     z = lax.dot_general(
         e, c_blk, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=acc
     ).astype(acc)
@@ -78,7 +79,14 @@ def _block_logits(e, c_blk, b_blk, k, block_v: int, v: int, softcap, acc):
         z = z + b_blk.astype(acc)[None, :]
     y = softcap * jnp.tanh(z / softcap) if softcap is not None else z
     cols = k * block_v + jnp.arange(block_v, dtype=jnp.int32)
-    return y, cols, cols < v
+    return y, cols, cols < v, z
+
+
+def _softcap_grad(z, softcap):
+    """1 - tanh^2(z / s) as 4 u / (1 + u)^2, u = exp(-2 |z / s|): accurate where tanh saturates,
+    unlike 1 - (y / s)^2 (the kernels and the NumPy backend use the same form)."""
+    u = jnp.exp(-2.0 * jnp.abs(z / softcap))
+    return 4.0 * u / jnp.square(1.0 + u)
 
 
 def _same(x):
@@ -102,7 +110,7 @@ def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None, v
     def step(carry, xs):
         m, s, yt, ysum = carry
         k, c_blk, b_blk = xs
-        y, cols, col_ok = _block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
+        y, cols, col_ok, _ = _block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
         ym = jnp.where(col_ok[None, :], y, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(ym, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(ym - m_new[:, None]), axis=1)
@@ -148,14 +156,14 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v
 
     def step(de, xs):
         k, c_blk, b_blk = xs
-        y, cols, col_ok = _block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
+        y, cols, col_ok, z = _block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
         p = jnp.exp(jnp.where(col_ok[None, :], y, -jnp.inf) - lse[:, None])
         onehot = (cols[None, :] == t[:, None]).astype(acc)
         if ls:
             onehot = (1.0 - ls) * onehot + (ls / v) * col_ok[None, :].astype(acc)
         dz = cp * p - cq * onehot
         if softcap is not None:
-            dz = dz * (1.0 - (y / softcap) ** 2)
+            dz = dz * _softcap_grad(z, softcap)
         dz = jnp.where(col_ok[None, :], dz, 0.0)
         de = de + jnp.dot(dz, c_blk.astype(acc), precision=lax.Precision.HIGHEST)
         dc_blk = jnp.dot(dz.T, e_acc, precision=lax.Precision.HIGHEST)

@@ -372,3 +372,20 @@ def test_callback_plumbing_vmap(numpy_bridge, vmap_method, batch_c):
         assert_rel_close(vm[0][i], ref_l, 2e-5, "loss")
         for k, name in enumerate(("de", "dc", "db")):
             assert_rel_close(vm[1][k][i], ref_g[k], 2e-5, name)
+
+
+def test_softcap_gradient_where_tanh_saturates():
+    """fp32 on the pure-JAX path, target logits at z/s ~ 7: the softcap derivative must keep its
+    accuracy there (see cce_cupy.reference.softcap_grad)."""
+    from conftest import dense_reference
+
+    n, d, v = 64, 32, 4096
+    e, c, t, _ = make_problem(n, d, v, peaked=True, seed=3)
+    e, c = (e * 2).astype(np.float32), c.astype(np.float32)
+    o = CCEOptions(softcap=3.0)
+    truth = dense_reference(e, c, t, None, o)
+    loss, (de, dc) = jax.value_and_grad(lambda a, b: linear_cross_entropy(a, b, jnp.asarray(t), softcap=3.0),
+                                        argnums=(0, 1))(jnp.asarray(e), jnp.asarray(c))
+    assert_rel_close(loss, truth["loss"], 1e-5, "loss")
+    assert_rel_close(de, truth["de"], 1e-5, "dE")
+    assert_rel_close(dc, truth["dc"], 1e-5, "dC")
