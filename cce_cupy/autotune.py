@@ -153,12 +153,13 @@ def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
     """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
     callbacks never tune), on random inputs; returns the cluster size now cached."""
     import cupy
+    import ml_dtypes
     import numpy as np
 
     from cce_cupy import launch
     from cce_cupy.options import CCEOptions
 
-    dt = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
     c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
     t = cupy.zeros(n, cupy.int32)

@@ -306,15 +306,16 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
     eps = opts.resolved_filter_eps(_dtype_eps(e.dtype))
+    hopper = use_hopper(e, c, ld=d)
     plan = _BackwardPlan(
         opts=opts, eps=eps, vc_max=vc_max,
         G=buf("G", e.dtype, (rows, vc_max)),
         flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
         de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
-        hopper=use_hopper(e, c, ld=d), use_cublas=use_cublas and eps is None,
+        hopper=hopper, use_cublas=use_cublas and eps is None,
+        # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
+        cluster=autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1,
     )
-    # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
-    plan.cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if plan.hopper else 1
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         plan.run_part(e[r0:r1], c, targets[r0:r1], bias, lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], de_out[r0:r1],
@@ -324,11 +325,11 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
 class _BackwardPlan:
     """The kernels of one backward call, run over the row parts (see backward_blocking)."""
 
-    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas):
+    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas, cluster):
         self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
             opts, eps, vc_max, G, flags, de_acc, hopper)
         self.use_cublas = use_cublas
-        self.cluster = 1  # of the Hopper recompute kernel, set by launch_backward
+        self.cluster = cluster  # of the Hopper recompute kernel
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
         n, d = e.shape
@@ -475,7 +476,7 @@ def launch_cross_entropy(logits, targets, opts: CCEOptions, lse_out, tgt_out, ro
     else:
         kernel = get_kernel("reductions.cu", template_name("ce_logits_inplace_cluster", logits.dtype, targets.dtype,
                                                            *flags, cluster))
-        grid, smem = (n * cluster,), _cdiv(v * logits.itemsize, 16 * cluster) * 16
+        grid, smem = (n * cluster,), _ce_slice_bytes(v, logits.itemsize, cluster)
     kernel(
         grid, (THREADS,),
         (logits, targets, _ptr(row_grad), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
@@ -501,9 +502,14 @@ def ce_cluster_size(logits) -> int | None:
         return None
     for limit in (CE_SLICE_BYTES_SHARED_SM, CE_SLICE_BYTES_MAX):
         for cl in CE_CLUSTER_SIZES:
-            if _cdiv(v * logits.itemsize, 16 * cl) * 16 <= limit:
+            if _ce_slice_bytes(v, logits.itemsize, cl) <= limit:
                 return cl
     return None
+
+
+def _ce_slice_bytes(v: int, itemsize: int, cluster: int) -> int:
+    """Shared memory of one ce_logits_inplace_cluster block: its ceil(V / VEC / cluster) vectors."""
+    return _cdiv(v * itemsize, 16 * cluster) * 16
 
 
 _TARGET_FLAGS: dict[int, object] = {}
@@ -527,9 +533,9 @@ def forward_flops(n: int, v: int, d: int) -> float:
 __all__ = [
     "backward_blocking",
     "backward_scratch_nbytes",
+    "ce_cluster_size",
     "forward_scratch_nbytes",
     "launch_backward",
-    "ce_cluster_size",
     "launch_cross_entropy",
     "launch_forward",
     "target_error_flag",

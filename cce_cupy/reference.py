@@ -95,9 +95,7 @@ def _target_term(e_blk, c, bias, t, valid, in_range, opts: CCEOptions, ysum, v: 
         yt = np.einsum("nd,nd->n", e_blk[ok], c[tt].astype(acc, copy=False))
         if bias is not None:
             yt = yt + bias[tt].astype(acc)
-        if opts.softcap is not None:
-            s = acc.type(opts.softcap)
-            yt = s * np.tanh(yt / s)
+        yt = _softcap(yt, opts)
         tgt[ok] = (1.0 - opts.label_smoothing) * yt
         if opts.label_smoothing > 0.0:
             tgt[ok] += (opts.label_smoothing / v) * ysum[ok]
