@@ -720,6 +720,11 @@ class JaxBindings(JaxProvider):
         return lambda e, c, t: jax_bindings.linear_cross_entropy(e, c, t, **opts)
 
 
+class JaxBindingsFilter(JaxBindings):
+    note = JaxProvider.note + "; our custom_vjp over buffer_callback, filter_eps='auto'"
+    opts = {"filter_eps": "auto"}
+
+
 class JaxBindingsCmdBuf(JaxBindings):
     name = "jax_bindings_cmdbuf"
     note = JaxProvider.note + "; our custom_vjp, command_buffer_compatible=True (CUDA-graph capture)"
@@ -739,6 +744,7 @@ ALL_PROVIDERS = (
     "apple_cce_exact",
     "liger",
     "jax_bindings",
+    "jax_bindings_filter",
     "optax",
     "jax_cce",
 )
@@ -772,6 +778,8 @@ def make_provider(key: str, p: Problem) -> Provider:
         return JaxCCE(p)
     if key == "jax_bindings":
         return JaxBindings(p)
+    if key == "jax_bindings_filter":
+        return JaxBindingsFilter(p)
     if key == "jax_bindings_cmdbuf":
         return JaxBindingsCmdBuf(p)
     raise ValueError(f"unknown provider {key!r}; known: {', '.join(ALL_PROVIDERS + EXTRA_PROVIDERS)}")
@@ -781,6 +789,7 @@ def provider_identity(key: str) -> tuple[str, bool]:
     """(provider name as recorded, filter flag) of a command-line key."""
     return {
         "ours_filter": ("ours", True),
+        "jax_bindings_filter": ("jax_bindings", True),
         "apple_cce": ("apple_cce", True),
         "apple_cce_exact": ("apple_cce", False),
     }.get(key, (key, False))

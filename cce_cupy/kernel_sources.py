@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu")
+KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu", "lce_sparse.cu")
 # CuPy adds -ftz=true and --device-as-default-execution-space itself; the CPU check adds them too.
 # No --use_fast_math: it turns tanhf (softcap) into the hardware approximation, ~1e-4 relative
 # error in the logits; the kernels call __expf explicitly where the fast exponential is wanted.
@@ -116,7 +116,14 @@ def all_instances() -> dict[str, list[str]]:
         template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
         for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx
     ]
-    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red, "lce_hopper.cu": hop}
+    hop += [template_name("lce_grad_sparse_sm90", cl, t, *f, i)
+            for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx]
+    # The sparse backward runs after lce_grad_sparse_sm90, so only for the Hopper input types.
+    sparse = ["sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
+    sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
+    sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
+    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red, "lce_hopper.cu": hop,
+            "lce_sparse.cu": sparse}
 
 
 def compile_options(filename: str) -> tuple[str, ...]:
@@ -154,7 +161,8 @@ def _module(filename: str):
 # Kernels that need more than 48 KiB of dynamic shared memory, and how much at most.
 _TILED_KERNELS = {"lce_forward_partials": GEMM_SMEM_BYTES, "lce_grad_logits": GEMM_SMEM_BYTES,
                   "lce_gemm": GEMM_SMEM_BYTES, "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
-                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES, "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX}
+                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES, "lce_grad_sparse_sm90": HOPPER_SMEM_BYTES,
+                  "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX}
 
 
 @functools.cache

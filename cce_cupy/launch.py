@@ -41,6 +41,14 @@ HOPPER_SMS = 132
 # buffers the scratch stays under 64 MiB at any N, D, V.
 GRAD_CHUNK_BYTES = 32 << 20
 DE_ACC_BYTES = 24 << 20
+# Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` non-negligible
+# gradient elements, 8 bytes each, twice (by row, then sorted by column): the lists get at most
+# SPARSE_LIST_BYTES, a row at most SPARSE_MAX_SLOTS, and with fewer than SPARSE_MIN_SLOTS per row
+# (N > 196608) the tiled backward runs instead. A row needing more slots than it has falls back
+# to the tiled backward at run time (see launch_backward).
+SPARSE_LIST_BYTES = 48 << 20
+SPARSE_MAX_SLOTS = 1024
+SPARSE_MIN_SLOTS = 16
 # "auto": wgmma kernels on compute capability 9.0 for 16-bit inputs where their alignment holds;
 # "sm80": always the mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU).
 KERNELS = os.environ.get("CCE_CUPY_KERNELS", "auto")
@@ -254,37 +262,75 @@ def backward_blocking(n: int, v: int, d: int, dtype, opts: CCEOptions) -> tuple[
         rows = min(rows, _round_up(_cdiv(rows, _cdiv(rows, cap)), TILE_M))
         vc = chunk(rows)
         need_acc = vc < v
+    if rows * vc * itemsize > GRAD_CHUNK_BYTES:  # even the narrowest chunk is too big: fewer rows a part
+        rows = max(TILE_M, GRAD_CHUNK_BYTES // (vc * itemsize) // TILE_M * TILE_M)
     return rows, vc, need_acc
 
 
+def sparse_slots(n: int, d: int, dtype, opts: CCEOptions) -> int:
+    """List slots per row of the sparse filtered backward, or 0 where it is not used.
+
+    From the shapes and options alone (JAX sizes the scratch at trace time); launch_backward adds
+    the run-time conditions (a Hopper GPU, aligned arrays). Not with deterministic=True: the lists
+    are filled in block-timing order, so their sums are not bitwise reproducible.
+    """
+    if opts.filter_eps is None or opts.deterministic or dtype_name(dtype) not in HOPPER_DTYPES or d % 8:
+        return 0
+    slots = min(SPARSE_MAX_SLOTS, SPARSE_LIST_BYTES // (16 * max(n, 1)))
+    return slots if slots >= SPARSE_MIN_SLOTS else 0
+
+
 def _backward_layout(n: int, v: int, d: int, dtype, opts: CCEOptions) -> dict[str, tuple[int, int]]:
-    """Byte (offset, size) of each scratch buffer of the backward."""
+    """Byte (offset, size) of each scratch buffer of the backward.
+
+    The sparse backward's counters (its overflow flag first) come first; after them the tiled
+    backward's buffers and the sparse lists overlap: the tiled backward runs only where the
+    sparse one gave up (overflow), and reads the flag, so the flag is outside the overlap.
+    """
     rows, vc, need_acc = backward_blocking(n, v, d, dtype, opts)
-    sizes = {
+    slots = sparse_slots(n, d, dtype, opts)
+    counters = {"counts": (1 + n + v) * 4 if slots else 0}  # overflow flag, row_count (N), col_count (V)
+    tiled = {
         "G": rows * vc * _itemsize(dtype),
         "flags": _cdiv(rows, TILE_M) * _cdiv(vc, TILE_N) * 4,
         "de_acc": rows * d * 4 if need_acc else 0,
     }
-    layout, off = {}, 0
-    for name, size in sizes.items():
-        layout[name] = (off, size)
-        off = _round_up(off + size, _ALIGN)
+    lists = {"col_start": (v + 1) * 4, "entries": n * slots * 8, "by_col": n * slots * 8} if slots else {}
+
+    def place(sizes, off):
+        for name, size in sizes.items():
+            layout[name] = (off, size)
+            off = _round_up(off + size, _ALIGN)
+        return off
+
+    layout: dict[str, tuple[int, int]] = {}
+    shared = place(counters, 0)
+    place(tiled, shared)
+    place(lists, shared)
     return layout
 
 
 def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> int:
-    off, size = list(_backward_layout(n, v, d, dtype, opts).values())[-1]
-    return max(_ALIGN, off + size)
+    return max(_ALIGN, max(off + size for off, size in _backward_layout(n, v, d, dtype, opts).values()))
 
 
 def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                    scratch=None, use_cublas: bool = True):
+                    scratch=None, use_cublas: bool = True, host_sync: bool = True):
     """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
 
-    Each gradient element is written by one kernel or GEMM in a fixed order (no atomics): the
-    result is bitwise reproducible run to run on the same GPU. Exact gradients use cuBLAS for the
-    two gradient GEMMs unless `use_cublas` is False (CUDA-graph capture, where CuPy refuses cuBLAS
-    calls); filtered gradients always use our tiled GEMMs, which skip dead tiles.
+    Exact gradients: a recompute kernel writes the logit gradient of one (row part, vocabulary
+    chunk) at a time, and cuBLAS runs the two gradient GEMMs on it, unless `use_cublas` is False
+    (CUDA-graph capture, where CuPy refuses cuBLAS calls: our tiled GEMMs run instead). Each
+    gradient element is written by one kernel or GEMM in a fixed order: bitwise reproducible.
+
+    Filtered gradients (filter_eps) on Hopper, where sparse_slots() allows: the sparse backward
+    (lce_grad_sparse_sm90, lce_sparse.cu) keeps only the gradient elements with
+    |softmax - onehot| >= eps (and each row's target) as lists and sums dE and dC over them. A row
+    with more such elements than its slots makes it give up; the tiled filtered backward (dense
+    chunks, our GEMMs skipping the 128 x 128 tiles where every element is below eps) then runs
+    instead. host_sync: find that out by reading the flag (CuPy API); False (JAX callbacks): the
+    tiled kernels are launched anyway and do nothing unless the flag is set. Elsewhere, and with
+    deterministic=True, filtered gradients always take the tiled path.
     """
     import cupy
 
@@ -307,14 +353,25 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
     eps = opts.resolved_filter_eps(_dtype_eps(e.dtype))
     hopper = use_hopper(e, c, ld=d)
+    # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
+    cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1
+    run_if = None
+    slots = sparse_slots(n, d, e.dtype, opts)
+    if slots and hopper and _aligned(de_out, dc_out, ld=d):
+        counts = buf("counts", np.int32, (1 + n + v,))
+        lists = {name: buf(name, np.int32, (-1,)) for name in ("col_start", "entries", "by_col")}
+        overflow = _sparse_backward(e, c, targets, bias, opts, eps, lse, coef_p, coef_q, de_out, dc_out, dbias_out,
+                                    counts, lists, slots, cluster)
+        if not host_sync:
+            run_if = overflow  # the tiled kernels below run only if the sparse lists overflowed
+        elif not int(overflow.get()[0]):
+            return
     plan = _BackwardPlan(
         opts=opts, eps=eps, vc_max=vc_max,
         G=buf("G", e.dtype, (rows, vc_max)),
         flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
         de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
-        hopper=hopper, use_cublas=use_cublas and eps is None,
-        # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
-        cluster=autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1,
+        hopper=hopper, use_cublas=use_cublas and eps is None, cluster=cluster, run_if=run_if,
     )
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -322,14 +379,54 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
                       dc_out, dbias_out, first_part=(r0 == 0))
 
 
+def _sparse_backward(e, c, targets, bias, opts, eps, lse, coef_p, coef_q, de_out, dc_out, dbias_out, counts, lists,
+                     slots, cluster):
+    """The five steps of the sparse filtered backward (lce_hopper.cu, lce_sparse.cu); returns its
+    overflow flag ((1,) int32 on the device: 1 if some row had more than `slots` elements, and
+    then nothing was written)."""
+    import cupy
+
+    n, d = e.shape
+    v = c.shape[0]
+    overflow, row_count, col_count = counts[:1], counts[1 : 1 + n], counts[1 + n :]
+    cupy.cuda.runtime.memsetAsync(counts.data.ptr, 0, counts.nbytes, cupy.cuda.get_current_stream().ptr)
+    col_start, entries, by_col = lists["col_start"], lists["entries"], lists["by_col"]
+    splits, per_split = forward_splits(n, v, HOPPER_TILE_N)
+    recompute = get_kernel("lce_hopper.cu", template_name(
+        "lce_grad_sparse_sm90", cluster, e.dtype, bias is not None, opts.softcap is not None, targets.dtype))
+    recompute(
+        (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
+        (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster), _ptr(bias), targets, lse, coef_p, coef_q,
+         entries, row_count, overflow, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), np.int32(slots),
+         np.float32(opts.softcap or 0.0), np.float32(np.log(eps))),
+        shared_mem=HOPPER_SMEM_BYTES,
+    )
+
+    def sparse(name):
+        return get_kernel("lce_sparse.cu", name)
+
+    warp_rows = (_cdiv(n, 8),), (256,)  # one warp per row
+    sparse("sparse_count_cols")(*warp_rows, (entries, row_count, col_count, overflow, np.int32(n), np.int32(slots)))
+    sparse("sparse_scan_cols")((1,), (1024,), (col_count, col_start, overflow, np.int32(v)))
+    sparse("sparse_scatter_cols")(
+        *warp_rows, (entries, row_count, col_count, col_start, by_col, overflow, np.int32(n), np.int32(slots)))
+    sparse(template_name("sparse_grad_rows", e.dtype, de_out.dtype))(
+        (n,), (128,), (c, entries, row_count, overflow, de_out, np.int32(d), np.int32(slots)))
+    sparse(template_name("sparse_grad_cols", e.dtype, dc_out.dtype, dbias_out is not None))(
+        (v,), (128,), (e, by_col, col_start, overflow, dc_out, _ptr(dbias_out), np.int32(d)))
+    return overflow
+
+
 class _BackwardPlan:
     """The kernels of one backward call, run over the row parts (see backward_blocking)."""
 
-    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas, cluster):
+    def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas, cluster, run_if=None):
         self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
             opts, eps, vc_max, G, flags, de_acc, hopper)
         self.use_cublas = use_cublas
         self.cluster = cluster  # of the Hopper recompute kernel
+        # None, or a device flag: every kernel does nothing unless it is set (the sparse path's fallback).
+        self.run_if = _ptr(run_if)
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
         n, d = e.shape
@@ -365,7 +462,7 @@ class _BackwardPlan:
                 (*operands, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
                  np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
                  np.float32(opts.label_smoothing), np.float32(self.eps or 0.0))
-                + (() if self.hopper else (aligned_in,)),
+                + (() if self.hopper else (aligned_in,)) + (self.run_if,),
                 shared_mem=grad_smem,
             )
             Gc = G[:, :vc]
@@ -390,7 +487,8 @@ class _BackwardPlan:
                     "lce_bias_grad", e.dtype, dbias_out.dtype, not first_part))
                 bias_grad(
                     (_cdiv(vc, 32),), (32, 32),
-                    (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0)),
+                    (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0),
+                     self.run_if),
                 )
 
     def _gemms_tiled(self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part,
@@ -408,7 +506,7 @@ class _BackwardPlan:
         gemm(dc_chunk, False, 0 if first_part else 1)(
             (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
             (Gc, e, dc_chunk, _null(), _ptr(self.flags), flag_ld, np.int32(2), np.int32(vc), np.int32(d),
-             np.int32(n), ld_g, np.int64(d), np.int64(d), aligned_g),
+             np.int32(n), ld_g, np.int64(d), np.int64(d), aligned_g, self.run_if),
             shared_mem=GEMM_SMEM_BYTES,
         )
         # dE = G @ C_chunk   (M = n, N = d, K = vc); the last chunk of a 16-bit dE folds the
@@ -420,7 +518,7 @@ class _BackwardPlan:
         gemm(target, True, mode)(
             (_cdiv(n, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
             (Gc, c_chunk, target, acc_in, _ptr(self.flags), flag_ld, np.int32(1), np.int32(n), np.int32(d),
-             np.int32(vc), ld_g, np.int64(d), np.int64(d), aligned_g),
+             np.int32(vc), ld_g, np.int64(d), np.int64(d), aligned_g, self.run_if),
             shared_mem=GEMM_SMEM_BYTES,
         )
 

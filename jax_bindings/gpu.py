@@ -150,7 +150,7 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
                     None if bias is None else _pick(bias, idx, 1), opts,
                     _pick(lse, idx, 1), _pick(coef_p, idx, 1), _pick(coef_q, idx, 1),
                     de[idx], dc[idx], None if dbias is None else dbias[idx], scratch=scratch,
-                    use_cublas=not captured,
+                    use_cublas=not captured, host_sync=False,
                 )
 
     return callback

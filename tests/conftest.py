@@ -101,12 +101,14 @@ def _tile_mask(mask):
     return np.kron(tiles, np.ones((128, 128), bool)).astype(bool)[:r, :cdim]
 
 
-def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None):
+def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None, filter_mode="tile"):
     """Float64 dense ground truth (SMALL shapes only: it materializes N x V).
 
     e (..., D), t (...) unshifted (shift is applied here). Returns a dict: loss (reduced), loss_tok,
     z_loss (reduced), lse, tgt (per token, batch-shaped), de (like e), dc, db (or None), and g (N x V).
-    filter_eps: a numeric threshold applied per 128 x 128 tile, as the kernels do.
+    filter_eps: a numeric threshold applied per 128 x 128 tile, as the tiled backward does
+    (filter_mode="tile"), or per element as the sparse backward on Hopper does ("element": each
+    row keeps its target and the columns with softmax >= filter_eps).
     """
     d = e.shape[-1]
     e64 = np.asarray(e).astype(np.float64).reshape(-1, d)
@@ -114,13 +116,13 @@ def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, 
     z = e64 @ c64.T
     if bias is not None:
         z = z + np.asarray(bias).astype(np.float64)
-    out = logits_reference(z, t, o, grad_loss, grad_lse, filter_eps)
+    out = logits_reference(z, t, o, grad_loss, grad_lse, filter_eps, filter_mode)
     gy = out["g"]
     out.update(de=(gy @ c64).reshape(e.shape), dc=gy.T @ e64, db=gy.sum(0) if bias is not None else None)
     return out
 
 
-def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None):
+def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None, filter_mode="tile"):
     """Float64 ground truth of the loss on logits z (N x V) against t (batch-shaped, N elements in
     all, unshifted): the dict of dense_reference without de, dc, db; g is dloss/dz."""
     batch = t.shape
@@ -161,7 +163,13 @@ def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_e
         gy = gy * (1 - (y / o.softcap) ** 2)
     if filter_eps is not None:
         active = (cp != 0) | (g != 0)
-        gy = np.where(_tile_mask((np.abs(p - onehot) >= filter_eps) & active[:, None]), gy, 0.0)
+        if filter_mode == "tile":
+            keep = _tile_mask((np.abs(p - onehot) >= filter_eps) & active[:, None])
+        elif filter_mode == "element":
+            keep = ((p >= filter_eps) | (onehot > 0)) & active[:, None]
+        else:
+            raise ValueError(f"filter_mode must be 'tile' or 'element', got {filter_mode!r}")
+        gy = np.where(keep, gy, 0.0)
     return {
         "loss": loss,
         "loss_tok": loss_tok.reshape(batch),
@@ -244,7 +252,8 @@ class NumpyBridge:
         tgt_out[...] = tgt
 
     def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                        scratch=None, use_cublas=True):
+                        scratch=None, use_cublas=True, host_sync=True):
+        assert not host_sync, "JAX callbacks must not synchronize the host"
         n, d = e.shape
         v = c.shape[0]
         assert scratch.nbytes >= launch.backward_scratch_nbytes(n, v, d, e.dtype, opts)

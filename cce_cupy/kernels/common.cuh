@@ -406,6 +406,11 @@ __device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
     return v;
 }
 
+// The tiled backward's kernels can be launched as the fallback of the sparse one, to run only if
+// the sparse recompute overflowed (a device flag: no host synchronization). run_if: null (always
+// run) or that flag; the kernel does nothing while it is 0.
+__device__ __forceinline__ bool not_requested(const int* run_if) { return run_if != nullptr && *run_if == 0; }
+
 // Softcap and its derivative: y = s * tanh(z / s), dy/dz = 1 - tanh^2(z / s).
 template <bool SOFTCAP> __device__ __forceinline__ float apply_softcap(float z, float s) {
     if constexpr (SOFTCAP) return s * tanhf(z / s);

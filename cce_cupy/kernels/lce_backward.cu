@@ -89,7 +89,8 @@ __global__ void __launch_bounds__(CCE_THREADS, 2)
                     const TI* __restrict__ targets, const float* __restrict__ lse,
                     const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
                     int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
-                    float softcap, float smoothing, float filter_eps, int aligned) {
+                    float softcap, float smoothing, float filter_eps, int aligned, const int* __restrict__ run_if) {
+    if (not_requested(run_if)) return;
     if (aligned)
         grad_logits_impl<T, GT, HAS_BIAS, SOFTCAP, FILTER, TI, true>(e, c, bias, targets, lse, coef_p, coef_q, G,
                                                                      flags, N, V, D, v0, Vc, ldg, softcap,
@@ -213,7 +214,9 @@ template <typename T, typename OUT, bool A_KMAJOR, bool B_KMAJOR, int MODE>
 __global__ void __launch_bounds__(CCE_THREADS, 2)
     lce_gemm(const T* __restrict__ a, const T* __restrict__ b, OUT* __restrict__ out,
              const float* __restrict__ acc_f32, const int* __restrict__ flags, long long flag_ld, int skip_dim,
-             int M, int N, int K, long long lda, long long ldb, long long ldo, int aligned) {
+             int M, int N, int K, long long lda, long long ldb, long long ldo, int aligned,
+             const int* __restrict__ run_if) {
+    if (not_requested(run_if)) return;
     if (aligned)
         gemm_impl<T, OUT, A_KMAJOR, B_KMAJOR, MODE, true>(a, b, out, acc_f32, flags, flag_ld, skip_dim, M, N, K,
                                                           lda, ldb, ldo);

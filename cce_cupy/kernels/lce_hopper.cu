@@ -386,7 +386,8 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
                          const TI* __restrict__ targets, const float* __restrict__ lse,
                          const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
                          int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
-                         float softcap, float smoothing, float filter_eps) {
+                         float softcap, float smoothing, float filter_eps, const int* __restrict__ run_if) {
+    if (not_requested(run_if)) return;  // before any cluster barrier: every block of the grid returns
     extern __shared__ __align__(16) char smem[];
     __shared__ int tile_live[2];
     if (threadIdx.x < 2) tile_live[threadIdx.x] = 0;  // ordered before use by the main loop's barriers
@@ -405,4 +406,74 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
             if (fc < flag_cols && m0 < N) flags[(i64)blockIdx.x * flag_cols + fc] = tile_live[threadIdx.x];
         }
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// lce_grad_sparse_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, TI>
+//   Filtered backward, step 1 of 5 (the others are in lce_sparse.cu): the logit gradient kept as
+//   per-row lists of its non-negligible elements, never as a dense chunk.
+//   Same operands, grid and smem as lce_forward_partials_sm90 (row blocks x vocabulary splits of
+//   v_per_split columns; tmap_c's box 256 / CLUSTER rows). lse, coef_p, coef_q: (N,) fp32.
+//   For each row i whose coefficients are not both 0, every column j that is the row's target or
+//   has softmax p_ij >= filter_eps (tested as y_ij >= lse_i + log_eps, so no exp is taken for
+//   the others) is appended to row i's list:
+//       slot = atomicAdd(&row_count[i], 1);  entries[i * slots + slot] = (j, g_ij as float bits)
+//       g_ij = (coef_p_i * p_ij - coef_q_i * [j == t_i]) * softcap'(z_ij)
+//   A row with more than `slots` such columns sets *overflow = 1 (its list is incomplete: the
+//   launcher then runs the tiled backward instead). row_count and *overflow start at 0.
+//   The list order depends on block timing: sums over it are not bitwise reproducible.
+// ---------------------------------------------------------------------------------------------
+template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGradEpilogue {
+    const T* bias;
+    const TI* targets;
+    const float *lse, *coef_p, *coef_q;
+    int2* entries;
+    int *row_count, *overflow;
+    int N, v_end, m0, slots;
+    float softcap, log_eps;
+
+    __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            if (row >= N) continue;
+            const float cp = coef_p[row], cq = coef_q[row];
+            if (cp == 0.f && cq == 0.f) continue;  // ignored row: no gradient
+            const float l = lse[row], threshold = l + log_eps;
+            const long long t = (long long)targets[row];
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int col = n0 + j * 8 + hopper_col0() + q;
+                    float z = acc[4 * j + 2 * h + q];
+                    if (HAS_BIAS) z += (col < v_end) ? to_f32(bias[col]) : 0.f;
+                    const float y = apply_softcap<SOFTCAP>(z, softcap);
+                    const bool is_t = (t == (long long)col);
+                    if (col < v_end && (y >= threshold || is_t)) {
+                        float g = cp * __expf(y - l) - (is_t ? cq : 0.f);
+                        if (SOFTCAP) g *= softcap_grad(z, softcap);
+                        const int slot = atomicAdd(row_count + row, 1);
+                        if (slot < slots) entries[(i64)row * slots + slot] = make_int2(col, __float_as_int(g));
+                        else *overflow = 1;
+                    }
+                }
+        }
+    }
+};
+
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, typename TI>
+__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
+    lce_grad_sparse_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
+                         const T* __restrict__ bias, const TI* __restrict__ targets, const float* __restrict__ lse,
+                         const float* __restrict__ coef_p, const float* __restrict__ coef_q,
+                         int2* __restrict__ entries, int* __restrict__ row_count, int* __restrict__ overflow, int N,
+                         int V, int D, int v_per_split, int slots, float softcap, float log_eps) {
+    extern __shared__ __align__(16) char smem[];
+    const int m0 = blockIdx.x * H_BM;
+    const int v_begin = blockIdx.y * v_per_split, v_end = min(V, v_begin + v_per_split);
+    SparseGradEpilogue<HAS_BIAS, SOFTCAP, T, TI> epi{bias, targets, lse, coef_p, coef_q, entries, row_count,
+                                                     overflow, N, v_end, m0, slots, softcap, log_eps};
+    hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
 }

@@ -28,8 +28,9 @@
 
 template <typename GT, typename OUT, bool ACCUMULATE>
 __global__ void lce_bias_grad(const GT* __restrict__ G, const int* __restrict__ flags, OUT* __restrict__ dbias,
-                              int N, int Vc, long long ldg, int v0) {
+                              int N, int Vc, long long ldg, int v0, const int* __restrict__ run_if) {
     __shared__ float part[32][33];
+    if (not_requested(run_if)) return;
     const int j = blockIdx.x * 32 + threadIdx.x;
     const int flag_cols = (Vc + 127) / 128;
     float s = 0.f;
