@@ -60,14 +60,17 @@ def main():
     launch.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
     de, dc = cp.empty((n, d), bf), cp.empty((v, d), bf)
     instrument()
-    for label, o in (("exact", CCEOptions()), ("filter_eps=auto, uniform logits", CCEOptions(filter_eps="auto"))):
+    flt = CCEOptions(filter_eps="auto")
+    runs = (("exact", CCEOptions(), {}), ("filter_eps=auto, uniform logits", flt, {}),
+            ("filter_eps=auto, host_sync=False (as in JAX: gated tiled kernels launched)", flt, {"host_sync": False}))
+    for label, o, kw in runs:
         cpp, cq = row_coefficients(cp, o, t != o.ignore_index, lse, 1.0)
         scratch = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
         for rep in range(2):  # the first call compiles and warms up
             EVENTS.clear()
             cp.cuda.Device().synchronize()
             t0 = time.perf_counter()
-            launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)
+            launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch, **kw)
             cp.cuda.Device().synchronize()
             wall = (time.perf_counter() - t0) * 1e3
         per = collections.defaultdict(lambda: [0, 0.0, 0.0])
