@@ -94,7 +94,8 @@ def all_instances() -> dict[str, list[str]]:
     floats = ("float32", "float16", "bfloat16")
     idx = ("int32", "int64")
     b = (False, True)
-    fwd = [template_name("lce_forward_partials", t, *f) for t in floats for f in itertools.product(b, b, b)]
+    fwd = [template_name("lce_forward_partials", t, *f, i) for t in floats for f in itertools.product(b, b, b)
+           for i in idx]
     fwd += [
         template_name("lce_forward_finish", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx
     ]

@@ -105,9 +105,15 @@ def forward_splits(n: int, v: int, tile_n: int = TILE_N) -> tuple[int, int]:
 
 
 def forward_scratch_nbytes(n: int, v: int, d: int, dtype) -> int:
-    """Bytes of scratch `launch_forward` needs: 3 fp32 partials per (row, split), for either kernel family."""
+    """Bytes of scratch `launch_forward` needs: 3 fp32 partials per (row, split), for either kernel
+    family, then the (N,) fp32 target logits the tiled forward takes from its tiles."""
+    return max(_ALIGN, _forward_target_offset(n, v) + n * 4)
+
+
+def _forward_target_offset(n: int, v: int) -> int:
+    """Byte offset of the target logits in the forward scratch: after the larger family's partials."""
     splits = max(forward_splits(n, v, TILE_N)[0], forward_splits(n, v, HOPPER_TILE_N)[0])
-    return max(_ALIGN, 3 * splits * n * 4)
+    return _round_up(3 * splits * n * 4, _ALIGN)
 
 
 _TMA_CACHE: dict[tuple, np.ndarray] = {}
@@ -197,6 +203,9 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
     part = scratch[: 3 * splits * n * 4].view(cupy.float32)
+    # The tiled forward hands the finish kernel its target logits; the Hopper one leaves null (gather-dot).
+    y_off = _forward_target_offset(n, v)
+    y_target = None if hopper else scratch[y_off : y_off + n * 4].view(cupy.float32)
     if bad_target is None:
         bad_target = target_error_flag()
     flags = (bias is not None, opts.softcap is not None, opts.label_smoothing > 0.0)
@@ -220,19 +229,19 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
         run_partials(autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v,
                                              time_candidate if tune else None))
     else:
-        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags))
+        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags, targets.dtype))
         partials(
             (_cdiv(n, TILE_M), splits), (THREADS,),
-            (e, c, _ptr(bias), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), softcap,
-             np.int32(_aligned(e, c, ld=d))),
+            (e, c, _ptr(bias), targets, part, y_target, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
+             softcap, np.int32(_aligned(e, c, ld=d))),
             shared_mem=GEMM_SMEM_BYTES,
         )
     finish = get_kernel("lce_forward.cu", template_name("lce_forward_finish", e.dtype, *flags, targets.dtype))
     rows_per_block = THREADS // 32
     finish(
         (_cdiv(n, rows_per_block),), (THREADS,),
-        (e, c, _ptr(bias), targets, part, lse_out, tgt_out, bad_target, np.int32(n), np.int32(v), np.int32(d),
-         np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index)),
+        (e, c, _ptr(bias), targets, part, _ptr(y_target), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
+         np.int32(d), np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index)),
     )
 
 

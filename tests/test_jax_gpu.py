@@ -124,14 +124,11 @@ CASE_IDS = [f"{k}-{'cmdbuf' if b else 'nocmdbuf'}" for k, b in CASE_CBC]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("case,cbc", CASE_CBC, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matches_reference(dtype, case, cbc, shape, request):
+def test_matches_reference(dtype, case, cbc, shape):
+    # fp32 "none" at d >= 500 is the hard case: per-token losses on peaked logits are ~0.05 =
+    # lse - tgt of two numbers ~10. With tgt from a separate gather-dot (until 2026-11-25) they were
+    # 1.4e-5 and 1.9e-5 off; the fp32 forward now takes tgt from the same logit tile as the lse.
     n, d, v = shape
-    if dtype == "float32" and case == "none" and d >= 500:
-        # Known gap (H100, 2026-11-25): per-token fp32 losses on peaked logits are ~0.05 = lse - tgt
-        # of two numbers ~10; the kernels take tgt from a gather-dot whose rounding is independent
-        # of the logit tile's, so the difference carries ~1e-6 absolute error: rel-norm 1.4e-5 and
-        # 1.9e-5 against the 1e-5 bar (the mean-reduced loss passes). Strict: a fix makes it XPASS.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="fp32 per-token loss, gather-dot rounding"))
     kw = dict(CASES[case])
     e, c, t, b = make_problem(n, d, v, dtype, peaked=True, bias=case == "default", batch_shape=(n,),
                               ignore_index=kw.get("ignore_index", -100))

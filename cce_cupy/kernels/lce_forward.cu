@@ -10,19 +10,26 @@
 //   sum of y (label smoothing needs sum_j y_ij). Writes per (row, split):
 //     part[0][s][row] = max, part[1][s][row] = sum exp(y - max), part[2][s][row] = sum y.
 //   Columns >= V are masked out (never become -inf logits that could match a target).
+//   y_target (N,) fp32 or null: the lane holding row i's target column t_i (valid: in [0, V))
+//   writes y_target[i] = y_{i,t_i}, the same fp32 logit the lse folds in (one writer per row).
 //
 // lce_forward_finish<T, HAS_BIAS, SOFTCAP, SMOOTH>
 //   Grid: ceil(N / 8) blocks of 256 threads: one warp per row.
-//   Combines the splits' partials into lse[row], and computes the target logit by a gather-dot
-//   y_t = softcap(E[row] . C[t] + bias[t]) (not from the logit tiles), then
+//   Combines the splits' partials into lse[row] and takes the target logit y_t from y_target
+//   (written by lce_forward_partials), or where that is null (the Hopper forward) computes it by a
+//   gather-dot y_t = softcap(E[row] . C[t] + bias[t]). From the tile, y_t carries the same
+//   rounding as the lse's own terms, so the per-token loss lse - y_t (~0.05 on peaked rows, from
+//   two numbers ~10) keeps fp32 accuracy; a separately rounded gather-dot costs it ~1e-6 absolute.
+//   Then
 //   tgt[row] = (1 - ls) * y_t + (ls / V) * sum_j y_j. Ignored rows get tgt = 0. A target outside
 //   [0, V) that is not ignore_index gets tgt = NaN (so the loss is NaN, never silently finite)
 //   and sets *bad_target = 1.
 #include "common.cuh"
 
-template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool ALIGNED>
+template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename TI, bool ALIGNED>
 __device__ void forward_partials_impl(const T* __restrict__ e, const T* __restrict__ c,
-                                      const T* __restrict__ bias, float* __restrict__ part, int N,
+                                      const T* __restrict__ bias, const TI* __restrict__ targets,
+                                      float* __restrict__ part, float* __restrict__ y_target, int N,
                                       int V, int D, int v_per_split, float softcap) {
     extern __shared__ __align__(16) char smem[];
     float* epi = reinterpret_cast<float*>(smem);
@@ -53,11 +60,13 @@ __device__ void forward_partials_impl(const T* __restrict__ e, const T* __restri
             const float4 z4 = *reinterpret_cast<const float4*>(&epi[lr * CCE_EPI_LD + lane * 4]);
             float y[4] = {z4.x + b[0], z4.y + b[1], z4.z + b[2], z4.w + b[3]};
             float tmax = -INFINITY, ysum = 0.f;
+            const long long t = (y_target != nullptr && m0 + lr < N) ? (long long)targets[m0 + lr] : -1;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 y[q] = apply_softcap<SOFTCAP>(y[q], softcap);
                 if (col + q >= v_end) y[q] = -INFINITY;  // columns of the next split or past V
                 else ysum += y[q];
+                if (t == (long long)(col + q) && col + q < v_end) y_target[m0 + lr] = y[q];
                 tmax = fmaxf(tmax, y[q]);
             }
             tmax = warp_max(tmax);
@@ -87,19 +96,24 @@ __device__ void forward_partials_impl(const T* __restrict__ e, const T* __restri
     }
 }
 
-template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
+template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename TI>
 __global__ void __launch_bounds__(CCE_THREADS, 2)
     lce_forward_partials(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
-                         float* __restrict__ part, int N, int V, int D, int v_per_split, float softcap,
-                         int aligned) {
-    if (aligned) forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, true>(e, c, bias, part, N, V, D, v_per_split, softcap);
-    else forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, false>(e, c, bias, part, N, V, D, v_per_split, softcap);
+                         const TI* __restrict__ targets, float* __restrict__ part, float* __restrict__ y_target,
+                         int N, int V, int D, int v_per_split, float softcap, int aligned) {
+    if (aligned)
+        forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, TI, true>(e, c, bias, targets, part, y_target, N, V, D,
+                                                                      v_per_split, softcap);
+    else
+        forward_partials_impl<T, HAS_BIAS, SOFTCAP, SMOOTH, TI, false>(e, c, bias, targets, part, y_target, N, V, D,
+                                                                       v_per_split, softcap);
 }
 
 template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename TI>
 __global__ void lce_forward_finish(const T* __restrict__ e, const T* __restrict__ c,
                                    const T* __restrict__ bias, const TI* __restrict__ targets,
-                                   const float* __restrict__ part, float* __restrict__ lse,
+                                   const float* __restrict__ part, const float* __restrict__ y_target,
+                                   float* __restrict__ lse,
                                    float* __restrict__ tgt, int* __restrict__ bad_target, int N, int V,
                                    int D, int splits, float softcap, float smoothing, long long ignore_index) {
     const int lane = threadIdx.x & 31;
@@ -128,14 +142,18 @@ __global__ void lce_forward_finish(const T* __restrict__ e, const T* __restrict_
         t_term = NAN;
         if (lane == 0) atomicExch(bad_target, 1);
     } else {
-        // Gather-dot: E[row] . C[t], accumulated in fp32 by the warp.
-        const T* er = e + (i64)row * D;
-        const T* cr = c + (i64)t * D;
-        float dot = 0.f;
-        for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
-        dot = warp_sum(dot);
-        if (HAS_BIAS) dot += to_f32(bias[t]);
-        const float y_t = apply_softcap<SOFTCAP>(dot, softcap);
+        float y_t;
+        if (y_target != nullptr) {
+            y_t = y_target[row];
+        } else {  // gather-dot: E[row] . C[t], accumulated in fp32 by the warp
+            const T* er = e + (i64)row * D;
+            const T* cr = c + (i64)t * D;
+            float dot = 0.f;
+            for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+            dot = warp_sum(dot);
+            if (HAS_BIAS) dot += to_f32(bias[t]);
+            y_t = apply_softcap<SOFTCAP>(dot, softcap);
+        }
         t_term = (1.f - smoothing) * y_t;
         if (SMOOTH) t_term += (smoothing / (float)V) * ys;
     }
