@@ -197,7 +197,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
         t0 = time.time()
         prov.setup()
         log(f"    setup {time.time() - t0:.1f} s")
-        if key == "cublas":
+        if key in P.GEMM_PROVIDERS:
             want = list(prov.modes)
         else:
             want = [m for m in MODES if m in modes]
@@ -221,7 +221,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
                     )
                     continue
                 t0 = time.time()
-                if key != "cublas":
+                if key not in P.GEMM_PROVIDERS:
                     warm = prov.call(mode)  # compile / autotune / first-touch, untimed
                     P.Timer(prov.timer).sync()
                     P.block(warm)
@@ -236,7 +236,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
                     P.Timer(prov.timer).sync()
                 errs = errors_of(p, mode, out)
                 del out
-                ms = prov.time(mode, args.repeats, warmup=0 if key != "cublas" else 1)
+                ms = prov.time(mode, args.repeats, warmup=0 if key not in P.GEMM_PROVIDERS else 1)
                 got[mode] = dict(ms=ms, extra=extra, errs=errs, note=mem_note)
                 log(
                     f"    {mode:13s} {ms:9.3f} ms  extra {_fmt_mib(extra)}  err {_fmt_errs(errs)}"
@@ -264,7 +264,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
     except Exception as ex:  # noqa: BLE001 - setup failed: one error record per mode
         msg = f"error: {type(ex).__name__}: {ex}"[:500]
         log(f"    FAILED {msg}")
-        want = ["gemm_fwd", "gemm_bwd_sum"] if key == "cublas" else [m for m in MODES if m in modes]
+        want = list(P.GEMM_MODES[key]) if key in P.GEMM_PROVIDERS else [m for m in MODES if m in modes]
         recs = [record(meta, p, name, m, flt, note=msg) for m in want]
     finally:
         if prov is not None:

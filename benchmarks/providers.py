@@ -426,6 +426,41 @@ class CublasProvider(Provider):
 
 
 # ----- ours (cce_cupy, CuPy kernels on GPU, NumPy backend on CPU)
+class CublasTF32Provider(CublasProvider):
+    """cuBLAS E @ C.T for fp32 inputs on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32): the GEMM
+    floor of our allow_tf32 forward. gemm_fwd only."""
+
+    name = "cublas_tf32"
+    modes = ("gemm_fwd",)
+    note = "cublasGemmEx, CUBLAS_COMPUTE_32F_FAST_TF32, into a preallocated (N, V) fp32 buffer"
+
+    def _fwd(self):
+        import cupy
+        from cupy_backends.cuda.libs import cublas
+
+        p = self.p
+        n, d = p.e.shape
+        v = p.c.shape[0]
+        alpha, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
+        handle = cupy.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+        # Row-major logits (N, V) are column-major (V, N) = C (op T of column-major C^T) @ E^T.
+        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, v, n, d, alpha.ctypes.data,
+                      p.c.data.ptr, 0, d, p.e.data.ptr, 0, d, beta.ctypes.data, self.logits.data.ptr, 0, v,
+                      77, -1)  # CUDA_R_32F operands; CUBLAS_COMPUTE_32F_FAST_TF32; CUBLAS_GEMM_DEFAULT
+        return self.logits
+
+    def setup(self):
+        if self.p.backend != "cupy" or self.p.e.dtype != np.float32:
+            raise RuntimeError("cublas_tf32 needs fp32 inputs on the GPU")
+        self.timer = "cupy"
+        self.logits = self.p.xp.empty((self.p.n, self.p.v), np.float32)
+        self.g = None
+
+    def measure_memory(self, mode):
+        return int(self.logits.nbytes), None
+
+
 class OursProvider(Provider):
     name = "ours"
 
@@ -748,8 +783,11 @@ ALL_PROVIDERS = (
     "optax",
     "jax_cce",
 )
+# The GEMM floors (timed without an untimed first call of their own; modes of their own).
+GEMM_MODES = {"cublas": CublasProvider.modes, "cublas_tf32": CublasTF32Provider.modes}
+GEMM_PROVIDERS = tuple(GEMM_MODES)
 # Known but not run unless named in --providers.
-EXTRA_PROVIDERS = ("jax_bindings_cmdbuf",)
+EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "cublas_tf32", "ours_tf32")
 
 
 def make_provider(key: str, p: Problem) -> Provider:
@@ -762,6 +800,10 @@ def make_provider(key: str, p: Problem) -> Provider:
         return OursProvider(p, name="ours_deterministic", deterministic=True)
     if key == "ours_filter":
         return OursProvider(p, name="ours", filter_eps="auto")
+    if key == "ours_tf32":
+        return OursProvider(p, name="ours_tf32", allow_tf32=True)
+    if key == "cublas_tf32":
+        return CublasTF32Provider(p)
     if key == "torch":
         return TorchEager(p)
     if key == "torch_compile":

@@ -270,15 +270,17 @@ def _device_ctx(call: _Call):
     return call.kind.xp.cuda.Device(call.kind.device)
 
 
-def _forward(call: _Call):
-    """(lse, tgt) fp32 (N,) on the call's backend."""
+def _forward(call: _Call, allow_tf32: bool = False):
+    """(lse, tgt) fp32 (N,) on the call's backend. allow_tf32 only where no gradient will be taken
+    from the result (a backward needs the lse of the same exact logits it recomputes)."""
     xp, n = call.kind.xp, call.e.shape[0]
     if xp is np:
         lse, tgt = reference.forward(call.e, call.c, call.targets, call.bias, call.opts)
         return lse.astype(np.float32), tgt.astype(np.float32)
     lse = xp.empty(n, dtype=xp.float32)
     tgt = xp.empty(n, dtype=xp.float32)
-    launch.launch_forward(call.e, call.c, call.targets, call.bias, call.opts, lse, tgt)
+    opts = call.opts if allow_tf32 else call.opts.replace(allow_tf32=False)
+    launch.launch_forward(call.e, call.c, call.targets, call.bias, opts, lse, tgt)
     _WATCH.after_launch(xp)
     return lse, tgt
 
@@ -352,7 +354,7 @@ def linear_cross_entropy(e, c, targets, bias=None, *, options: CCEOptions | None
     """
     call, _ = _prepare(e, c, targets, bias, options, option_kwargs)
     with _device_ctx(call):
-        lse, tgt = _forward(call)
+        lse, tgt = _forward(call, allow_tf32=call.opts.allow_tf32)
         loss, extras = _loss_outputs(call, lse, tgt)
     out = [call.kind.back(x) for x in [loss, *extras]]
     return out[0] if len(out) == 1 else tuple(out)

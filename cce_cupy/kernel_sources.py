@@ -31,7 +31,7 @@ THREADS = 256
 HOPPER_TILE_N = 256
 HOPPER_THREADS = 384
 HOPPER_SMEM_BYTES = 4 * (128 + 256) * 64 * 2 + 1024
-HOPPER_DTYPES = ("float16", "bfloat16")
+HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)
 # Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
 # cce_cupy.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
 # them; the grid's row-block count is a multiple of CLUSTER.
@@ -112,7 +112,7 @@ def all_instances() -> dict[str, list[str]]:
     red += [template_name("ce_logits_inplace_cluster", t, i, *f, cl)
             for t in floats for i in idx for f in itertools.product(b, b) for cl in CE_CLUSTER_SIZES]
     hop = [template_name("lce_forward_partials_sm90", cl, t, *f)
-           for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b)]
+           for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES + ("float32",) for f in itertools.product(b, b, b)]
     hop += [
         template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
         for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx

@@ -120,9 +120,10 @@ _TMA_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def tma_desc(a, box_rows: int) -> np.ndarray:
-    """TMA tensor map of a row-major 16-bit (rows, D) CuPy array, box of box_rows x 64 elements,
-    128-byte swizzle, zero fill out of bounds: the 128 bytes of a CUtensorMap as a one-element
-    NumPy array, which CuPy passes by value (the kernels' __grid_constant__ TmaDesc parameter).
+    """TMA tensor map of a row-major (rows, D) CuPy array (16-bit, or fp32 for TF32), box of
+    box_rows x 128 bytes (64 or 32 elements), 128-byte swizzle, zero fill out of bounds: the 128
+    bytes of a CUtensorMap as a one-element NumPy array, which CuPy passes by value (the kernels'
+    __grid_constant__ TmaDesc parameter).
     Cached by address and shape: encoding costs a driver call."""
     import ctypes
 
@@ -136,11 +137,13 @@ def tma_desc(a, box_rows: int) -> np.ndarray:
     dtypes = {
         "bfloat16": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         "float16": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        "float32": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
     }
     err, tmap = driver.cuTensorMapEncodeTiled(
         dtypes[a.dtype.name], 2, a.data.ptr,
         [driver.cuuint64_t(d), driver.cuuint64_t(max(rows, 1))], [driver.cuuint64_t(a.strides[0])],
-        [driver.cuuint32_t(64), driver.cuuint32_t(box_rows)], [driver.cuuint32_t(1), driver.cuuint32_t(1)],
+        [driver.cuuint32_t(128 // a.itemsize), driver.cuuint32_t(box_rows)],
+        [driver.cuuint32_t(1), driver.cuuint32_t(1)],
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -155,13 +158,15 @@ def tma_desc(a, box_rows: int) -> np.ndarray:
     return desc
 
 
-def use_hopper(*arrays, ld: int) -> bool:
-    """The wgmma kernels apply: Hopper GPU, 16-bit inputs, 16-byte aligned rows and bases."""
+def use_hopper(*arrays, ld: int, tf32: bool = False) -> bool:
+    """The wgmma kernels apply: Hopper GPU, 16-bit inputs (or fp32 ones with `tf32`: the forward
+    under allow_tf32), 16-byte aligned rows and bases."""
     import cupy
 
+    dtypes = HOPPER_DTYPES + (("float32",) if tf32 else ())
     return (
         KERNELS == "auto"
-        and dtype_name(arrays[0].dtype) in HOPPER_DTYPES
+        and dtype_name(arrays[0].dtype) in dtypes
         and cupy.cuda.Device().compute_capability == "90"
         and _aligned(*arrays, ld=ld)
     )
@@ -198,7 +203,7 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     v = c.shape[0]
     if n == 0:
         return
-    hopper = use_hopper(e, c, ld=d)
+    hopper = use_hopper(e, c, ld=d, tf32=opts.allow_tf32)
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
@@ -241,7 +246,8 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     finish(
         (_cdiv(n, rows_per_block),), (THREADS,),
         (e, c, _ptr(bias), targets, part, _ptr(y_target), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
-         np.int32(d), np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index)),
+         np.int32(d), np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index),
+         np.int32(hopper and e.dtype == np.float32)),
     )
 
 

@@ -106,11 +106,18 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lce(e, c, t, bias, cfg: _Config):
     """(loss, z_loss, lse) of flattened e (N, D), c (V, D), shifted t (N,), bias (V,) or None."""
-    out, _ = _lce_fwd(e, c, t, bias, cfg)
+    out, _ = _lce_forward_pass(e, c, t, bias, cfg)
     return out
 
 
 def _lce_fwd(e, c, t, bias, cfg: _Config):
+    # Differentiated: the backward's exact recompute needs an lse of the same exact logits.
+    if cfg.opts.allow_tf32:
+        cfg = dataclasses.replace(cfg, opts=cfg.opts.replace(allow_tf32=False))
+    return _lce_forward_pass(e, c, t, bias, cfg)
+
+
+def _lce_forward_pass(e, c, t, bias, cfg: _Config):
     opts = cfg.opts
     xp = reference.namespace(e.dtype)
     if e.shape[0] == 0:  # no rows: nothing to launch

@@ -98,6 +98,7 @@ BAD = [
     ("negative target", lambda e, c, t, b: ((e, c, np.full_like(t, -1)), {}), ValueError, ["targets", "-1"]),
     ("unknown option", lambda e, c, t, b: ((e, c, t), {"reductoin": "sum"}), TypeError, ["reductoin"]),
     ("bad reduction", lambda e, c, t, b: ((e, c, t), {"reduction": "avg"}), ValueError, ["reduction"]),
+    ("allow_tf32 not bool", lambda e, c, t, b: ((e, c, t), {"allow_tf32": 1}), TypeError, ["allow_tf32", "bool"]),
     (
         "bad options",
         lambda e, c, t, b: ((e, c, t), {"options": {"reduction": "sum"}}),

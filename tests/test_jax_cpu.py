@@ -389,3 +389,18 @@ def test_softcap_gradient_where_tanh_saturates():
     assert_rel_close(loss, truth["loss"], 1e-5, "loss")
     assert_rel_close(de, truth["de"], 1e-5, "dE")
     assert_rel_close(dc, truth["dc"], 1e-5, "dC")
+
+
+def test_allow_tf32_only_where_not_differentiated(numpy_bridge, monkeypatch):
+    """allow_tf32 reaches the forward launcher for a loss that is only evaluated; under
+    differentiation the forward runs exact (the backward needs the lse of exact logits)."""
+    seen = []
+    real = numpy_bridge.launch_forward
+    monkeypatch.setattr(numpy_bridge, "launch_forward",
+                        lambda *a, **k: (seen.append(a[4].allow_tf32), real(*a, **k))[1])
+    e, c, t, _ = make_problem(8, 6, 37, "float32")
+    f = jax.jit(lambda e_, c_: linear_cross_entropy(e_, c_, t, allow_tf32=True))
+    f(e, c)
+    assert seen == [True]
+    jax.jit(jax.grad(lambda e_, c_: linear_cross_entropy(e_, c_, t, allow_tf32=True)))(e, c)
+    assert seen == [True, False]

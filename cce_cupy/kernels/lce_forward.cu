@@ -20,7 +20,7 @@
 //   gather-dot y_t = softcap(E[row] . C[t] + bias[t]). From the tile, y_t carries the same
 //   rounding as the lse's own terms, so the per-token loss lse - y_t (~0.05 on peaked rows, from
 //   two numbers ~10) keeps fp32 accuracy; a separately rounded gather-dot costs it ~1e-6 absolute.
-//   Then
+//   (tf32: the gather-dot truncates its operands like the TF32 forward's MMAs.) Then
 //   tgt[row] = (1 - ls) * y_t + (ls / V) * sum_j y_j. Ignored rows get tgt = 0. A target outside
 //   [0, V) that is not ignore_index gets tgt = NaN (so the loss is NaN, never silently finite)
 //   and sets *bad_target = 1.
@@ -109,13 +109,21 @@ __global__ void __launch_bounds__(CCE_THREADS, 2)
                                                                        v_per_split, softcap);
 }
 
+// With tf32 (the Hopper forward of fp32 inputs under allow_tf32) the gather-dot multiplies what the
+// tensor cores do: each operand's top 10 mantissa bits (TF32 MMAs ignore the low 13), so y_t
+// carries the lse's own truncation and lse - y_t stays accurate.
+__device__ __forceinline__ float tf32_operand(float x, int tf32) {
+    return tf32 ? __uint_as_float(__float_as_uint(x) & 0xffffe000u) : x;
+}
+
 template <typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename TI>
 __global__ void lce_forward_finish(const T* __restrict__ e, const T* __restrict__ c,
                                    const T* __restrict__ bias, const TI* __restrict__ targets,
                                    const float* __restrict__ part, const float* __restrict__ y_target,
                                    float* __restrict__ lse,
                                    float* __restrict__ tgt, int* __restrict__ bad_target, int N, int V,
-                                   int D, int splits, float softcap, float smoothing, long long ignore_index) {
+                                   int D, int splits, float softcap, float smoothing, long long ignore_index,
+                                   int tf32) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (row >= N) return;
@@ -149,7 +157,8 @@ __global__ void lce_forward_finish(const T* __restrict__ e, const T* __restrict_
             const T* er = e + (i64)row * D;
             const T* cr = c + (i64)t * D;
             float dot = 0.f;
-            for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+            for (int k = lane; k < D; k += 32)
+                dot = fmaf(tf32_operand(to_f32(er[k]), tf32), tf32_operand(to_f32(cr[k]), tf32), dot);
             dot = warp_sum(dot);
             if (HAS_BIAS) dot += to_f32(bias[t]);
             y_t = apply_softcap<SOFTCAP>(dot, softcap);

@@ -13,11 +13,11 @@
 // shape by cce_cupy.autotune) consecutive row blocks that share each stage's C tile through TMA
 // multicast: each loads 256 / CLUSTER rows of it and multicasts them to all, which cuts the
 // L2 -> SM traffic per block from 48 to 32 KiB a stage at CLUSTER 2 but ties blocks in pairs to
-// one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major, 64 elements (128 bytes) per row, 128-byte swizzled
+// one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major, 128 bytes (64 16-bit or 32 fp32 elements) per row, 128-byte swizzled
 // (see wgmma_desc), each 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all
 // the block's tiles as one stream, so the next tile's first k-blocks load during an epilogue.
-// Requirements (checked by the launcher): T is bf16 or fp16, D % 8 == 0, 16-byte aligned bases
-// (TMA's global-stride and address rules).
+// Requirements (checked by the launcher): T is bf16 or fp16 (or fp32 for the forward, as TF32, only
+// with allow_tf32), D * sizeof(T) % 16 == 0, 16-byte aligned bases (TMA's stride and address rules).
 //
 // Accumulator layout of wgmma m64nNk16 (f32), thread t of warpgroup w, warp q = (t / 32) % 4,
 // lane l: acc[4 j + {0, 1, 2, 3}] hold (row, col) = (16 q + l / 4 + {0, 0, 8, 8},
@@ -28,11 +28,12 @@
 #define H_BM 128
 #define H_PRODUCERS 128  // the producer warpgroup, ahead of the two consumer warpgroups
 #define H_THREADS (H_PRODUCERS + 256)
-#define H_BK 64  // K per stage: 128-byte rows, the TMA box's inner extent and the swizzle width
+// K per stage: 128-byte rows (64 16-bit or 32 fp32 elements), the TMA box's inner extent and the
+// swizzle width.
+#define H_ROW_BYTES 128
 #ifndef H_STAGES
 #define H_STAGES 4
 #endif
-#define H_ROW_BYTES (H_BK * 2)
 // Stage = A tile (128 rows) + B tile (256 rows). +1024: the dynamic shared memory base is only
 // 16-byte aligned; the swizzle needs 1024.
 #define H_A_BYTES (H_BM * H_ROW_BYTES)
@@ -89,11 +90,23 @@ template <> struct Wgmma<__half> {
     }
 };
 
+// fp32 inputs (the forward with allow_tf32): TF32 MMA, K = 8 per instruction (32 bytes, like k16
+// of 16-bit types), products of the inputs' top 10 mantissa bits, fp32 accumulation.
+template <> struct Wgmma<float> {
+    static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da, unsigned long long db,
+                                               int accumulate) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 " WG_D128 ", %128, %129, p, 1, 1;\n}\n"
+                     : WG_F128
+                     : "l"(da), "l"(db), "r"(accumulate));
+    }
+};
+
 // The per-tile geometry shared by both main loops.
 struct HopperTiles {
     int KT, ntiles, total;  // k-blocks per tile, tiles, (tile, k-block) pairs
-    __device__ HopperTiles(int D, int n_begin, int n_end)
-        : KT((D + H_BK - 1) / H_BK), ntiles((n_end - n_begin + H_BN - 1) / H_BN), total(0) {
+    __device__ HopperTiles(int D, int bk, int n_begin, int n_end)
+        : KT((D + bk - 1) / bk), ntiles((n_end - n_begin + H_BN - 1) / H_BN), total(0) {
         total = KT * ntiles;
     }
 };
@@ -109,7 +122,7 @@ __device__ __forceinline__ void hopper_mma_stage(float (&acc)[128], unsigned sme
     const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES;
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < H_BK / 16; ++ks)
+    for (int ks = 0; ks < H_ROW_BYTES / 32; ++ks)  // 32 bytes of K per MMA: k16 (16-bit), k8 (tf32)
         Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
     wgmma_commit();
 }
@@ -173,7 +186,8 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
                                                 int m0, int n_begin, int n_end, char* smem_raw, Epi& epi) {
     __shared__ __align__(8) unsigned long long full[H_STAGES], empty[H_STAGES];
     char* smem = align_1024(smem_raw);
-    const HopperTiles g(D, n_begin, n_end);
+    constexpr int BK = H_ROW_BYTES / sizeof(T);  // K elements per stage
+    const HopperTiles g(D, BK, n_begin, n_end);
     const unsigned rank = cluster_rank();
     constexpr int B_ROWS = H_BN / CLUSTER;  // C rows this block loads per stage
     if (threadIdx.x == 0) {
@@ -192,7 +206,7 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
                 const int s = it % H_STAGES;
                 if (it >= H_STAGES) mbar_wait(&empty[s], ((it / H_STAGES) - 1) & 1);
                 char* sA = smem + s * H_STAGE_BYTES;
-                const int k0 = (it % g.KT) * H_BK, n0 = n_begin + (it / g.KT) * H_BN;
+                const int k0 = (it % g.KT) * BK, n0 = n_begin + (it / g.KT) * H_BN;
                 mbar_arrive_expect_tx(&full[s], H_STAGE_BYTES);
                 tma_load_2d(sA, tmap_e, k0, m0, &full[s]);
                 char* sB = sA + H_A_BYTES + rank * B_ROWS * H_ROW_BYTES;
@@ -243,8 +257,9 @@ __device__ __forceinline__ int hopper_col0() { return (consumer_tid() & 3) * 2; 
 
 // ---------------------------------------------------------------------------------------------
 // lce_forward_partials_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, SMOOTH>
-//   Same arguments and output as lce_forward_partials (lce_forward.cu), with v_per_split a multiple
-//   of 256. Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, splits). Block: H_THREADS.
+//   The partials of lce_forward_partials (lce_forward.cu), with v_per_split a multiple of 256; no
+//   target logits (the finish kernel gathers them). T: bf16, fp16, or fp32 run as TF32 (the
+//   launcher uses it only with allow_tf32). Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, splits). Block: H_THREADS.
 //   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
