@@ -3,7 +3,7 @@
 # steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
 # backward), variants (Hopper build variants),
 # gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
-# bench.py arguments in BENCH_ARGS), bench32 (fp32 forward against the cuBLAS fp32 GEMM)
+# bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -39,8 +39,8 @@ for step in "$@"; do
              && python3 examples/plot_train.py --dir "$OUT"; } 2>&1 | tee "$OUT/train.log" || rc=1 ;;
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" || rc=1 ;;
-    bench32) python3 benchmarks/bench.py --out "$OUT" --dtype float32 --providers cublas,ours --modes fwd \
-               --data uniform --label fp32 2>&1 | tee "$OUT/bench32.log" || rc=1 ;;
+    bench32) python3 benchmarks/bench.py --out "$OUT" --dtype float32 --providers cublas,cublas_tf32,ours,ours_tf32 \
+               --modes fwd --data uniform,peaked --label fp32 2>&1 | tee "$OUT/bench32.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done
