@@ -70,37 +70,25 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // d (64 x 256 fp32 per warpgroup) = A (64 x 16, K-major, smem) @ B (16 x 256, K-major, smem)
 // (+ d when `accumulate`). Starting a tile with accumulate = 0 instead of zeroing d keeps every
 // write of d inside wgmma, so ptxas need not wait on in-flight MMAs to move registers.
+// One specialization per input type; only the instruction differs: its shape and types, and the
+// trailing immediates (scale-a, scale-b, and for 16-bit types the two no-transpose flags).
+// fp32 inputs (the forward with allow_tf32) run TF32: K = 8 per instruction (32 bytes, like k16 of
+// 16-bit types), products of the inputs' top 10 mantissa bits, fp32 accumulation.
 template <typename T> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da, unsigned long long db,
-                                               int accumulate) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WG_D128 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
-                     : WG_F128
-                     : "l"(da), "l"(db), "r"(accumulate));
-    }
-};
-template <> struct Wgmma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da, unsigned long long db,
-                                               int accumulate) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " WG_D128 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
-                     : WG_F128
-                     : "l"(da), "l"(db), "r"(accumulate));
-    }
-};
-
-// fp32 inputs (the forward with allow_tf32): TF32 MMA, K = 8 per instruction (32 bytes, like k16
-// of 16-bit types), products of the inputs' top 10 mantissa bits, fp32 accumulation.
-template <> struct Wgmma<float> {
-    static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da, unsigned long long db,
-                                               int accumulate) {
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 " WG_D128 ", %128, %129, p, 1, 1;\n}\n"
-                     : WG_F128
-                     : "l"(da), "l"(db), "r"(accumulate));
-    }
-};
+#define WGMMA_M64N256(T, INSTR, IMMEDIATES)                                                               \
+    template <> struct Wgmma<T> {                                                                         \
+        static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da,                \
+                                                   unsigned long long db, int accumulate) {                \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" INSTR " " WG_D128                   \
+                         ", %128, %129, p, " IMMEDIATES ";\n}\n"                                          \
+                         : WG_F128                                                                        \
+                         : "l"(da), "l"(db), "r"(accumulate));                                            \
+        }                                                                                                 \
+    };
+WGMMA_M64N256(__nv_bfloat16, "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16", "1, 1, 0, 0")
+WGMMA_M64N256(__half, "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16", "1, 1, 0, 0")
+WGMMA_M64N256(float, "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32", "1, 1")
+#undef WGMMA_M64N256
 
 // The per-tile geometry shared by both main loops.
 struct HopperTiles {
