@@ -279,7 +279,7 @@ def _forward(call: _Call, allow_tf32: bool = False):
         return lse.astype(np.float32), tgt.astype(np.float32)
     lse = xp.empty(n, dtype=xp.float32)
     tgt = xp.empty(n, dtype=xp.float32)
-    opts = call.opts if allow_tf32 else call.opts.replace(allow_tf32=False)
+    opts = call.opts.replace(allow_tf32=False) if call.opts.allow_tf32 and not allow_tf32 else call.opts
     launch.launch_forward(call.e, call.c, call.targets, call.bias, opts, lse, tgt)
     _WATCH.after_launch(xp)
     return lse, tgt
