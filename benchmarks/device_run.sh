@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
 # steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
-# backward), variants (Hopper build variants),
+# backward), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
 # gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
 set -uo pipefail
@@ -19,7 +19,7 @@ t0=$(date +%s)
 # CuPy's compiled-kernel cache from an earlier call (carried as .kcache): unchanged sources skip NVRTC.
 CACHE_DIR=${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}
 if [ -f .kcache/kcache.tgz ]; then mkdir -p "$CACHE_DIR" && tar -xzf .kcache/kcache.tgz -C "$CACHE_DIR"; fi
-python3 -m cce_cupy.kernel_sources 2>&1 | tee "$OUT/compile.log"
+python3 -c "from cce_cupy.kernel_sources import precompile as p; import time; t = time.time(); print(f'precompiled {p()} kernel instances in {time.time() - t:.0f} s')" 2>&1 | tee "$OUT/compile.log"
 rc=0
 for step in "$@"; do
   echo "=== $step ($(( $(date +%s) - t0 )) s)"
@@ -27,7 +27,7 @@ for step in "$@"; do
     check) python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
     profile) python3 benchmarks/kernel_profile.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
-    variants) python3 -m benchmarks.hopper_variants 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
+    variants) python3 -m benchmarks.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
     train) M="--batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16"

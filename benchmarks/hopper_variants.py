@@ -1,15 +1,18 @@
-"""Time compile-time variants of the Hopper forward kernel (lce_hopper.cu) on the device.
+"""Time variants of the Hopper forward kernel (lce_hopper.cu) on the device.
 
-Each variant is a cluster size (the kernel's CLUSTER template parameter) and a build with other -D
-values (H_STAGES);
-its per-row logsumexp is checked against the first variant's, then timed with CUDA events next
-to cuBLAS E @ C^T. Usage: python benchmarks/hopper_variants.py [--shapes gemma2,llama3]
+Each variant is a kernel source (the package's, and optionally a saved earlier version given with
+--baseline, to compare kernel versions in one process) and a cluster size (the kernel's CLUSTER
+template parameter). Its per-row logsumexp is checked against the first variant's, then timed with
+CUDA events next to cuBLAS E @ C^T. Usage:
+python -m benchmarks.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 
 import cupy as cp
 import ml_dtypes
@@ -18,22 +21,21 @@ import numpy as np
 from benchmarks.kernel_check import cuda_time
 from cce_cupy import kernel_sources, launch
 
-VARIANTS = {  # name: (cluster, -D values)
-    "cluster1_stages4": (1, dict(H_STAGES=4)),
-    "cluster2_stages4": (2, dict(H_STAGES=4)),
-    "cluster2_stages3": (2, dict(H_STAGES=3)),
-}
+CLUSTERS = (1, 2)
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
-def build(cluster: int, defs: dict[str, int]):
+def build(source: str, cluster: int):
+    """The bf16 forward-partials kernel of `source` (common.cuh inlined), with the C box rows and
+    dynamic shared memory its H_BN and H_STAGES defines imply."""
     name = kernel_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
-    opts = kernel_sources.compile_options("lce_hopper.cu") + tuple(f"-D{k}={v}" for k, v in defs.items())
-    mod = cp.RawModule(code=kernel_sources.kernel_source("lce_hopper.cu"), options=opts, name_expressions=[name])
+    mod = cp.RawModule(code=source, options=kernel_sources.compile_options("lce_hopper.cu"), name_expressions=[name])
     fn = mod.get_function(name)
-    smem = defs["H_STAGES"] * (128 + 256) * 64 * 2 + 1024
+    bn = int(re.search(r"#define H_BN (\d+)", source).group(1))
+    stages = int(re.search(r"#define H_STAGES (\d+)", source).group(1))
+    smem = stages * (128 + bn) * 128 + 1024
     fn.max_dynamic_shared_size_bytes = smem
-    return fn, smem, kernel_sources.HOPPER_THREADS
+    return fn, smem, bn // cluster
 
 
 def splits_for(n: int, v: int, rows: int, sms: int = 132) -> tuple[int, int]:
@@ -54,7 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="gemma2,llama3")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", help="an earlier lce_hopper.cu to time first (the lse reference)")
     args = ap.parse_args()
+    sources = {}
+    if args.baseline:
+        common = (kernel_sources.KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
+        sources["baseline"] = Path(args.baseline).read_text().replace('#include "common.cuh"', common)
+    sources["current"] = kernel_sources.kernel_source("lce_hopper.cu")
+    kernels = {(label, cl): build(src, cl) for label, src in sources.items() for cl in CLUSTERS}
     for shape in args.shapes.split(","):
         n, d, v = SHAPES[shape]
         e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(ml_dtypes.bfloat16)
@@ -65,12 +74,11 @@ def main() -> None:
         logits = None  # 4 GB at gemma2
         ref = None
         tma_e = launch.tma_desc(e, 128)
-        for name, (cluster, defs) in VARIANTS.items():
-            fn, smem, threads = build(cluster, defs)
-            tma_c = launch.tma_desc(c, 256 // cluster)  # each block of a cluster loads its share of the C tile
+        for (label, cluster), (fn, smem, box_rows) in kernels.items():
+            tma_c = launch.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
             splits, per_split = splits_for(n, v, 128)
             call = lambda: fn(  # noqa: E731
-                (-(-n // (128 * cluster)) * cluster, splits), (threads,),
+                (-(-n // (128 * cluster)) * cluster, splits), (kernel_sources.HOPPER_THREADS,),
                 (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
                  np.float32(0)), shared_mem=smem)
             part.fill(cp.nan)
@@ -80,9 +88,10 @@ def main() -> None:
                 ref = lse.copy()
             err = float(cp.abs(lse - ref).max())
             ms = cuda_time(call, args.repeats)
-            print(json.dumps({"shape": shape, "variant": name, "ms": round(ms, 3), "cublas_ms": round(ms_gemm, 3),
-                              "tflops": round(2 * n * d * v / ms / 1e9, 1), "x_cublas": round(ms / ms_gemm, 3),
-                              "max_abs_lse_diff": err, "finite": bool(cp.isfinite(lse).all())}), flush=True)
+            print(json.dumps({"shape": shape, "variant": f"{label}_cluster{cluster}", "ms": round(ms, 3),
+                              "cublas_ms": round(ms_gemm, 3), "tflops": round(2 * n * d * v / ms / 1e9, 1),
+                              "x_cublas": round(ms / ms_gemm, 3), "max_abs_lse_diff": err,
+                              "finite": bool(cp.isfinite(lse).all())}), flush=True)
         cp.get_default_memory_pool().free_all_blocks()
 
 

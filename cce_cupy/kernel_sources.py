@@ -26,11 +26,12 @@ FILE_ARCH = {"lce_hopper.cu": "sm_90a"}
 TILE_M = 128
 TILE_N = 128
 THREADS = 256
-# The Hopper kernels (lce_hopper.cu): 128 x 256 tiles, H_THREADS threads (a producer warpgroup and
-# two consumers), H_SMEM_BYTES of dynamic shared memory.
+# The Hopper kernels (lce_hopper.cu): H_THREADS threads (a producer warpgroup and two consumers), 128 x
+# 256 tiles, H_SMEM_BYTES of dynamic shared memory (4 stages of a 128-row E tile and a 256-row C
+# tile, 128 bytes a row).
 HOPPER_TILE_N = 256
 HOPPER_THREADS = 384
-HOPPER_SMEM_BYTES = 4 * (128 + 256) * 64 * 2 + 1024
+HOPPER_SMEM_BYTES = 4 * (128 + HOPPER_TILE_N) * 128 + 1024
 HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)
 # Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
 # cce_cupy.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
@@ -149,13 +150,32 @@ def gemm_variants(dtype):
     return dc + de
 
 
+def module_group(name_expression: str) -> str:
+    """The module an instance is compiled in: its kernel name and first two template arguments.
+
+    Several small modules per file instead of one: NVRTC runs one per module, so `precompile` can
+    compile them in parallel processes (the sm_90a file alone takes ~5 minutes in one run)."""
+    base, _, args = name_expression.partition("<")
+    return base + "<" + ",".join(args.rstrip(">").split(",")[:2])
+
+
+def module_groups(filename: str) -> dict[str, list[str]]:
+    """The file's instances by module_group."""
+    groups: dict[str, list[str]] = {}
+    for name in all_instances()[filename]:
+        groups.setdefault(module_group(name), []).append(name)
+    return groups
+
+
 @functools.cache
-def _module(filename: str):
-    """One RawModule per file holding every template instance (one NVRTC run, cached on disk by CuPy)."""
+def _module(filename: str, group: str):
+    """One RawModule per module_group of a file (one NVRTC run each, cached on disk by CuPy, whose
+    cache key covers the instance list)."""
     import cupy
 
     return cupy.RawModule(
-        code=kernel_source(filename), options=compile_options(filename), name_expressions=all_instances()[filename]
+        code=kernel_source(filename), options=compile_options(filename),
+        name_expressions=module_groups(filename)[group],
     )
 
 
@@ -171,23 +191,35 @@ def get_kernel(filename: str, name_expression: str):
     """One template instance of a kernel file (the file is compiled once, for all its instances)."""
     if name_expression not in all_instances()[filename]:
         raise KeyError(f"{name_expression} is not a listed instance of {filename}; add it to all_instances()")
-    kernel = _module(filename).get_function(name_expression)
+    kernel = _module(filename, module_group(name_expression)).get_function(name_expression)
     smem = _TILED_KERNELS.get(name_expression.split("<")[0])
     if smem:
         kernel.max_dynamic_shared_size_bytes = smem
     return kernel
 
 
-def precompile() -> int:
-    """Compile every kernel file the current GPU can run, so later calls only load cubins."""
+def _compile_group(filename: str, group: str) -> None:
+    _module(filename, group).get_function(module_groups(filename)[group][0])
+
+
+def precompile(workers: int | None = None) -> int:
+    """Compile every kernel module the current GPU can run into CuPy's disk cache, in parallel
+    processes (`workers`, default one per CPU), so later calls only load cubins; returns the
+    instance count."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
     import cupy
 
     cc = cupy.cuda.Device().compute_capability
-    for filename in KERNEL_FILES:
-        if FILE_ARCH.get(filename, f"sm_{cc}").rstrip("a") != f"sm_{cc}":
-            continue
-        _module(filename).get_function(all_instances()[filename][0])
-    return sum(len(v) for v in all_instances().values())
+    jobs = [(f, g) for f in KERNEL_FILES if FILE_ARCH.get(f, f"sm_{cc}").rstrip("a") == f"sm_{cc}"
+            for g in module_groups(f)]
+    # spawn: the children must not inherit this process's CUDA context.
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), multiprocessing.get_context("spawn")) as ex:
+        for fut in [ex.submit(_compile_group, f, g) for f, g in jobs]:
+            fut.result()
+    return sum(len(all_instances()[f]) for f in {f for f, _ in jobs})
 
 
 if __name__ == "__main__":

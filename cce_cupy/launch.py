@@ -458,12 +458,14 @@ class _BackwardPlan:
             grad_logits = get_kernel("lce_hopper.cu", template_name(
                 "lce_grad_logits_sm90", self.cluster, e.dtype, e.dtype, bias is not None, opts.softcap is not None,
                 use_filter, targets.dtype))
-            grad_grid_n, grad_smem, grad_threads = HOPPER_TILE_N, HOPPER_SMEM_BYTES, HOPPER_THREADS
+            grad_smem, grad_threads = HOPPER_SMEM_BYTES, HOPPER_THREADS
+            if not _aligned(G, ld=vc_max):  # its 16-byte stores; the scratch layout guarantees this
+                raise RuntimeError(f"backward scratch not 16-byte aligned (at {G.data.ptr:#x}); pass an aligned buffer")
         else:
             grad_logits = get_kernel("lce_backward.cu", template_name(
                 "lce_grad_logits", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
                 targets.dtype))
-            grad_grid_n, grad_smem, grad_threads = TILE_N, GEMM_SMEM_BYTES, THREADS
+            grad_smem, grad_threads = GEMM_SMEM_BYTES, THREADS
         aligned_in = np.int32(_aligned(e, c, ld=d))
         aligned_g = np.int32(bool(aligned_in) and _aligned(G, ld=vc_max))
 
@@ -473,16 +475,18 @@ class _BackwardPlan:
             vc = min(vc_max, v - v0)
             flag_cols = _cdiv(vc, TILE_N)
             if self.hopper:
+                # Several tiles a block, one grid wave where it can (the forward's split rule): a
+                # block's pipeline fill and the last wave's idle SMs are paid once, not per tile.
+                col_blocks, cols_per_block = forward_splits(n, vc, HOPPER_TILE_N)
                 operands = (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // self.cluster))
-                row_blocks = hopper_row_blocks(n, self.cluster)
+                grid, tail = (hopper_row_blocks(n, self.cluster), col_blocks), (np.int32(cols_per_block),)
             else:
-                operands, row_blocks = (e, c), _cdiv(n, TILE_M)
+                operands, grid, tail = (e, c), (_cdiv(n, TILE_M), _cdiv(vc, TILE_N)), (aligned_in,)
             grad_logits(
-                (row_blocks, _cdiv(vc, grad_grid_n)), (grad_threads,),
+                grid, (grad_threads,),
                 (*operands, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
                  np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
-                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0))
-                + (() if self.hopper else (aligned_in,)) + (self.run_if,),
+                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0), *tail, self.run_if),
                 shared_mem=grad_smem,
             )
             Gc = G[:, :vc]

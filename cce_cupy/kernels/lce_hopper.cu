@@ -329,54 +329,108 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
 
 // ---------------------------------------------------------------------------------------------
 // lce_grad_logits_sm90<CLUSTER, T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
-//   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit).
-//   Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, ceil(Vc / 256)). Block: H_THREADS.
-//   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
-//   The gradient tile is stored from registers, 2 elements per store. With FILTER the live flags
-//   keep their 128-column granularity: block y writes flag columns 2y and 2y + 1.
+//   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit), plus
+//   cols_per_block (a multiple of 256): block y computes the chunk columns [y * cols_per_block,
+//   ...), several tiles (the launcher picks one grid wave where it can, as for the forward's splits).
+//   Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, ceil(Vc / cols_per_block)).
+//   Block: H_THREADS. Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
+//   Requires ldg % 8 == 0 and a 16-byte aligned G (the launcher's scratch chunk): the gradient tile
+//   is stored from registers, 8 contiguous elements (16 bytes) per store, after the four threads
+//   sharing a row transpose their pairs (quad_transpose). Each store then fills whole 32-byte sectors;
+//   the pairs straight from the accumulator layout would write 16 bytes of 8 rows per instruction.
+//   With FILTER each tile writes the live flags of its two 128-column halves.
 // ---------------------------------------------------------------------------------------------
+// Lane k of each 4-lane group gets word k of every lane's w: w[m] = (lane m's w[k]) afterwards.
+// `lanes`: the active lanes (whole groups of 4).
+__device__ __forceinline__ void quad_transpose(unsigned (&w)[4], unsigned lanes) {
+    const unsigned lane = threadIdx.x;
+#pragma unroll
+    for (int s = 2; s >= 1; s >>= 1) {
+        const bool upper = lane & s;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (i & s) continue;
+            // Keep the words whose bit s matches ours, swap the others with lane ^ s.
+            const unsigned got = __shfl_xor_sync(lanes, upper ? w[i] : w[i ^ s], s);
+            if (upper) w[i] = got;
+            else w[i ^ s] = got;
+        }
+    }
+}
+// True on every consumer thread if `p` holds on any of the 256 (named barrier 1; consumers only).
+__device__ __forceinline__ bool consumers_any(bool p) {
+    unsigned r;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, 1, 256, p;\n"
+                 "selp.u32 %0, 1, 0, q;\n}\n" : "=r"(r) : "r"((unsigned)p) : "memory");
+    return r != 0;
+}
+template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+    GT pair[2] = {from_f32<GT>(lo), from_f32<GT>(hi)};
+    return *reinterpret_cast<unsigned*>(pair);
+}
+
 template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typename TI> struct GradEpilogue {
     const T* bias;
     const TI* targets;
     const float *lse, *coef_p, *coef_q;
     GT* G;
+    int* flags;
     int N, V, v0, Vc, m0;
     i64 ldg;
     float softcap, smoothing, filter_eps;
-    bool live[2] = {false, false};  // per 128-column half of the tile
 
     __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {  // n0 is chunk-relative
         const float smooth_q = smoothing / (float)V;
+        bool live[2] = {false, false};  // per 128-column half of the tile
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
+            const unsigned lanes = __ballot_sync(0xffffffffu, row < N);  // the 4 lanes of a row agree
             if (row >= N) continue;
             const float l = lse[row], cp = coef_p[row], cq = coef_q[row];
             const long long t = (long long)targets[row] - v0;
             GT* grow = G + (i64)row * ldg;
 #pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                const int col = n0 + j * 8 + hopper_col0();
-                float g[2];
+            for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
+                unsigned w[4];
 #pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    float z = acc[4 * j + 2 * h + q];
-                    if (HAS_BIAS) z += (col + q < Vc) ? to_f32(bias[v0 + col + q]) : 0.f;
-                    const float y = apply_softcap<SOFTCAP>(z, softcap);
-                    const float p = __expf(y - l);
-                    const bool is_t = (t == (long long)(col + q));
-                    if (FILTER)
-                        live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
-                    float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
-                    if (SOFTCAP) gq *= softcap_grad(z, softcap);
-                    g[q] = gq;
+                for (int jj = 0; jj < 4; ++jj) {
+                    const int j = 4 * a + jj, col = n0 + j * 8 + hopper_col0();
+                    float g[2];
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                        float z = acc[4 * j + 2 * h + q];
+                        if (HAS_BIAS) z += (col + q < Vc) ? to_f32(bias[v0 + col + q]) : 0.f;
+                        const float y = apply_softcap<SOFTCAP>(z, softcap);
+                        const float p = __expf(y - l);
+                        const bool is_t = (t == (long long)(col + q));
+                        if (FILTER)
+                            live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
+                        float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
+                        if (SOFTCAP) gq *= softcap_grad(z, softcap);
+                        g[q] = gq;
+                    }
+                    w[jj] = pack_pair<GT>(g[0], g[1]);
                 }
-                if (col + 1 < Vc) {
-                    GT pair[2] = {from_f32<GT>(g[0]), from_f32<GT>(g[1])};
-                    *reinterpret_cast<unsigned*>(grow + col) = *reinterpret_cast<unsigned*>(pair);
-                } else if (col < Vc) {
-                    grow[col] = from_f32<GT>(g[0]);
+                quad_transpose(w, lanes);  // this thread now holds columns n0 + 32 a + 8 k .. + 7, k = lane % 4
+                const int col = n0 + 32 * a + 8 * (threadIdx.x & 3);
+                if (col >= Vc) continue;
+                if (col + 8 <= Vc) {
+                    *reinterpret_cast<uint4*>(grow + col) = make_uint4(w[0], w[1], w[2], w[3]);
+                } else {  // the chunk's last columns (constant indices keep w in registers)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        if (col + e < Vc)
+                            reinterpret_cast<unsigned short*>(grow)[col + e] = (unsigned short)(w[e >> 1] >> (16 * (e & 1)));
                 }
+            }
+        }
+        if (FILTER) {
+            const bool live0 = consumers_any(live[0]), live1 = consumers_any(live[1]);
+            const int flag_cols = (Vc + 127) / 128, fc = n0 / 128;
+            if (threadIdx.x == H_PRODUCERS && m0 < N) {
+                flags[(i64)blockIdx.x * flag_cols + fc] = live0;
+                if (fc + 1 < flag_cols) flags[(i64)blockIdx.x * flag_cols + fc + 1] = live1;
             }
         }
     }
@@ -389,28 +443,16 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
                          const TI* __restrict__ targets, const float* __restrict__ lse,
                          const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
                          int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
-                         float softcap, float smoothing, float filter_eps, const int* __restrict__ run_if) {
+                         float softcap, float smoothing, float filter_eps, int cols_per_block,
+                         const int* __restrict__ run_if) {
     if (not_requested(run_if)) return;  // before any cluster barrier: every block of the grid returns
     extern __shared__ __align__(16) char smem[];
-    __shared__ int tile_live[2];
-    if (threadIdx.x < 2) tile_live[threadIdx.x] = 0;  // ordered before use by the main loop's barriers
-    const int m0 = blockIdx.x * H_BM, n0 = blockIdx.y * H_BN;
-    GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, N, V, v0, Vc, m0,
-                                                          (i64)ldg, softcap, smoothing, filter_eps};
+    const int m0 = blockIdx.x * H_BM, n_begin = blockIdx.y * cols_per_block;
+    GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, flags, N, V, v0,
+                                                          Vc, m0, (i64)ldg, softcap, smoothing, filter_eps};
     // The chunk's C rows start at v0; columns past Vc (the next chunk's) are computed, not stored.
-    hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, v0, D, m0, n0, min(Vc, n0 + H_BN), smem, epi);
-    if (FILTER) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            if (__any_sync(0xffffffffu, epi.live[h]) && (threadIdx.x & 31) == 0) atomicOr(&tile_live[h], 1);
-        __syncthreads();  // every warp's liveness is in before thread 0 publishes the flags
-        if (threadIdx.x < 2) {
-            const int flag_cols = (Vc + 127) / 128, fc = 2 * blockIdx.y + threadIdx.x;
-            if (fc < flag_cols && m0 < N) flags[(i64)blockIdx.x * flag_cols + fc] = tile_live[threadIdx.x];
-        }
-    }
+    hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, v0, D, m0, n_begin, min(Vc, n_begin + cols_per_block), smem, epi);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // lce_grad_sparse_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, TI>
