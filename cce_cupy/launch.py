@@ -34,6 +34,8 @@ from cce_cupy.options import CCEOptions
 # Forward: enough (row-block x vocab-split) blocks to fill the GPU several times over, from the
 # shape alone (so JAX can size the scratch at trace time).
 FORWARD_TARGET_BLOCKS = 1024
+HOPPER_MAX_BLOCK_TILES = 16
+FORWARD_PARTIALS_BYTES = 16 << 20
 # The Hopper forward runs one 193 KiB block per SM; its splits are chosen for this many SMs (an
 # H100 SXM / H200), from the shape alone like the above. Other SM counts only lose balance.
 HOPPER_SMS = 132
@@ -103,6 +105,10 @@ def forward_splits(n: int, v: int, tile_n: int = TILE_N) -> tuple[int, int]:
         def cost(s):
             return _cdiv(row_blocks * s, HOPPER_SMS) * (_cdiv(col_tiles, s) + 0.5)
         splits = min(range(1, min(col_tiles, 4 * HOPPER_SMS) + 1), key=lambda s: (cost(s), s))
+        # Then no block longer than HOPPER_MAX_BLOCK_TILES tiles (measured, NOTES.md v10: a 500-tile
+        # block, the cost model's pick at gemma2, was 10-15% slower than 16- to 32-tile ones), within
+        # FORWARD_PARTIALS_BYTES of partials.
+        splits = max(splits, min(_cdiv(col_tiles, HOPPER_MAX_BLOCK_TILES), FORWARD_PARTIALS_BYTES // (12 * n)))
     else:
         splits = min(col_tiles, max(1, _cdiv(FORWARD_TARGET_BLOCKS, row_blocks)))
     per_split = _cdiv(col_tiles, splits) * tile_n

@@ -232,6 +232,15 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
     cluster_wait();
 }
 
+#define H_LOG2E 1.4426950408889634f
+// 2^x by the SFU (what __expf uses after scaling by log2 e): exp(y - m) as fast_exp2(fmaf(y, log2e,
+// -m log2e)) is one FFMA and one MUFU op per element.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 // Consumer threads only: rank among the 256 consumers.
 __device__ __forceinline__ int consumer_tid() { return threadIdx.x - H_PRODUCERS; }
 __device__ __forceinline__ bool is_consumer() { return threadIdx.x >= H_PRODUCERS; }
@@ -260,6 +269,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
     __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
+        if (!HAS_BIAS && !SOFTCAP && n0 + H_BN <= v_end) {
+            full_tile(acc);
+            return;
+        }
         const int col0 = n0 + hopper_col0();
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -289,6 +302,27 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
                 const float y = acc[4 * j + q];
                 run_sum[q >> 1] += (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
             }
+    }
+
+    // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
+    // epilogue stalls the tensor cores (both warpgroups run it at once), so its instruction count is
+    // forward time.
+    __device__ __forceinline__ void full_tile(const float (&acc)[128]) {
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < 128; ++i) {
+            tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
+            if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float new_max = fmaxf(run_max[h], tmax[h]);
+            run_sum[h] = (new_max == -INFINITY) ? 0.f : run_sum[h] * __expf(run_max[h] - new_max);
+            run_max[h] = new_max;
+        }
+        const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
+#pragma unroll
+        for (int i = 0; i < 128; ++i) run_sum[(i >> 1) & 1] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
     }
 };
 
@@ -389,6 +423,11 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
             if (row >= N) continue;
             const float l = lse[row], cp = coef_p[row], cq = coef_q[row];
             const long long t = (long long)targets[row] - v0;
+            // g = cp p - cq ([col == t] (1 - smoothing) + smoothing / V): one of two constants a row.
+            const float l2 = l * H_LOG2E, g_off = cq * smooth_q, g_off_t = cq * (1.f - smoothing + smooth_q);
+            // The target's offset from this thread's column 0 of the tile, if in the tile (-1 if not):
+            // compared with compile-time offsets below.
+            const int t_rel = (t >= n0 && t < n0 + H_BN) ? (int)(t - n0) - hopper_col0() : -1;
             GT* grow = G + (i64)row * ldg;
 #pragma unroll
             for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
@@ -402,11 +441,11 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
                         float z = acc[4 * j + 2 * h + q];
                         if (HAS_BIAS) z += (col + q < Vc) ? to_f32(bias[v0 + col + q]) : 0.f;
                         const float y = apply_softcap<SOFTCAP>(z, softcap);
-                        const float p = __expf(y - l);
-                        const bool is_t = (t == (long long)(col + q));
+                        const float p = fast_exp2(fmaf(y, H_LOG2E, -l2));
+                        const bool is_t = t_rel == j * 8 + q;
                         if (FILTER)
                             live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
-                        float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
+                        float gq = fmaf(cp, p, is_t ? -g_off_t : -g_off);
                         if (SOFTCAP) gq *= softcap_grad(z, softcap);
                         g[q] = gq;
                     }
