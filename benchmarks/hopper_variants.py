@@ -38,14 +38,6 @@ def build(source: str, cluster: int):
     return fn, smem, bn // cluster
 
 
-def splits_for(n: int, v: int, rows: int, sms: int = 132) -> tuple[int, int]:
-    """Vocab splits for one block per SM with `rows`-row tiles (launch.forward_splits' rule)."""
-    rb, tiles = -(-n // rows), -(-v // 256)
-    s = min(range(1, tiles + 1), key=lambda s: (-(-rb * s // sms) * (-(-tiles // s) + 0.5), s))
-    per = -(-tiles // s) * 256
-    return -(-v // per), per
-
-
 def lse_of(part, splits, n):
     p = part[: 3 * splits * n].reshape(3, splits, n)
     m = p[0].max(0)
@@ -76,7 +68,7 @@ def main() -> None:
         tma_e = launch.tma_desc(e, 128)
         for (label, cluster), (fn, smem, box_rows) in kernels.items():
             tma_c = launch.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
-            splits, per_split = splits_for(n, v, 128)
+            splits, per_split = launch.forward_splits(n, v, 256)
             call = lambda: fn(  # noqa: E731
                 (-(-n // (128 * cluster)) * cluster, splits), (kernel_sources.HOPPER_THREADS,),
                 (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
