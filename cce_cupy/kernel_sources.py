@@ -188,7 +188,7 @@ _TILED_KERNELS = {"lce_forward_partials": GEMM_SMEM_BYTES, "lce_grad_logits": GE
 
 @functools.cache
 def get_kernel(filename: str, name_expression: str):
-    """One template instance of a kernel file (the file is compiled once, for all its instances)."""
+    """One template instance of a kernel file (its module_group is compiled once, for all its instances)."""
     if name_expression not in all_instances()[filename]:
         raise KeyError(f"{name_expression} is not a listed instance of {filename}; add it to all_instances()")
     kernel = _module(filename, module_group(name_expression)).get_function(name_expression)

@@ -34,6 +34,8 @@ from cce_cupy.options import CCEOptions
 # Forward: enough (row-block x vocab-split) blocks to fill the GPU several times over, from the
 # shape alone (so JAX can size the scratch at trace time).
 FORWARD_TARGET_BLOCKS = 1024
+# Hopper forward splits (forward_splits): blocks of at most this many 256-column tiles, and at most
+# this much scratch for the per-split partials.
 HOPPER_MAX_BLOCK_TILES = 16
 FORWARD_PARTIALS_BYTES = 16 << 20
 # The Hopper forward runs one 193 KiB block per SM; its splits are chosen for this many SMs (an
