@@ -288,13 +288,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
                 acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const float new_max = fmaxf(run_max[h], tmax[h]);
-            // A thread whose columns are all masked keeps max = -inf and sum = 0.
-            run_sum[h] = (new_max == -INFINITY) ? 0.f : run_sum[h] * __expf(run_max[h] - new_max);
-            run_max[h] = new_max;
-        }
+        raise_max(tmax);
 #pragma unroll
         for (int j = 0; j < 32; ++j)
 #pragma unroll
@@ -314,15 +308,21 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
         }
+        raise_max(tmax);
+        const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
+#pragma unroll
+        for (int i = 0; i < 128; ++i) run_sum[(i >> 1) & 1] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
+    }
+
+    // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
+    // whose columns are all masked keeps max = -inf and sum = 0.
+    __device__ __forceinline__ void raise_max(const float (&tmax)[2]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const float new_max = fmaxf(run_max[h], tmax[h]);
             run_sum[h] = (new_max == -INFINITY) ? 0.f : run_sum[h] * __expf(run_max[h] - new_max);
             run_max[h] = new_max;
         }
-        const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
-#pragma unroll
-        for (int i = 0; i < 128; ++i) run_sum[(i >> 1) & 1] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
     }
 };
 
