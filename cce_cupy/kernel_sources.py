@@ -198,6 +198,13 @@ def get_kernel(filename: str, name_expression: str):
     return kernel
 
 
+def device_files(compute_capability: str) -> list[str]:
+    """The kernel files a GPU of this compute capability ("90", "80") runs: all but those built for
+    another architecture only (the sm_90a file elsewhere than on Hopper)."""
+    cc = f"sm_{compute_capability}"
+    return [f for f in KERNEL_FILES if FILE_ARCH.get(f, cc).rstrip("a") == cc]
+
+
 def _compile_group(filename: str, group: str) -> None:
     _module(filename, group).get_function(module_groups(filename)[group][0])
 
@@ -212,14 +219,13 @@ def precompile(workers: int | None = None) -> int:
 
     import cupy
 
-    cc = cupy.cuda.Device().compute_capability
-    jobs = [(f, g) for f in KERNEL_FILES if FILE_ARCH.get(f, f"sm_{cc}").rstrip("a") == f"sm_{cc}"
-            for g in module_groups(f)]
+    files = device_files(cupy.cuda.Device().compute_capability)
+    jobs = [(f, g) for f in files for g in module_groups(f)]
     # spawn: the children must not inherit this process's CUDA context.
     with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), multiprocessing.get_context("spawn")) as ex:
         for fut in [ex.submit(_compile_group, f, g) for f, g in jobs]:
             fut.result()
-    return sum(len(all_instances()[f]) for f in {f for f, _ in jobs})
+    return sum(len(all_instances()[f]) for f in files)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,12 @@ def hopper_row_blocks(n: int, cluster: int) -> int:
     return _round_up(_cdiv(n, TILE_M), cluster)
 
 
+def hopper_operands(e, c, cluster: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Hopper kernels' two TMA maps: E in 128-row boxes, C in 256 / cluster-row boxes (each
+    block of a cluster loads its share of the C tile and multicasts it)."""
+    return tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster)
+
+
 _GPU_NAMES: dict[int, str] = {}
 
 
@@ -236,7 +242,7 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
                                   template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
             partials(
                 (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
-                (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster), _ptr(bias), part, np.int32(n),
+                (*hopper_operands(e, c, cluster), _ptr(bias), part, np.int32(n),
                  np.int32(v), np.int32(d), np.int32(per_split), softcap),
                 shared_mem=HOPPER_SMEM_BYTES,
             )
@@ -424,7 +430,7 @@ def _sparse_backward(e, c, targets, bias, opts, eps, lse, coef_p, coef_q, de_out
         "lce_grad_sparse_sm90", cluster, e.dtype, bias is not None, opts.softcap is not None, targets.dtype))
     recompute(
         (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
-        (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster), _ptr(bias), targets, lse, coef_p, coef_q,
+        (*hopper_operands(e, c, cluster), _ptr(bias), targets, lse, coef_p, coef_q,
          entries, row_count, overflow, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split), np.int32(slots),
          np.float32(opts.softcap or 0.0), np.float32(np.log(eps))),
         shared_mem=HOPPER_SMEM_BYTES,
@@ -467,15 +473,16 @@ class _BackwardPlan:
                 "lce_grad_logits_sm90", self.cluster, e.dtype, e.dtype, bias is not None, opts.softcap is not None,
                 use_filter, targets.dtype))
             grad_smem, grad_threads = HOPPER_SMEM_BYTES, HOPPER_THREADS
-            if not _aligned(G, ld=vc_max):  # its 16-byte stores; the scratch layout guarantees this
-                raise RuntimeError(f"backward scratch not 16-byte aligned (at {G.data.ptr:#x}); pass an aligned buffer")
         else:
             grad_logits = get_kernel("lce_backward.cu", template_name(
                 "lce_grad_logits", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
                 targets.dtype))
             grad_smem, grad_threads = GEMM_SMEM_BYTES, THREADS
+        g_aligned = _aligned(G, ld=vc_max)
+        if self.hopper and not g_aligned:  # its 16-byte stores; the scratch layout guarantees this
+            raise RuntimeError(f"backward scratch not 16-byte aligned (at {G.data.ptr:#x}); pass an aligned buffer")
         aligned_in = np.int32(_aligned(e, c, ld=d))
-        aligned_g = np.int32(bool(aligned_in) and _aligned(G, ld=vc_max))
+        aligned_g = np.int32(bool(aligned_in) and g_aligned)
 
         nchunks = _cdiv(v, vc_max)
         for k in range(nchunks):
@@ -486,7 +493,7 @@ class _BackwardPlan:
                 # Several tiles a block, one grid wave where it can (the forward's split rule): a
                 # block's pipeline fill and the last wave's idle SMs are paid once, not per tile.
                 col_blocks, cols_per_block = forward_splits(n, vc, HOPPER_TILE_N)
-                operands = (tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // self.cluster))
+                operands = hopper_operands(e, c, self.cluster)
                 grid, tail = (hopper_row_blocks(n, self.cluster), col_blocks), (np.int32(cols_per_block),)
             else:
                 operands, grid, tail = (e, c), (_cdiv(n, TILE_M), _cdiv(vc, TILE_N)), (aligned_in,)

@@ -86,12 +86,9 @@ def precompile() -> int:
 
     from cce_cupy import kernel_sources
 
-    cc = f"sm_{cupy.cuda.Device().compute_capability}"
     count = 0
-    for filename, names in kernel_sources.all_instances().items():
-        if kernel_sources.FILE_ARCH.get(filename, cc).rstrip("a") != cc:
-            continue  # e.g. the sm_90a kernels on another architecture
-        for name in names:
+    for filename in kernel_sources.device_files(cupy.cuda.Device().compute_capability):
+        for name in kernel_sources.all_instances()[filename]:
             kernel_sources.get_kernel(filename, name)
             count += 1
     cupy.cuda.device.get_cublas_handle()
