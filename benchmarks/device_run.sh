@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, compile, test, benchmark. Usage: bash benchmarks/device_run.sh [steps...]
 # steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
-# backward), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
+# backward), forward (the forward against cuBLAS, per kernel, by split length; FORWARD_ARGS), blocking
+# (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
 # gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
 set -uo pipefail
@@ -27,6 +28,8 @@ for step in "$@"; do
     check) python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
     profile) python3 benchmarks/kernel_profile.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    forward) python3 benchmarks/forward_overhead.py ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/forward.log" || rc=1 ;;
+    blocking) python3 benchmarks/backward_blocking.py ${BLOCKING_ARGS:-} 2>&1 | tee "$OUT/blocking.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;

@@ -1,16 +1,20 @@
-"""Where the forward's time goes beyond the kernel: the same gemma2-shaped forward timed three
-ways on one stream, with CUDA events (median of 10, after 2 warm-ups):
+"""Where the forward's time goes beyond cuBLAS: for each shape, in alternating rounds (median, so
+clock drift hits every row alike), each timed with CUDA events after a device synchronize (as
+bench.py does, so host time before the first launch counts):
 
-  kernels   launch.launch_forward alone (partials + finish kernels, preallocated outputs)
-  api       cce_cupy.linear_cross_entropy (validation, allocation, the loss reduction too)
-  api_sync  the same, with a device synchronize before the start event (an idle, drained queue)
+  cublas         cupy.matmul(e, c.T) into a preallocated (N, V) buffer: the floor
+  kernels        launch.launch_forward alone (partials + finish kernels, preallocated outputs)
+  api            cce_cupy.linear_cross_entropy (validation, allocation, the loss reduction too)
+  tiles=T        launch_forward with blocks of exactly T tiles (--tiles)
 
-plus the host time of each call. Usage: python benchmarks/forward_overhead.py [--shape N,D,V]
+plus the host time of each call and, for `kernels`, the GPU time of each kernel.
+Usage: python benchmarks/forward_overhead.py [--shapes gemma2,llama3] [--tiles 8,16,32]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import cupy as cp
@@ -21,44 +25,116 @@ import cce_cupy as cce
 from cce_cupy import launch
 from cce_cupy.options import CCEOptions
 
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
-def timed(fn, sync_first=False, reps=10):
-    ms, host = [], []
-    for i in range(reps + 2):
-        if sync_first:
-            cp.cuda.Device().synchronize()
-        s, t = cp.cuda.Event(), cp.cuda.Event()
-        s.record()
-        h0 = time.perf_counter()
+
+def timed(fn):
+    """(GPU ms from a drained queue, host ms in the call)."""
+    cp.cuda.Device().synchronize()
+    s, t = cp.cuda.Event(), cp.cuda.Event()
+    s.record()
+    h0 = time.perf_counter()
+    fn()
+    h1 = time.perf_counter()
+    t.record()
+    t.synchronize()
+    return cp.cuda.get_elapsed_time(s, t), (h1 - h0) * 1e3
+
+
+def kernel_times(fn) -> dict[str, float]:
+    marks = []
+    real_get = launch.get_kernel
+
+    def get_kernel(f, name):
+        k = real_get(f, name)
+
+        def call(*a, **kw):
+            s, t = cp.cuda.Event(), cp.cuda.Event()
+            s.record()
+            k(*a, **kw)
+            t.record()
+            marks.append((name.split("<")[0], s, t))
+        return call
+
+    launch.get_kernel = get_kernel
+    try:
         fn()
-        h1 = time.perf_counter()
-        t.record()
-        t.synchronize()
-        if i >= 2:
-            ms.append(cp.cuda.get_elapsed_time(s, t))
-            host.append((h1 - h0) * 1e3)
-    return float(np.median(ms)), float(np.median(host))
+        cp.cuda.Device().synchronize()
+    finally:
+        launch.get_kernel = real_get
+    per: dict[str, float] = collections.defaultdict(float)
+    for name, s, t in marks:
+        per[name] += cp.cuda.get_elapsed_time(s, t)
+    return dict(per)
+
+
+def with_tiles(tiles: int, fn):
+    """fn with the Hopper forward split into blocks of exactly `tiles` tiles."""
+    def splits(n, v, tile_n=launch.TILE_N):
+        if tile_n != launch.HOPPER_TILE_N:
+            return real(n, v, tile_n)
+        per_split = tiles * tile_n
+        return -(-v // per_split), per_split
+
+    def run():
+        launch.forward_splits = splits
+        try:
+            return fn()
+        finally:
+            launch.forward_splits = real
+
+    real = launch.forward_splits
+    return run
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="8192,2304,256000")
-    n, d, v = (int(x) for x in ap.parse_args().shape.split(","))
+    ap.add_argument("--shapes", default="gemma2,llama3")
+    ap.add_argument("--tiles", default="", help="tiles a block to time, e.g. 8,16,32")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
     bf = ml_dtypes.bfloat16
-    e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(bf)
-    c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(bf)
-    t = cp.random.randint(0, v, n).astype(cp.int64)
-    lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
-    o = CCEOptions()
-    scratch = cp.empty(launch.forward_scratch_nbytes(n, v, d, e.dtype), cp.uint8)
-    runs = {
-        "kernels": (lambda: launch.launch_forward(e, c, t, None, o, lse, tgt, scratch), False),
-        "api": (lambda: cce.linear_cross_entropy(e, c, t), False),
-        "api_sync": (lambda: cce.linear_cross_entropy(e, c, t), True),
-    }
-    for name, (fn, sync_first) in runs.items():
-        ms, host = timed(fn, sync_first)
-        print(f"{name:9s} GPU (event to event) {ms:8.3f} ms   host in the call {host:7.3f} ms")
+    for shape in args.shapes.split(","):
+        n, d, v = SHAPES[shape]
+        e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(bf)
+        c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(bf)
+        t = cp.random.randint(0, v, n).astype(cp.int64)
+        lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
+        logits = cp.empty((n, v), bf)
+        o = CCEOptions()
+        scratch = cp.empty(launch.FORWARD_PARTIALS_BYTES * 2, cp.uint8)
+        kernels = lambda: launch.launch_forward(e, c, t, None, o, lse, tgt, scratch)  # noqa: E731
+        runs = {
+            "cublas": lambda: cp.matmul(e, c.T, out=logits),
+            "kernels": kernels,
+            "api": lambda: cce.linear_cross_entropy(e, c, t),
+        }
+        for tiles in filter(None, args.tiles.split(",")):
+            runs[f"tiles={tiles}"] = with_tiles(int(tiles), kernels)
+        for fn in runs.values():
+            fn()  # compile, autotune, warm
+        gpu, host = collections.defaultdict(list), collections.defaultdict(list)
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                g, h = timed(fn)
+                gpu[name].append(g)
+                host[name].append(h)
+        floor = float(np.median(gpu["cublas"]))
+        print(f"=== {shape} N={n} D={d} V={v}")
+        for name in runs:
+            ms = float(np.median(gpu[name]))
+            extra = ""
+            if name == "kernels":
+                extra = f"  (splits, columns per split) {launch.forward_splits(n, v, launch.HOPPER_TILE_N)}"
+            if name.startswith("tiles="):
+                split = with_tiles(int(name[6:]), lambda: launch.forward_splits(n, v, launch.HOPPER_TILE_N))()
+                extra = f"  (splits, columns per split) {split}"
+            print(f"{name:10s} GPU {ms:8.3f} ms ({ms / floor:.3f}x cuBLAS) [{min(gpu[name]):.3f}-"
+                  f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}")
+        per = kernel_times(kernels)
+        print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, ms in per.items()))
+        logits = None
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 if __name__ == "__main__":

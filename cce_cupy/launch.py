@@ -8,6 +8,7 @@ scratch, and sets the stream). Shapes and dtypes are checked by the API layers, 
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 
 import numpy as np
@@ -39,13 +40,18 @@ FORWARD_TARGET_BLOCKS = 1024
 HOPPER_MAX_BLOCK_TILES = 16
 FORWARD_PARTIALS_BYTES = 16 << 20
 # The Hopper forward runs one 193 KiB block per SM; its splits are chosen for this many SMs (an
-# H100 SXM / H200), from the shape alone like the above. Other SM counts only lose balance.
+# H100 SXM / H200), from the shape alone like the above. Other SM counts only lose balance. A
+# block costs about this fraction of a tile beyond its tiles (fitted to NOTES.md v12's timings).
 HOPPER_SMS = 132
+HOPPER_BLOCK_OVERHEAD = 0.1
+HOPPER_DRIFT_WAVES = 4  # grids of this many waves or more finish ragged (see _hopper_schedule_length)
 # Backward: the logit-gradient chunk (rows x Vc) is kept under this many bytes, and so is the fp32
 # dE accumulator of a row part (rows x D) that 16-bit gradients need: together with the O(N)
 # buffers the scratch stays under 64 MiB at any N, D, V.
 GRAD_CHUNK_BYTES = 32 << 20
 DE_ACC_BYTES = 24 << 20
+# Backward: run each chunk's dE GEMM on a side stream, concurrently with its dC GEMM.
+GEMM_OVERLAP = True
 # Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` non-negligible
 # gradient elements, 8 bytes each, twice (by row, then sorted by column): the lists get at most
 # SPARSE_LIST_BYTES, a row at most SPARSE_MAX_SLOTS, and with fewer than SPARSE_MIN_SLOTS per row
@@ -97,24 +103,47 @@ def _dtype_eps(dtype) -> float:
 def forward_splits(n: int, v: int, tile_n: int = TILE_N) -> tuple[int, int]:
     """(number of vocab splits, columns per split) for the forward grid with `tile_n`-wide tiles.
 
-    Cached: the Hopper search below costs ~0.5 ms of Python per call on the device's host, which
-    a forward call used to pay three times (1.4 ms of host time, the GPU idle behind it)."""
+    Cached: it runs at every forward and backward call (and JAX traces), and the Hopper search
+    below is a few hundred microseconds of Python."""
     row_blocks = max(1, _cdiv(n, TILE_M))
     col_tiles = max(1, _cdiv(v, tile_n))
     if tile_n == HOPPER_TILE_N:
-        # One block per SM: pick the split count with the fewest waves x (tiles per block + the
-        # pipeline fill and partials store, about half a tile), the fewest splits among equals.
-        def cost(s):
-            return _cdiv(row_blocks * s, HOPPER_SMS) * (_cdiv(col_tiles, s) + 0.5)
-        splits = min(range(1, min(col_tiles, 4 * HOPPER_SMS) + 1), key=lambda s: (cost(s), s))
-        # Then no block longer than HOPPER_MAX_BLOCK_TILES tiles (measured, NOTES.md v10: a 500-tile
-        # block, the cost model's pick at gemma2, was 10-15% slower than 16- to 32-tile ones), within
-        # FORWARD_PARTIALS_BYTES of partials.
-        splits = max(splits, min(_cdiv(col_tiles, HOPPER_MAX_BLOCK_TILES), FORWARD_PARTIALS_BYTES // (12 * n)))
+        # One block per SM, so the grid runs as a list schedule: pick the tiles a block with the
+        # shortest simulated schedule (NOTES.md v12), fewer splits among equals. At most
+        # HOPPER_MAX_BLOCK_TILES tiles a block (NOTES.md v10: 500-tile blocks were 10-15% slower),
+        # and at most FORWARD_PARTIALS_BYTES of partials.
+        max_splits = max(1, FORWARD_PARTIALS_BYTES // (12 * n))
+        candidates = [t for t in range(1, min(col_tiles, HOPPER_MAX_BLOCK_TILES) + 1)
+                      if _cdiv(col_tiles, t) <= max_splits] or [_cdiv(col_tiles, max_splits)]
+        per_tiles = min(candidates, key=lambda t: (_hopper_schedule_length(row_blocks, col_tiles, t), -t))
+        splits = _cdiv(col_tiles, per_tiles)
     else:
         splits = min(col_tiles, max(1, _cdiv(FORWARD_TARGET_BLOCKS, row_blocks)))
     per_split = _cdiv(col_tiles, splits) * tile_n
     return _cdiv(v, per_split), per_split
+
+
+def _hopper_schedule_length(row_blocks: int, col_tiles: int, tiles: int) -> float:
+    """Expected time, in tiles, until the last SM finishes a Hopper grid of blocks of `tiles`
+    tiles (the last split shorter), each costing HOPPER_BLOCK_OVERHEAD more (pipeline fill,
+    partials store, launch).
+
+    The blocks go in grid order to HOPPER_SMS SMs, each to the SM free first. That list schedule is
+    what runs while the blocks of a wave start and end together; over several waves they drift
+    apart (clocks, L2 hits), and the SMs then finish anywhere within the last block: half a block
+    more on average, which is what makes shorter blocks pay at large grids (NOTES.md v12).
+    """
+    splits = _cdiv(col_tiles, tiles)
+    full = (splits - 1) * row_blocks  # blocks of `tiles` tiles, before the last split's
+    cost = tiles + HOPPER_BLOCK_OVERHEAD
+    waves, extra = divmod(full, HOPPER_SMS)
+    busy = [(waves + 1) * cost] * extra + [waves * cost] * (HOPPER_SMS - extra)
+    heapq.heapify(busy)
+    last = col_tiles - (splits - 1) * tiles + HOPPER_BLOCK_OVERHEAD
+    for _ in range(row_blocks):
+        heapq.heappush(busy, heapq.heappop(busy) + last)
+    drift = 0.5 * tiles if splits * row_blocks >= HOPPER_DRIFT_WAVES * HOPPER_SMS else 0.0
+    return max(busy) + drift
 
 
 def forward_scratch_nbytes(n: int, v: int, d: int, dtype) -> int:
@@ -463,6 +492,8 @@ class _BackwardPlan:
         self.run_if = _ptr(run_if)
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
+        import cupy
+
         n, d = e.shape
         v = c.shape[0]
         opts, vc_max, flags = self.opts, self.vc_max, self.flags
@@ -514,10 +545,20 @@ class _BackwardPlan:
                 de_target, de_accumulate = self.de_acc[:n], k > 0
                 de_final = de_out if k == nchunks - 1 else None
             if self.use_cublas:
+                # dE on a side stream next to dC: the two GEMMs (each ~2 waves of tiles) fill each
+                # other's last wave. Both only read G; the next recompute waits for both.
+                main = cupy.cuda.get_current_stream()
+                side, side_handle = _side_stream() if GEMM_OVERLAP else (main, None)
+                if GEMM_OVERLAP:
+                    side.wait_event(main.record())
+                with side:
+                    _gemm_rowmajor(Gc, c[v0 : v0 + vc], de_target, trans_a=False, accumulate=de_accumulate,
+                                   handle=side_handle)
+                    if de_final is not None:
+                        de_final[...] = de_target
                 _gemm_rowmajor(Gc, e, dc_chunk, trans_a=True, accumulate=not first_part)
-                _gemm_rowmajor(Gc, c[v0 : v0 + vc], de_target, trans_a=False, accumulate=de_accumulate)
-                if de_final is not None:
-                    de_final[...] = de_target
+                if GEMM_OVERLAP:
+                    main.wait_event(side.record())
             else:
                 self._gemms_tiled(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
                                      first_part, aligned_g)
@@ -567,8 +608,24 @@ _CUBLAS_COMPUTE_32F = 68  # fp32 accumulation, no TF32
 _CUBLAS_GEMM_DEFAULT = -1
 
 
-def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool) -> None:
-    """out (+)= op(a) @ b in fp32 through cuBLAS, on CuPy's current stream.
+_SIDE_STREAMS: dict[int, tuple] = {}
+
+
+def _side_stream():
+    """(stream, cuBLAS handle) of this device for GEMMs run next to the current stream's: a handle
+    of its own, so the two streams' GEMMs never share a cuBLAS workspace."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    dev = cupy.cuda.Device().id
+    if dev not in _SIDE_STREAMS:
+        _SIDE_STREAMS[dev] = (cupy.cuda.Stream(non_blocking=True), cublas.create())
+    return _SIDE_STREAMS[dev]
+
+
+def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool, handle=None) -> None:
+    """out (+)= op(a) @ b in fp32 through cuBLAS, on CuPy's current stream (with `handle`, or
+    CuPy's handle of this device).
 
     Row-major views: a is (K, M) when trans_a else (M, K); b is (K, N); out is (M, N). Each may
     have a row stride larger than its width (a column slice of a wider buffer). cuBLAS is
@@ -581,7 +638,8 @@ def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool) -> None:
     k = b.shape[0]
     alpha = np.ones(1, np.float32)
     beta = np.full(1, 1.0 if accumulate else 0.0, np.float32)
-    handle = cupy.cuda.device.get_cublas_handle()
+    if handle is None:
+        handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.gemmEx(
         handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N if not trans_a else cublas.CUBLAS_OP_T, n, m, k,

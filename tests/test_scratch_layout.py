@@ -46,3 +46,34 @@ def test_sparse_slots_rules():
     assert launch.sparse_slots(8192, 2304, np.dtype("float16"), CCEOptions()) == 0  # exact: no lists
     assert launch.sparse_slots(8192, 2300, np.dtype("float16"), FILTER) == 0  # D % 8: no wgmma path
     assert launch.sparse_slots(1 << 20, 2304, np.dtype("float16"), FILTER) == 0  # < SPARSE_MIN_SLOTS a row
+
+
+@pytest.mark.parametrize("n,v", [(8192, 256000), (8192, 128256), (2048, 8192), (1408, 11776), (65536, 256000),
+                                 (1, 1), (7, 129), (128, 257), (300000, 32000)])
+def test_hopper_forward_splits_cover_v_within_limits(n, v):
+    """Every column in exactly one split, whole 256-column tiles, at most HOPPER_MAX_BLOCK_TILES of
+    them a block where the partials fit FORWARD_PARTIALS_BYTES, and no empty split."""
+    splits, per_split = launch.forward_splits(n, v, launch.HOPPER_TILE_N)
+    assert per_split % launch.HOPPER_TILE_N == 0
+    assert (splits - 1) * per_split < v <= splits * per_split
+    tiles = per_split // launch.HOPPER_TILE_N
+    cap = max(1, launch.FORWARD_PARTIALS_BYTES // (12 * n))
+    assert tiles <= launch.HOPPER_MAX_BLOCK_TILES or splits <= cap
+    assert splits <= cap or tiles == 1
+    assert launch.forward_scratch_nbytes(n, v, 2304, np.dtype("float16")) >= 3 * splits * n * 4
+
+
+def test_hopper_schedule_length_model():
+    """The list-schedule model behind the split choice: one wave of equal blocks takes one block;
+    an exact number of waves takes that many blocks; a ragged last wave costs a whole block."""
+    o = launch.HOPPER_BLOCK_OVERHEAD
+    sms = launch.HOPPER_SMS
+    assert launch._hopper_schedule_length(1, 4, 4) == pytest.approx(4 + o)
+    assert launch._hopper_schedule_length(sms, 8, 4) == pytest.approx(2 * (4 + o))  # 2 splits, 1 wave each
+    # sms + 1 blocks of 4 tiles: the extra block runs after a full one
+    assert launch._hopper_schedule_length(sms + 1, 4, 4) == pytest.approx(2 * (4 + o))
+    # a short last split fills the SMs that the full blocks left idle
+    assert launch._hopper_schedule_length(sms // 2, 5, 4) == pytest.approx(4 + o)
+    # gemma2 (64 row blocks x 1000 tiles): far from the 500-tile blocks of the old cost model
+    splits, per_split = launch.forward_splits(8192, 256000, launch.HOPPER_TILE_N)
+    assert 4 <= per_split // launch.HOPPER_TILE_N <= 12

@@ -1,0 +1,166 @@
+"""How the backward's blocking moves its time: the exact backward timed under several (gradient
+chunk, dE accumulator) byte budgets, with a per-step breakdown (recompute, dC GEMM, dE GEMM, cast),
+next to the three full-size cuBLAS GEMMs of the same shape. For kernel development on the device.
+
+Each plan sets launch.GRAD_CHUNK_BYTES and launch.DE_ACC_BYTES (MiB), optionally GEMM_OVERLAP
+off, and runs launch_backward with
+preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
+hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
+Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3] [--plans 32:24,24:32] [--names]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import cupy as cp
+import ml_dtypes
+import numpy as np
+
+from cce_cupy import launch
+from cce_cupy.options import CCEOptions, row_coefficients
+
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+
+
+def events_time(fn) -> float:
+    s, t = cp.cuda.Event(), cp.cuda.Event()
+    s.record()
+    fn()
+    t.record()
+    t.synchronize()
+    return cp.cuda.get_elapsed_time(s, t)
+
+
+def set_plan(chunk_mib: int, acc_mib: int, overlap: int = 1) -> None:
+    launch.GRAD_CHUNK_BYTES = chunk_mib << 20
+    launch.DE_ACC_BYTES = acc_mib << 20
+    launch.GEMM_OVERLAP = bool(overlap)
+
+
+def breakdown(run) -> dict[str, float]:
+    """GPU ms per step of one backward: each launch bracketed by events (adds small gaps)."""
+    per: dict[str, float] = collections.defaultdict(float)
+    marks = []
+    real_get, real_gemm = launch.get_kernel, launch._gemm_rowmajor
+
+    def bracket(name, fn):
+        def call(*a, **k):
+            s, t = cp.cuda.Event(), cp.cuda.Event()
+            s.record()
+            out = fn(*a, **k)
+            t.record()
+            marks.append((name, s, t))
+            return out
+        return call
+
+    def gemm(a, b, out, *, trans_a, accumulate, handle=None):
+        name = "dC GEMM (+=)" if trans_a and accumulate else "dC GEMM" if trans_a else "dE GEMM"
+        return bracket(name, real_gemm)(a, b, out, trans_a=trans_a, accumulate=accumulate, handle=handle)
+
+    launch.get_kernel = lambda f, name: bracket(name.split("<")[0], real_get(f, name))
+    launch._gemm_rowmajor = gemm
+    try:
+        run()
+        cp.cuda.Device().synchronize()
+    finally:
+        launch.get_kernel, launch._gemm_rowmajor = real_get, real_gemm
+    for name, s, t in marks:
+        per[name] += cp.cuda.get_elapsed_time(s, t)
+    return dict(per)
+
+
+def gemm_case(m: int, n: int, k: int, trans_a: bool, acc: bool, out_dtype):
+    """A GEMM as _gemm_rowmajor runs it: out (M, N) (+)= op(a) @ b, b (K, N) row-major, a (M, K)
+    or (K, M); returns (flops, fn)."""
+    bf = ml_dtypes.bfloat16
+    a = cp.random.standard_normal((k, m) if trans_a else (m, k), dtype=cp.float32).astype(bf)
+    b = cp.random.standard_normal((k, n), dtype=cp.float32).astype(bf)
+    out = cp.random.standard_normal((m, n), dtype=cp.float32).astype(out_dtype)
+    return 2 * m * n * k, lambda: launch._gemm_rowmajor(a, b, out, trans_a=trans_a, accumulate=acc)
+
+
+def cublas_names(cases: dict) -> None:
+    """Time each {label: (flops, fn)} GEMM and print the kernel cuBLAS runs (torch.profiler, CUPTI)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, (flops, fn) in cases.items():
+        fn()
+        cp.cuda.Device().synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ms = float(np.median([events_time(fn) for _ in range(5)]))
+            torch.cuda.synchronize()
+        kernels = sorted({ev.name for ev in prof.events() if ev.device_type.name == "CUDA"})
+        print(f"  cuBLAS {label}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s): {'; '.join(kernels)}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="gemma2,llama3")
+    ap.add_argument("--plans", default="32:24,32:24:0,24:32,40:16",
+                    help="chunk MiB : dE accumulator MiB [: 0 to run dE and dC GEMMs on one stream], ...")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--names", action="store_true")
+    args = ap.parse_args()
+    plans = [tuple(int(x) for x in p.split(":")) for p in args.plans.split(",")]
+    bf = ml_dtypes.bfloat16
+    o = CCEOptions()
+    for shape in args.shapes.split(","):
+        n, d, v = SHAPES[shape]
+        e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(bf)
+        c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(bf)
+        t = cp.random.randint(0, v, n).astype(cp.int64)
+        lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
+        launch.launch_forward(e, c, t, None, o, lse, tgt)
+        cpp, cq = row_coefficients(cp, o, t != o.ignore_index, lse, 1.0)
+        de, dc = cp.empty((n, d), bf), cp.empty((v, d), bf)
+        g = (cp.random.standard_normal((n, v), dtype=cp.float32) / n).astype(bf)  # not zeros: they run faster
+        floor = {
+            "E@C^T": lambda: cp.matmul(e, c.T, out=g),
+            "G@C": lambda: cp.matmul(g, c, out=de),
+            "G^T@E": lambda: cp.matmul(g.T, e, out=dc),
+        }
+        runs = {}
+        for plan in plans:
+            set_plan(*plan)
+            scratch = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
+            blocking = launch.backward_blocking(n, v, d, e.dtype, o)
+
+            def run(plan=plan, scratch=scratch):
+                set_plan(*plan)
+                launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)
+
+            run()  # compile, warm
+            runs[plan] = (run, blocking, scratch.nbytes)
+        times = collections.defaultdict(list)
+        for _ in range(args.rounds):
+            for key, fn in floor.items():
+                times[key].append(events_time(fn))
+            for plan, (run, _, _) in runs.items():
+                times[plan].append(events_time(run))
+        med = {k: float(np.median(x)) for k, x in times.items()}
+        gemm3 = med["E@C^T"] + med["G@C"] + med["G^T@E"]
+        print(f"=== {shape} N={n} D={d} V={v}: cuBLAS E@C^T {med['E@C^T']:.2f}, G@C {med['G@C']:.2f}, "
+              f"G^T@E {med['G^T@E']:.2f}; three GEMMs {gemm3:.2f} ms")
+        for plan, (run, blocking, nbytes) in runs.items():
+            steps = breakdown(run)
+            detail = ", ".join(f"{k} {ms:.2f}" for k, ms in sorted(steps.items(), key=lambda kv: -kv[1]))
+            overlap = "" if len(plan) < 3 or plan[2] else ", one stream"
+            print(f"  plan chunk {plan[0]} MiB, dE acc {plan[1]} MiB{overlap} -> (rows, cols, acc) {blocking}, "
+                  f"scratch {nbytes / 2**20:.1f} MiB: backward {med[plan]:.2f} ms = {med[plan] / gemm3:.3f}x "
+                  f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}")
+        if args.names:
+            set_plan(*plans[0])
+            rows, cols, _ = launch.backward_blocking(n, v, d, e.dtype, o)
+            cublas_names({
+                "E@C^T (cupy.matmul)": (2 * n * d * v, floor["E@C^T"]),
+                f"dE chunk M={rows} N={d} K={cols} (+=, fp32)": gemm_case(rows, d, cols, False, True, cp.float32),
+                f"dC chunk M={cols} N={d} K={rows} (+=, bf16)": gemm_case(cols, d, rows, True, True, bf),
+            })
+        g = floor = None
+        cp.get_default_memory_pool().free_all_blocks()
+
+if __name__ == "__main__":
+    main()
