@@ -2,8 +2,8 @@
 chunk, dE accumulator) byte budgets, with a per-step breakdown (recompute, dC GEMM, dE GEMM, cast),
 next to the three full-size cuBLAS GEMMs of the same shape. For kernel development on the device.
 
-Each plan sets launch.GRAD_CHUNK_BYTES and launch.DE_ACC_BYTES (MiB), optionally GEMM_OVERLAP
-off, and runs launch_backward with
+Each plan sets launch.GRAD_CHUNK_BYTES and launch.DE_ACC_BYTES (MiB; BACKWARD_BUFFERS_BYTES their
+sum), optionally BACKWARD_PART_ROWS, and runs launch_backward with
 preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
 hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
 Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3] [--plans 32:24,24:32] [--names]
@@ -33,10 +33,11 @@ def events_time(fn) -> float:
     return cp.cuda.get_elapsed_time(s, t)
 
 
-def set_plan(chunk_mib: int, acc_mib: int, overlap: int = 1) -> None:
+def set_plan(chunk_mib: int, acc_mib: int, part_rows: int = 1 << 30) -> None:
     launch.GRAD_CHUNK_BYTES = chunk_mib << 20
     launch.DE_ACC_BYTES = acc_mib << 20
-    launch.GEMM_OVERLAP = bool(overlap)
+    launch.BACKWARD_BUFFERS_BYTES = (chunk_mib + acc_mib) << 20
+    launch.BACKWARD_PART_ROWS = part_rows
 
 
 def breakdown(run) -> dict[str, float]:
@@ -55,9 +56,9 @@ def breakdown(run) -> dict[str, float]:
             return out
         return call
 
-    def gemm(a, b, out, *, trans_a, accumulate, handle=None):
+    def gemm(a, b, out, *, trans_a, accumulate):
         name = "dC GEMM (+=)" if trans_a and accumulate else "dC GEMM" if trans_a else "dE GEMM"
-        return bracket(name, real_gemm)(a, b, out, trans_a=trans_a, accumulate=accumulate, handle=handle)
+        return bracket(name, real_gemm)(a, b, out, trans_a=trans_a, accumulate=accumulate)
 
     launch.get_kernel = lambda f, name: bracket(name.split("<")[0], real_get(f, name))
     launch._gemm_rowmajor = gemm
@@ -99,8 +100,8 @@ def cublas_names(cases: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="gemma2,llama3")
-    ap.add_argument("--plans", default="32:24,32:24:0,24:32,40:16",
-                    help="chunk MiB : dE accumulator MiB [: 0 to run dE and dC GEMMs on one stream], ...")
+    ap.add_argument("--plans", default="32:24,24:32:2048,24:32,40:16",
+                    help="chunk MiB : dE accumulator MiB [: most rows a part], ...")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--names", action="store_true")
     args = ap.parse_args()
@@ -147,8 +148,8 @@ def main() -> None:
         for plan, (run, blocking, nbytes) in runs.items():
             steps = breakdown(run)
             detail = ", ".join(f"{k} {ms:.2f}" for k, ms in sorted(steps.items(), key=lambda kv: -kv[1]))
-            overlap = "" if len(plan) < 3 or plan[2] else ", one stream"
-            print(f"  plan chunk {plan[0]} MiB, dE acc {plan[1]} MiB{overlap} -> (rows, cols, acc) {blocking}, "
+            rows_cap = f", <= {plan[2]} rows" if len(plan) > 2 else ""
+            print(f"  plan chunk {plan[0]} MiB, dE acc {plan[1]} MiB{rows_cap} -> (rows, cols, acc) {blocking}, "
                   f"scratch {nbytes / 2**20:.1f} MiB: backward {med[plan]:.2f} ms = {med[plan] / gemm3:.3f}x "
                   f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}")
         if args.names:

@@ -37,21 +37,24 @@ from cce_cupy.options import CCEOptions
 FORWARD_TARGET_BLOCKS = 1024
 # Hopper forward splits (forward_splits): blocks of at most this many 256-column tiles, and at most
 # this much scratch for the per-split partials.
-HOPPER_MAX_BLOCK_TILES = 16
-FORWARD_PARTIALS_BYTES = 16 << 20
+HOPPER_MAX_BLOCK_TILES = 8
+FORWARD_PARTIALS_BYTES = 12 << 20
 # The Hopper forward runs one 193 KiB block per SM; its splits are chosen for this many SMs (an
 # H100 SXM / H200), from the shape alone like the above. Other SM counts only lose balance. A
 # block costs about this fraction of a tile beyond its tiles (fitted to NOTES.md v12's timings).
 HOPPER_SMS = 132
 HOPPER_BLOCK_OVERHEAD = 0.1
 HOPPER_DRIFT_WAVES = 4  # grids of this many waves or more finish ragged (see _hopper_schedule_length)
-# Backward: the logit-gradient chunk (rows x Vc) is kept under this many bytes, and so is the fp32
-# dE accumulator of a row part (rows x D) that 16-bit gradients need: together with the O(N)
-# buffers the scratch stays under 64 MiB at any N, D, V.
+# Backward: the logit-gradient chunk (rows x Vc) is kept under GRAD_CHUNK_BYTES, the fp32 dE
+# accumulator of a row part (rows x D) that 16-bit gradients need under DE_ACC_BYTES, the two
+# together under BACKWARD_BUFFERS_BYTES, and a part under BACKWARD_PART_ROWS rows: with the O(N)
+# buffers the scratch stays under 64 MiB at any N, D, V. Fewer, taller parts re-read dC less often
+# but leave narrower chunks; 2048 rows was the measured optimum at both benchmark shapes
+# (NOTES.md, b1).
 GRAD_CHUNK_BYTES = 32 << 20
-DE_ACC_BYTES = 24 << 20
-# Backward: run each chunk's dE GEMM on a side stream, concurrently with its dC GEMM.
-GEMM_OVERLAP = True
+DE_ACC_BYTES = 32 << 20
+BACKWARD_BUFFERS_BYTES = 56 << 20
+BACKWARD_PART_ROWS = 2048
 # Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` non-negligible
 # gradient elements, 8 bytes each, twice (by row, then sorted by column): the lists get at most
 # SPARSE_LIST_BYTES, a row at most SPARSE_MAX_SLOTS, and with fewer than SPARSE_MIN_SLOTS per row
@@ -313,17 +316,17 @@ def backward_blocking(n: int, v: int, d: int, dtype, opts: CCEOptions) -> tuple[
     """
     itemsize = _itemsize(dtype)
 
-    def chunk(rows):
-        cols = GRAD_CHUNK_BYTES // max(1, rows * itemsize) // HOPPER_TILE_N * HOPPER_TILE_N
+    def chunk(rows, nbytes=GRAD_CHUNK_BYTES):
+        cols = nbytes // max(1, rows * itemsize) // HOPPER_TILE_N * HOPPER_TILE_N
         return max(HOPPER_TILE_N, min(_round_up(v, HOPPER_TILE_N), cols))
 
     rows = max(n, 1)
     vc = chunk(rows)
     need_acc = opts.grad_dtype != "float32" and itemsize == 2 and vc < v
     if need_acc:
-        cap = max(TILE_M, DE_ACC_BYTES // (d * 4) // TILE_M * TILE_M)
+        cap = max(TILE_M, min(BACKWARD_PART_ROWS, DE_ACC_BYTES // (d * 4)) // TILE_M * TILE_M)
         rows = min(rows, _round_up(_cdiv(rows, _cdiv(rows, cap)), TILE_M))
-        vc = chunk(rows)
+        vc = chunk(rows, min(GRAD_CHUNK_BYTES, BACKWARD_BUFFERS_BYTES - rows * d * 4))
         need_acc = vc < v
     if rows * vc * itemsize > GRAD_CHUNK_BYTES:  # even the narrowest chunk is too big: fewer rows a part
         rows = max(TILE_M, GRAD_CHUNK_BYTES // (vc * itemsize) // TILE_M * TILE_M)
@@ -492,8 +495,6 @@ class _BackwardPlan:
         self.run_if = _ptr(run_if)
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
-        import cupy
-
         n, d = e.shape
         v = c.shape[0]
         opts, vc_max, flags = self.opts, self.vc_max, self.flags
@@ -545,20 +546,10 @@ class _BackwardPlan:
                 de_target, de_accumulate = self.de_acc[:n], k > 0
                 de_final = de_out if k == nchunks - 1 else None
             if self.use_cublas:
-                # dE on a side stream next to dC: the two GEMMs (each ~2 waves of tiles) fill each
-                # other's last wave. Both only read G; the next recompute waits for both.
-                main = cupy.cuda.get_current_stream()
-                side, side_handle = _side_stream() if GEMM_OVERLAP else (main, None)
-                if GEMM_OVERLAP:
-                    side.wait_event(main.record())
-                with side:
-                    _gemm_rowmajor(Gc, c[v0 : v0 + vc], de_target, trans_a=False, accumulate=de_accumulate,
-                                   handle=side_handle)
-                    if de_final is not None:
-                        de_final[...] = de_target
                 _gemm_rowmajor(Gc, e, dc_chunk, trans_a=True, accumulate=not first_part)
-                if GEMM_OVERLAP:
-                    main.wait_event(side.record())
+                _gemm_rowmajor(Gc, c[v0 : v0 + vc], de_target, trans_a=False, accumulate=de_accumulate)
+                if de_final is not None:
+                    de_final[...] = de_target
             else:
                 self._gemms_tiled(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
                                      first_part, aligned_g)
@@ -608,24 +599,8 @@ _CUBLAS_COMPUTE_32F = 68  # fp32 accumulation, no TF32
 _CUBLAS_GEMM_DEFAULT = -1
 
 
-_SIDE_STREAMS: dict[int, tuple] = {}
-
-
-def _side_stream():
-    """(stream, cuBLAS handle) of this device for GEMMs run next to the current stream's: a handle
-    of its own, so the two streams' GEMMs never share a cuBLAS workspace."""
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-
-    dev = cupy.cuda.Device().id
-    if dev not in _SIDE_STREAMS:
-        _SIDE_STREAMS[dev] = (cupy.cuda.Stream(non_blocking=True), cublas.create())
-    return _SIDE_STREAMS[dev]
-
-
-def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool, handle=None) -> None:
-    """out (+)= op(a) @ b in fp32 through cuBLAS, on CuPy's current stream (with `handle`, or
-    CuPy's handle of this device).
+def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool) -> None:
+    """out (+)= op(a) @ b in fp32 through cuBLAS, on CuPy's current stream.
 
     Row-major views: a is (K, M) when trans_a else (M, K); b is (K, N); out is (M, N). Each may
     have a row stride larger than its width (a column slice of a wider buffer). cuBLAS is
@@ -638,8 +613,7 @@ def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool, handle=None) -
     k = b.shape[0]
     alpha = np.ones(1, np.float32)
     beta = np.full(1, 1.0 if accumulate else 0.0, np.float32)
-    if handle is None:
-        handle = cupy.cuda.device.get_cublas_handle()
+    handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.gemmEx(
         handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N if not trans_a else cublas.CUBLAS_OP_T, n, m, k,
