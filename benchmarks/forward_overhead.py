@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--shapes", default="gemma2,llama3")
     ap.add_argument("--tiles", default="", help="tiles a block to time, e.g. 8,16,32")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--host-profile", action="store_true", help="cProfile 20 API calls: where the host time goes")
     args = ap.parse_args()
     bf = ml_dtypes.bfloat16
     for shape in args.shapes.split(","):
@@ -133,6 +134,17 @@ def main():
                   f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}")
         per = kernel_times(kernels)
         print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, ms in per.items()))
+        if args.host_profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                cce.linear_cross_entropy(e, c, t)
+            prof.disable()
+            cp.cuda.Device().synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         logits = None
         cp.get_default_memory_pool().free_all_blocks()
 
