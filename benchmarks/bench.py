@@ -277,6 +277,58 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
     return recs
 
 
+def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
+    """ours and its cuBLAS floor timed in alternating rounds, one call of each a round (the order
+    flipped every round): clock and temperature drift over a run of minutes then hits both alike,
+    where the main table times the floor minutes before ours. fwd against E @ Cᵀ, fwd_bwd against
+    the four GEMMs; the ratio is the median of the per-round ratios."""
+    cub, ours = P.make_provider("cublas", p), P.make_provider("ours", p)
+    timer = P.Timer("cupy")
+    out = []
+    try:
+        cub.setup()
+        ours.setup()
+        cases = {"fwd": (cub._fwd, ours.fwd), "fwd_bwd": (lambda: (cub._fwd(), cub._bwd()), ours.fwd_bwd)}
+        for mode, (floor, mine) in cases.items():
+            floor()
+            mine()
+            timer.sync()
+            times: dict[str, list[float]] = {"floor": [], "ours": []}
+            for r in range(rounds):
+                order = [("floor", floor), ("ours", mine)]
+                for name, fn in order if r % 2 == 0 else order[::-1]:
+                    times[name].append(timer.time(fn, 1, warmup=0))
+            ratios = [o / f for o, f in zip(times["ours"], times["floor"])]
+            out.append(dict(shape=p.shape, data=p.data, mode=mode, rounds=rounds,
+                            floor_ms=round(P._median(times["floor"]), 4), ours_ms=round(P._median(times["ours"]), 4),
+                            ratio=round(P._median(ratios), 4), ratio_min=round(min(ratios), 4),
+                            ratio_max=round(max(ratios), 4)))
+            log(f"  paired {mode}: floor {out[-1]['floor_ms']:.3f} ms, ours {out[-1]['ours_ms']:.3f} ms, "
+                f"ratio {out[-1]['ratio']:.3f} [{out[-1]['ratio_min']:.3f}-{out[-1]['ratio_max']:.3f}]")
+    except Exception as ex:  # noqa: BLE001 - the main table stands without it
+        log(f"  paired rounds FAILED: {type(ex).__name__}: {ex}")
+    finally:
+        for prov in (cub, ours):
+            try:
+                prov.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+        P.free_device_memory()
+    return out
+
+
+def paired_lines(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    lines = ["", "## Paired rounds: ours and its cuBLAS floor alternating (see paired_rounds)", "",
+             "| shape | data | mode | rounds | floor ms | ours ms | ratio (median) | min-max |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for q in paired:
+        lines.append(f"| {q['shape']} | {q['data']} | {q['mode']} | {q['rounds']} | {q['floor_ms']:.3f} "
+                     f"| {q['ours_ms']:.3f} | {q['ratio']:.3f} | {q['ratio_min']:.3f}-{q['ratio_max']:.3f} |")
+    return lines
+
+
 def _fmt_mib(b) -> str:
     return "-" if b is None else f"{b / P.MIB:.1f} MiB"
 
@@ -312,7 +364,7 @@ def _cell(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def markdown(records: list[dict], skipped: list[str]) -> str:
+def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None = None) -> str:
     fl = floors(records)
     lines = []
     if records:
@@ -349,6 +401,7 @@ def markdown(records: list[dict], skipped: list[str]) -> str:
         )
     lines += ["", "## Ratios the bars use", ""]
     lines += ratio_lines(records, fl) or ["(no cuBLAS floor or no ours records)"]
+    lines += paired_lines(paired or [])
     if skipped:
         lines += ["", "## Skipped (budget)", ""] + [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"
@@ -424,6 +477,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--label", default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip work left after this many seconds")
+    ap.add_argument("--paired-rounds", type=int, default=15,
+                    help="alternating ours / cuBLAS rounds per case, after the providers (0: none)")
     ap.add_argument(
         "--repeats",
         type=int,
@@ -483,6 +538,7 @@ def main(argv=None) -> Path:
         f"budget {args.budget_s:.0f} s -> {json_path}"
     )
     records: list[dict] = []
+    paired: list[dict] = []
 
     def elapsed() -> float:
         return time.time() - args.t_start
@@ -519,11 +575,15 @@ def main(argv=None) -> Path:
                     continue
                 log(f"  {key} (t={elapsed():.0f} s)")
                 records += run_provider(key, p, args.mode_list, args, meta)
+            if args.paired_rounds and args.backend == "cupy" and {"cublas", "ours"} <= set(args.provider_list):
+                paired += paired_rounds(p, args.paired_rounds)
             p.free()
             P.free_device_memory()
             json_path.write_text(json.dumps(records, indent=1))  # after every case: a cut run keeps it
     json_path.write_text(json.dumps(records, indent=1))
-    md = markdown(records, args.skipped)
+    if paired:
+        json_path.with_name(f"{stem}-paired.json").write_text(json.dumps(paired, indent=1))
+    md = markdown(records, args.skipped, paired)
     md_path.write_text(md)
     log("")
     log(md)
