@@ -68,6 +68,51 @@ def kernel_times(fn) -> dict[str, float]:
     return dict(per)
 
 
+def host_stages(call, calls: int = 20) -> None:
+    """Mean host microseconds per call of each stage of the API's forward (each wrapped with a
+    clock, so nested stages are included in their callers)."""
+    from cce_cupy import api, autotune
+
+    stages = {
+        (api, "_prepare"), (api, "_forward"), (api, "_loss_outputs"), (api, "_flat_targets"), (api, "_take"),
+        (api, "check_linear_ce_args"), (api, "make_options"), (launch, "launch_forward"), (launch, "use_hopper"),
+        (launch, "forward_splits"), (launch, "hopper_operands"), (launch, "target_error_flag"),
+        (launch, "template_name"), (launch, "gpu_name"), (autotune, "hopper_cluster"), (launch, "get_kernel"),
+    }
+    spent: dict[str, float] = collections.defaultdict(float)
+    real = {(mod, name): getattr(mod, name) for mod, name in stages}
+
+    def clocked(label, fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[label] += time.perf_counter() - t0
+        return run
+
+    for (mod, name), fn in real.items():
+        setattr(mod, name, clocked(f"{mod.__name__.split('.')[-1]}.{name}", fn))
+    real_get = real[(launch, "get_kernel")]
+
+    def get_kernel(f, name):  # the launch itself, as "kernel launch"
+        return clocked("kernel launch", real_get(f, name))
+    launch.get_kernel = get_kernel
+    try:
+        call()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        total = time.perf_counter() - t0
+        cp.cuda.Device().synchronize()
+    finally:
+        for (mod, name), fn in real.items():
+            setattr(mod, name, fn)
+    print(f"host per API call {total / calls * 1e6:.0f} us; by stage (mean us a call, nested stages included):")
+    for label, sec in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:32s} {sec / (calls + 1) * 1e6:8.1f}")
+
+
 def with_tiles(tiles: int, fn):
     """fn with the Hopper forward split into blocks of exactly `tiles` tiles."""
     def splits(n, v, tile_n=launch.TILE_N):
@@ -135,16 +180,7 @@ def main():
         per = kernel_times(kernels)
         print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, ms in per.items()))
         if args.host_profile:
-            import cProfile
-            import pstats
-
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                cce.linear_cross_entropy(e, c, t)
-            prof.disable()
-            cp.cuda.Device().synchronize()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            host_stages(lambda: cce.linear_cross_entropy(e, c, t))
         logits = None
         cp.get_default_memory_pool().free_all_blocks()
 
