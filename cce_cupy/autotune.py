@@ -120,6 +120,11 @@ def _cache(path: str) -> TuningCache:
     return TuningCache(Path(path))
 
 
+# Choices already found (cached or tuned), by the environment that names the cache file and the
+# call's shape: each launch asks, and the file lookup costs ~40 us of host time per call.
+_FOUND: dict[tuple, int] = {}
+
+
 def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
                    time_candidate: Callable[[int], float] | None = None) -> int:
     """CLUSTER for the Hopper kernels of this call: forced, cached, tuned (when time_candidate is
@@ -129,12 +134,20 @@ def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
         if int(forced) not in HOPPER_CLUSTERS:
             raise ValueError(f"CCE_CUPY_HOPPER_CLUSTER must be one of {HOPPER_CLUSTERS}, got {forced!r}")
         return int(forced)
+    memo = (os.environ.get("CCE_CUPY_AUTOTUNE_CACHE"), os.environ.get("XDG_CACHE_HOME"), gpu, dtype, n, d, v)
+    found = _FOUND.get(memo)
+    if found is not None:
+        return found
     cache = _cache(str(cache_path()))
     key = tuning_key(gpu, dtype, n, d, v)
     if time_candidate is None:
-        hit = cache.get(key)
-        return DEFAULT_CLUSTER if hit is None else hit
-    return cache.choose(key, HOPPER_CLUSTERS, time_candidate)
+        found = cache.get(key)
+        if found is None:  # not memoized: a later tuning call may fill it
+            return DEFAULT_CLUSTER
+    else:
+        found = cache.choose(key, HOPPER_CLUSTERS, time_candidate)
+    _FOUND[memo] = found
+    return found
 
 
 def time_on_stream(run: Callable[[], None]) -> float:

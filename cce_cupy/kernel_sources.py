@@ -66,6 +66,7 @@ def cxx_type(dtype) -> str:
         raise TypeError(f"no CUDA type for dtype {name}") from None
 
 
+@functools.lru_cache(maxsize=4096)  # at every launch: its dtype lookups cost ~8 us of host time
 def template_name(kernel: str, *args) -> str:
     """`lce_forward_partials<__nv_bfloat16, true, false, false>` from dtypes, bools and type names."""
     parts = []

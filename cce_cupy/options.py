@@ -109,15 +109,17 @@ class CCEOptions:
         return self.filter_eps
 
 
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CCEOptions))
+
+
 def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions:
     """Options from an options object and/or keyword overrides (unknown names raise)."""
     base = CCEOptions() if options is None else options
     if not isinstance(base, CCEOptions):
         raise TypeError(f"options must be a CCEOptions, got {type(base).__name__}")
-    fields = {f.name for f in dataclasses.fields(CCEOptions)}
-    unknown = sorted(set(kwargs) - fields)
+    unknown = sorted(set(kwargs) - _OPTION_NAMES)
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(fields)}")
+        raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(_OPTION_NAMES)}")
     return base.replace(**kwargs) if kwargs else base
 
 
