@@ -43,7 +43,7 @@ for step in "$@"; do
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" || rc=1 ;;
     bench32) python3 benchmarks/bench.py --out "$OUT" --dtype float32 --providers cublas,cublas_tf32,ours,ours_tf32 \
-               --modes fwd --data uniform,peaked --label fp32 2>&1 | tee "$OUT/bench32.log" || rc=1 ;;
+               --modes fwd --data uniform,peaked --label fp32 --paired-rounds 0 2>&1 | tee "$OUT/bench32.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done
