@@ -6,7 +6,7 @@ Each plan sets launch.GRAD_CHUNK_BYTES and launch.DE_ACC_BYTES (MiB; BACKWARD_BU
 sum), optionally BACKWARD_PART_ROWS, and runs launch_backward with
 preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
 hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
-Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3] [--plans 32:24,24:32] [--names]
+Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3,NxDxV] [--plans default,32:24] [--names]
 """
 
 from __future__ import annotations
@@ -33,10 +33,19 @@ def events_time(fn) -> float:
     return cp.cuda.get_elapsed_time(s, t)
 
 
-def set_plan(chunk_mib: int, acc_mib: int, part_rows: int = 1 << 30) -> None:
+DEFAULTS = {k: getattr(launch, k) for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES",
+                                              "BACKWARD_PART_ROWS")}
+
+
+def set_plan(chunk_mib: int = 0, acc_mib: int = 0, part_rows: int = 1 << 30, buffers_mib: int = 0) -> None:
+    """A plan's budgets; no arguments: the package's defaults."""
+    if not chunk_mib:
+        for k, val in DEFAULTS.items():
+            setattr(launch, k, val)
+        return
     launch.GRAD_CHUNK_BYTES = chunk_mib << 20
     launch.DE_ACC_BYTES = acc_mib << 20
-    launch.BACKWARD_BUFFERS_BYTES = (chunk_mib + acc_mib) << 20
+    launch.BACKWARD_BUFFERS_BYTES = (buffers_mib or chunk_mib + acc_mib) << 20
     launch.BACKWARD_PART_ROWS = part_rows
 
 
@@ -100,16 +109,16 @@ def cublas_names(cases: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="gemma2,llama3")
-    ap.add_argument("--plans", default="32:24,24:32:2048,24:32,40:16",
-                    help="chunk MiB : dE accumulator MiB [: most rows a part], ...")
+    ap.add_argument("--plans", default="default,32:24,24:32,40:16",
+                    help="'default' or chunk MiB : dE accumulator MiB [: most rows a part [: both MiB]], ...")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--names", action="store_true")
     args = ap.parse_args()
-    plans = [tuple(int(x) for x in p.split(":")) for p in args.plans.split(",")]
+    plans = [() if p == "default" else tuple(int(x) for x in p.split(":")) for p in args.plans.split(",")]
     bf = ml_dtypes.bfloat16
     o = CCEOptions()
     for shape in args.shapes.split(","):
-        n, d, v = SHAPES[shape]
+        n, d, v = SHAPES[shape] if shape in SHAPES else (int(x) for x in shape.split("x"))
         e = cp.random.standard_normal((n, d), dtype=cp.float32).astype(bf)
         c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(bf)
         t = cp.random.randint(0, v, n).astype(cp.int64)
@@ -148,8 +157,9 @@ def main() -> None:
         for plan, (run, blocking, nbytes) in runs.items():
             steps = breakdown(run)
             detail = ", ".join(f"{k} {ms:.2f}" for k, ms in sorted(steps.items(), key=lambda kv: -kv[1]))
-            rows_cap = f", <= {plan[2]} rows" if len(plan) > 2 else ""
-            print(f"  plan chunk {plan[0]} MiB, dE acc {plan[1]} MiB{rows_cap} -> (rows, cols, acc) {blocking}, "
+            label = "default" if not plan else f"chunk {plan[0]} MiB, dE acc {plan[1]} MiB" + (
+                f", <= {plan[2]} rows" if len(plan) > 2 else "")
+            print(f"  plan {label} -> (rows, cols, acc) {blocking}, "
                   f"scratch {nbytes / 2**20:.1f} MiB: backward {med[plan]:.2f} ms = {med[plan] / gemm3:.3f}x "
                   f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}")
         if args.names:

@@ -49,12 +49,12 @@ HOPPER_DRIFT_WAVES = 4  # grids of this many waves or more finish ragged (see _h
 # accumulator of a row part (rows x D) that 16-bit gradients need under DE_ACC_BYTES, the two
 # together under BACKWARD_BUFFERS_BYTES, and a part under BACKWARD_PART_ROWS rows: with the O(N)
 # buffers the scratch stays under 64 MiB at any N, D, V. Fewer, taller parts re-read dC less often
-# but leave narrower chunks; 2048 rows was the measured optimum at both benchmark shapes
-# (NOTES.md, b1).
+# but leave narrower chunks: parts of 2048-2176 rows with chunks of 6144-8192 columns were the
+# fastest measured plans, 1408-1664 rows and 2816-3328 rows slower by 4-10% (NOTES.md, b1).
 GRAD_CHUNK_BYTES = 32 << 20
 DE_ACC_BYTES = 32 << 20
 BACKWARD_BUFFERS_BYTES = 56 << 20
-BACKWARD_PART_ROWS = 2048
+BACKWARD_PART_ROWS = 2304
 # Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` non-negligible
 # gradient elements, 8 bytes each, twice (by row, then sorted by column): the lists get at most
 # SPARSE_LIST_BYTES, a row at most SPARSE_MAX_SLOTS, and with fewer than SPARSE_MIN_SLOTS per row
