@@ -77,3 +77,14 @@ def test_hopper_schedule_length_model():
     # gemma2 (64 row blocks x 1000 tiles): far from the 500-tile blocks of the old cost model
     splits, per_split = launch.forward_splits(8192, 256000, launch.HOPPER_TILE_N)
     assert 4 <= per_split // launch.HOPPER_TILE_N <= 12
+
+
+@pytest.mark.parametrize("shape,plan", [(GEMMA2, (2048, 8192)), (LLAMA3, (2048, 6144)),
+                                        ((6500, 2304, 256000), (2176, 7680))])
+def test_backward_blocking_keeps_the_measured_plans(shape, plan):
+    """The (rows a part, chunk columns) that measured fastest on the H100 (NOTES.md, b1): the
+    blocking rule must keep producing them for 16-bit inputs."""
+    n, d, v = shape
+    rows, cols, need_acc = launch.backward_blocking(n, v, d, np.dtype("float16"), CCEOptions())
+    assert (rows, cols) == plan and need_acc
+    assert rows * d * 4 + rows * cols * 2 <= launch.BACKWARD_BUFFERS_BYTES
