@@ -2,8 +2,8 @@
 chunk, dE accumulator) byte budgets, with a per-step breakdown (recompute, dC GEMM, dE GEMM, cast),
 next to the three full-size cuBLAS GEMMs of the same shape. For kernel development on the device.
 
-Each plan sets launch.GRAD_CHUNK_BYTES and launch.DE_ACC_BYTES (MiB; BACKWARD_BUFFERS_BYTES their
-sum), optionally BACKWARD_PART_ROWS, and runs launch_backward with
+Each plan ('default', or chunk:acc[:rows[:both]]) sets launch.GRAD_CHUNK_BYTES and DE_ACC_BYTES
+(MiB), BACKWARD_PART_ROWS and BACKWARD_BUFFERS_BYTES (their sum unless given), and runs launch_backward with
 preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
 hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
 Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3,NxDxV] [--plans default,32:24] [--names]
@@ -17,21 +17,12 @@ import collections
 import cupy as cp
 import ml_dtypes
 import numpy as np
+from kernel_profile import launch_times
+from providers import SHAPES
 
 from cce_cupy import launch
+from cce_cupy.autotune import time_on_stream
 from cce_cupy.options import CCEOptions, row_coefficients
-
-SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
-
-
-def events_time(fn) -> float:
-    s, t = cp.cuda.Event(), cp.cuda.Event()
-    s.record()
-    fn()
-    t.record()
-    t.synchronize()
-    return cp.cuda.get_elapsed_time(s, t)
-
 
 DEFAULTS = {k: getattr(launch, k) for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES",
                                               "BACKWARD_PART_ROWS")}
@@ -49,36 +40,14 @@ def set_plan(chunk_mib: int = 0, acc_mib: int = 0, part_rows: int = 1 << 30, buf
     launch.BACKWARD_PART_ROWS = part_rows
 
 
+def step_name(trans_a: bool, accumulate: bool) -> str:
+    """The backward step a cuBLAS call of _BackwardPlan is."""
+    return "dC GEMM (+=)" if trans_a and accumulate else "dC GEMM" if trans_a else "dE GEMM"
+
+
 def breakdown(run) -> dict[str, float]:
     """GPU ms per step of one backward: each launch bracketed by events (adds small gaps)."""
-    per: dict[str, float] = collections.defaultdict(float)
-    marks = []
-    real_get, real_gemm = launch.get_kernel, launch._gemm_rowmajor
-
-    def bracket(name, fn):
-        def call(*a, **k):
-            s, t = cp.cuda.Event(), cp.cuda.Event()
-            s.record()
-            out = fn(*a, **k)
-            t.record()
-            marks.append((name, s, t))
-            return out
-        return call
-
-    def gemm(a, b, out, *, trans_a, accumulate):
-        name = "dC GEMM (+=)" if trans_a and accumulate else "dC GEMM" if trans_a else "dE GEMM"
-        return bracket(name, real_gemm)(a, b, out, trans_a=trans_a, accumulate=accumulate)
-
-    launch.get_kernel = lambda f, name: bracket(name.split("<")[0], real_get(f, name))
-    launch._gemm_rowmajor = gemm
-    try:
-        run()
-        cp.cuda.Device().synchronize()
-    finally:
-        launch.get_kernel, launch._gemm_rowmajor = real_get, real_gemm
-    for name, s, t in marks:
-        per[name] += cp.cuda.get_elapsed_time(s, t)
-    return dict(per)
+    return {name: ms for name, (_, ms, _) in launch_times(run, step_name).items()}
 
 
 def gemm_case(m: int, n: int, k: int, trans_a: bool, acc: bool, out_dtype):
@@ -100,7 +69,7 @@ def cublas_names(cases: dict) -> None:
         fn()
         cp.cuda.Device().synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ms = float(np.median([events_time(fn) for _ in range(5)]))
+            ms = float(np.median([time_on_stream(fn) for _ in range(5)]))
             torch.cuda.synchronize()
         kernels = sorted({ev.name for ev in prof.events() if ev.device_type.name == "CUDA"})
         print(f"  cuBLAS {label}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s): {'; '.join(kernels)}", flush=True)
@@ -147,9 +116,9 @@ def main() -> None:
         times = collections.defaultdict(list)
         for _ in range(args.rounds):
             for key, fn in floor.items():
-                times[key].append(events_time(fn))
+                times[key].append(time_on_stream(fn))
             for plan, (run, _, _) in runs.items():
-                times[plan].append(events_time(run))
+                times[plan].append(time_on_stream(run))
         med = {k: float(np.median(x)) for k, x in times.items()}
         gemm3 = med["E@C^T"] + med["G@C"] + med["G^T@E"]
         print(f"=== {shape} N={n} D={d} V={v}: cuBLAS E@C^T {med['E@C^T']:.2f}, G@C {med['G@C']:.2f}, "

@@ -31,10 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import providers as P  # noqa: E402
 
-SHAPES = {
-    "gemma2": (8192, 2304, 256000),
-    "llama3": (8192, 4096, 128256),
-}
+SHAPES = P.SHAPES
 SWEEP_V = {f"v{v // 1000}k": (8192, 2304, v) for v in (32000, 64000, 128000, 256000)}
 SMOKE_SHAPES = {"tiny": (64, 32, 1000)}
 MODES = ("fwd", "bwd", "fwd_bwd")

@@ -20,12 +20,12 @@ import time
 import cupy as cp
 import ml_dtypes
 import numpy as np
+from kernel_profile import launch_times
+from providers import SHAPES
 
 import cce_cupy as cce
 from cce_cupy import launch
 from cce_cupy.options import CCEOptions
-
-SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
 def timed(fn):
@@ -39,33 +39,6 @@ def timed(fn):
     t.record()
     t.synchronize()
     return cp.cuda.get_elapsed_time(s, t), (h1 - h0) * 1e3
-
-
-def kernel_times(fn) -> dict[str, float]:
-    marks = []
-    real_get = launch.get_kernel
-
-    def get_kernel(f, name):
-        k = real_get(f, name)
-
-        def call(*a, **kw):
-            s, t = cp.cuda.Event(), cp.cuda.Event()
-            s.record()
-            k(*a, **kw)
-            t.record()
-            marks.append((name.split("<")[0], s, t))
-        return call
-
-    launch.get_kernel = get_kernel
-    try:
-        fn()
-        cp.cuda.Device().synchronize()
-    finally:
-        launch.get_kernel = real_get
-    per: dict[str, float] = collections.defaultdict(float)
-    for name, s, t in marks:
-        per[name] += cp.cuda.get_elapsed_time(s, t)
-    return dict(per)
 
 
 def host_stages(call, calls: int = 20) -> None:
@@ -177,8 +150,8 @@ def main():
                 extra = f"  (splits, columns per split) {split}"
             print(f"{name:10s} GPU {ms:8.3f} ms ({ms / floor:.3f}x cuBLAS) [{min(gpu[name]):.3f}-"
                   f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}")
-        per = kernel_times(kernels)
-        print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, ms in per.items()))
+        per = launch_times(kernels)
+        print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, (_, ms, _) in per.items()))
         if args.host_profile:
             host_stages(lambda: cce.linear_cross_entropy(e, c, t))
         logits = None

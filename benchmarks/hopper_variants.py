@@ -19,10 +19,10 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks.kernel_check import cuda_time
+from benchmarks.providers import SHAPES
 from cce_cupy import kernel_sources, launch
 
 CLUSTERS = (1, 2)
-SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
 def build(source: str, cluster: int):

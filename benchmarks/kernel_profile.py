@@ -20,31 +20,42 @@ import numpy as np
 from cce_cupy import launch
 from cce_cupy.options import CCEOptions, row_coefficients
 
-EVENTS: list[tuple[str, object, object, float]] = []  # (kernel, start, end, host seconds in the call)
 
+def launch_times(run, gemm_name=lambda trans_a, accumulate: "cublas_gemm") -> dict[str, list]:
+    """{name: [launches, GPU ms, host ms]} of every kernel and cuBLAS GEMM that run() launches,
+    summed by kernel name (the GEMMs by gemm_name(trans_a, accumulate)). Each launch is bracketed
+    by a pair of events, so its GPU time includes the GPU waiting for a slow host."""
+    marks = []  # (name, start event, end event, host seconds in the call)
+    real_get, real_gemm = launch.get_kernel, launch._gemm_rowmajor
 
-def timed(name, fn):
-    def call(*args, **kwargs):
-        s, t = cp.cuda.Event(), cp.cuda.Event()
-        s.record()
-        h0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        host = time.perf_counter() - h0
-        t.record()
-        EVENTS.append((name, s, t, host))
-        return out
+    def bracket(name, fn):
+        def call(*args, **kwargs):
+            s, t = cp.cuda.Event(), cp.cuda.Event()
+            s.record()
+            h0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            host = time.perf_counter() - h0
+            t.record()
+            marks.append((name, s, t, host))
+            return out
+        return call
 
-    return call
+    def gemm(a, b, out, *, trans_a, accumulate):
+        return bracket(gemm_name(trans_a, accumulate), real_gemm)(a, b, out, trans_a=trans_a, accumulate=accumulate)
 
-
-def instrument():
-    real_get = launch.get_kernel
-
-    def get_kernel(filename, name):
-        return timed(name.split("<")[0], real_get(filename, name))
-
-    launch.get_kernel = get_kernel
-    launch._gemm_rowmajor = timed("cublas_gemm", launch._gemm_rowmajor)
+    launch.get_kernel = lambda filename, name: bracket(name.split("<")[0], real_get(filename, name))
+    launch._gemm_rowmajor = gemm
+    try:
+        run()
+        cp.cuda.Device().synchronize()
+    finally:
+        launch.get_kernel, launch._gemm_rowmajor = real_get, real_gemm
+    per: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for name, s, t, host in marks:
+        per[name][0] += 1
+        per[name][1] += cp.cuda.get_elapsed_time(s, t)
+        per[name][2] += host * 1e3
+    return dict(per)
 
 
 def main():
@@ -59,31 +70,26 @@ def main():
     lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
     launch.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
     de, dc = cp.empty((n, d), bf), cp.empty((v, d), bf)
-    instrument()
     flt = CCEOptions(filter_eps="auto")
     runs = (("exact", CCEOptions(), {}), ("filter_eps=auto, uniform logits", flt, {}),
             ("filter_eps=auto, host_sync=False (as in JAX: gated tiled kernels launched)", flt, {"host_sync": False}))
     for label, o, kw in runs:
         cpp, cq = row_coefficients(cp, o, t != o.ignore_index, lse, 1.0)
         scratch = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
-        for rep in range(2):  # the first call compiles and warms up
-            EVENTS.clear()
-            cp.cuda.Device().synchronize()
-            t0 = time.perf_counter()
+
+        def backward(o=o, kw=kw, cpp=cpp, cq=cq, scratch=scratch):
             launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch, **kw)
-            cp.cuda.Device().synchronize()
-            wall = (time.perf_counter() - t0) * 1e3
-        per = collections.defaultdict(lambda: [0, 0.0, 0.0])
-        for name, s, t_ev, host in EVENTS:
-            per[name][0] += 1
-            per[name][1] += cp.cuda.get_elapsed_time(s, t_ev)
-            per[name][2] += host * 1e3
+
+        backward()  # compiles and warms up
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        per = launch_times(backward)
+        wall = (time.perf_counter() - t0) * 1e3
         print(f"--- backward {label}: N={n} D={d} V={v}, wall {wall:.2f} ms, "
               f"rows/chunk plan {launch.backward_blocking(n, v, d, e.dtype, o)}")
         for name, (count, ms, host_ms) in sorted(per.items(), key=lambda kv: -kv[1][1]):
             print(f"  {name:32s} {count:5d} launches {ms:9.2f} ms GPU ({ms / count * 1e3:7.1f} us each), "
                   f"host {host_ms / count * 1e3:6.1f} us per launch call")
-
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+# The benchmark shapes (N, D, V) of the bars, shared by every benchmark script.
+SHAPES = {
+    "gemma2": (8192, 2304, 256000),
+    "llama3": (8192, 4096, 128256),
+}
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 MIB = 1 << 20
