@@ -3,7 +3,8 @@
 # steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
 # backward), forward (the forward against cuBLAS, per kernel, by split length; FORWARD_ARGS), blocking
 # (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
-# gpu (pytest -m gpu), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
+# gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs), cold
+# (benchmarks/cold_start.py from a wheel built here), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -13,6 +14,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+PYTHONPATH_DEPS=${PYTHONPATH:-}  # carried wheels only: the cold-start step imports cce_cupy from its wheel
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even when the editable install is refused
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
@@ -20,7 +22,12 @@ t0=$(date +%s)
 # CuPy's compiled-kernel cache from an earlier call (carried as .kcache): unchanged sources skip NVRTC.
 CACHE_DIR=${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}
 if [ -f .kcache/kcache.tgz ]; then mkdir -p "$CACHE_DIR" && tar -xzf .kcache/kcache.tgz -C "$CACHE_DIR"; fi
-python3 -c "from cce_cupy.kernel_sources import precompile as p; import time; t = time.time(); print(f'precompiled {p()} kernel instances in {time.time() - t:.0f} s')" 2>&1 | tee "$OUT/compile.log"
+# The prebuilt cubins: build the modules whose source changed since the committed set (all CPUs),
+# and send the set back when any was built, to commit.
+python3 -m cce_cupy.prebuilt --check >/dev/null || {
+  python3 -m cce_cupy.prebuilt 2>&1 | tail -3 | tee "$OUT/prebuild.log"
+  tar -cJf "$OUT/prebuilt.tar.xz" -C cce_cupy/kernels prebuilt
+}
 rc=0
 for step in "$@"; do
   echo "=== $step ($(( $(date +%s) - t0 )) s)"
@@ -31,7 +38,13 @@ for step in "$@"; do
     forward) python3 benchmarks/forward_overhead.py ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/forward.log" || rc=1 ;;
     blocking) python3 benchmarks/backward_blocking.py ${BLOCKING_ARGS:-} 2>&1 | tee "$OUT/blocking.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
-    gpu)   timeout 300 python3 -m pytest -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    gpu)   timeout 400 python3 -m pytest -m gpu -q -rs ${GPU_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    scale) timeout 400 python3 benchmarks/scale.py --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
+    cold)  # from a wheel built here, installed outside the checkout, in fresh processes with empty caches
+           { rm -rf /tmp/dist /tmp/wheelsite && python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/dist . \
+             && ls -l /tmp/dist && python3 -m pip install -q --no-deps --target /tmp/wheelsite /tmp/dist/*.whl \
+             && PYTHONPATH=/tmp/wheelsite${PYTHONPATH_DEPS:+:$PYTHONPATH_DEPS} python3 benchmarks/cold_start.py \
+                  --out "$OUT/cold.json"; } 2>&1 | tee "$OUT/cold.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
     train) M="--batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16"
            { python3 examples/train_lm.py --loss optax --steps 300 $M --out "$OUT/train_optax.json" \
@@ -47,6 +60,5 @@ for step in "$@"; do
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done
-tar -czf "$OUT/kcache.tgz" -C "$CACHE_DIR" . 2>/dev/null
 echo "=== done ($(( $(date +%s) - t0 )) s), rc=$rc"
 exit $rc

@@ -27,8 +27,9 @@ def cupy_runtime_options(filename: str, arch: str) -> list[str]:
     return opts
 
 
-def compile_source(filename: str, name_expressions: list[str], arch: str) -> tuple[bytes, str]:
-    """Compile one file with all the given instances; returns (cubin, log). Raises on error."""
+def compile_source(filename: str, name_expressions: list[str], arch: str) -> tuple[bytes, str, dict[str, str]]:
+    """Compile one file with the given instances; returns (cubin, log, {instance: mangled name}).
+    Raises on error."""
     from cuda.bindings import nvrtc
 
     def check(result):
@@ -50,11 +51,12 @@ def compile_source(filename: str, name_expressions: list[str], arch: str) -> tup
         log_text = log.decode(errors="replace").rstrip("\x00 \n")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise RuntimeError(f"{filename} failed to compile for {arch}:\n{log_text}")
-        for name in name_expressions:  # every instance must have been emitted
-            check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+        lowered = {}  # every instance must have been emitted
+        for name in name_expressions:
+            lowered[name] = check(nvrtc.nvrtcGetLoweredName(prog, name.encode())).decode()
         size = check(nvrtc.nvrtcGetCUBINSize(prog))
         cubin = b" " * size
         check(nvrtc.nvrtcGetCUBIN(prog, cubin))
-        return cubin, log_text
+        return cubin, log_text, lowered
     finally:
         nvrtc.nvrtcDestroyProgram(prog)

@@ -74,31 +74,32 @@ class _Bridge:
 BRIDGE = _Bridge()
 
 
+def _gpu_devices() -> tuple[int, ...]:
+    """CUDA ordinals of this process's JAX GPUs (the ids CuPy uses)."""
+    return tuple(d.local_hardware_id for d in jax.local_devices() if d.platform == "gpu")
+
+
 @functools.cache
-def precompile() -> int:
-    """Compile and load every kernel instance the current GPU can run; returns their count.
+def precompile(dtypes: tuple[str, ...] | None = None) -> int:
+    """Load every kernel instance (or those for `dtypes`, input and target dtypes) on every local
+    GPU, and create CuPy's cuBLAS handle on each; returns the instance count.
 
-    Also creates CuPy's cuBLAS handle (the backward's GEMMs). Called at trace time when JAX's
-    default backend is a GPU, so no compilation, module load or handle creation happens inside a
-    callback (or inside XLA's CUDA-graph capture).
+    Called at trace time, so no compilation, module load or handle creation happens inside a
+    callback (or inside XLA's CUDA-graph capture). That matters most on several GPUs: the callbacks
+    of each device run on their own thread, and a first-call load on one device (seconds, or
+    minutes when a kernel must be compiled) can outlast XLA's 40-second rendezvous of the
+    collective that the other devices already wait in. From the prebuilt cubins this takes well
+    under a second.
     """
-    import cupy
-
     from cce_cupy import kernel_sources
 
-    count = 0
-    for filename in kernel_sources.device_files(cupy.cuda.Device().compute_capability):
-        for name in kernel_sources.all_instances()[filename]:
-            kernel_sources.get_kernel(filename, name)
-            count += 1
-    cupy.cuda.device.get_cublas_handle()
-    return count
+    return kernel_sources.preload(_gpu_devices(), dtypes)
 
 
-def _warm() -> None:
+def _warm(*arrays) -> None:
     if jax.default_backend() == "gpu":
         try:
-            precompile()
+            precompile(tuple(sorted({np.dtype(a.dtype).name for a in arrays})))
         except ImportError:  # no CuPy: the callback will say so when it runs
             pass
 
@@ -155,7 +156,7 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
 
 def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_buffer_compatible: bool):
     """(lse, tgt), float32 (N,), of flattened e (N, D), c (V, D), shifted targets (N,), bias."""
-    _warm()
+    _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
     nbytes = launch.forward_scratch_nbytes(n, v, d, np.dtype(e.dtype))
@@ -177,7 +178,7 @@ def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_
 def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str,
              command_buffer_compatible: bool):
     """(dE, dC, dbias) in `launch.grad_dtype(e.dtype, opts)`; dbias is None without bias."""
-    _warm()
+    _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
     gdt = launch.grad_dtype(np.dtype(e.dtype), opts)

@@ -1,28 +1,30 @@
 """Every kernel file and template instance compiles for sm_80 and sm_90 (sm_90a for the Hopper
-file) with NVRTC, on a CPU.
+file) with NVRTC, on a CPU: checked through the prebuilt cubin set (cce_cupy/prebuilt.py).
 
-This goes through `cce_cupy.nvrtc_check.compile_source`, which uses the options CuPy passes at
-run time, so CI compiles exactly what the GPU runs. The test also reads each kernel's register
-count and stack frame out of the cubin (an ELF file) and prints them: a non-zero stack frame
-means local memory (register spills or a local array). That is reported, not failed on.
+Every module's cubin is compiled by `python -m cce_cupy.prebuilt` (`.ci/run` runs it first, so CI
+compiles any module whose source changed) through `cce_cupy.nvrtc_check.compile_source`, with the
+options CuPy passes at run time, and recorded under a hash of its source, options, architecture
+and instance list. The tests here check that the set is current, that every cubin is intact and
+holds every instance, and that NVRTC here still compiles a module to the same kernel names. Each
+kernel's stack frame is read out of the cubin (an ELF file): a non-zero one means local memory
+(register spills or a local array), reported in a warning, not failed on.
 """
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import lzma
 import struct
-import subprocess
 import warnings
 
 import pytest
 
-from cce_cupy import kernel_sources
+from cce_cupy import kernel_sources, prebuilt
 from cce_cupy.nvrtc_check import compile_source
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (pip install -e .[test])")
 pytest.importorskip("cupy", reason="needs cupy for its NVRTC include paths (pip install -e .[test])")
 
-ARCHS = ("sm_80", "sm_90")
 
 # Attributes of the global .nv.info section of a cubin: (format byte 0x04, attribute, size,
 # symbol index u32, value u32). REGCOUNT and FRAME_SIZE are what `ptxas -v` prints as
@@ -72,44 +74,59 @@ def kernel_resources(cubin: bytes) -> dict[str, tuple[int, int]]:
     return {k: (regs[k], frame.get(k, 0)) for k in regs}
 
 
-def _demangle(names: list[str]) -> list[str]:
-    if not shutil.which("c++filt"):
-        return names
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=False)
-    lines = out.stdout.splitlines()
-    return lines if out.returncode == 0 and len(lines) == len(names) else names
+def _lowered_in_symtab(cubin: bytes) -> set[str]:
+    secs = _sections(cubin)
+    sym_off, sym_size, _ = secs[".symtab"]
+    str_off = secs[".strtab"][0]
+    out = set()
+    for i in range(sym_size // 24):
+        (st_name,) = struct.unpack_from("<I", cubin, sym_off + 24 * i)
+        start = str_off + st_name
+        out.add(cubin[start : cubin.index(b"\0", start)].decode())
+    return out
 
 
-CASES = [
-    (f, a) for f in kernel_sources.KERNEL_FILES
-    for a in ((kernel_sources.FILE_ARCH[f],) if f in kernel_sources.FILE_ARCH else ARCHS)
-]
-
-
-@pytest.mark.parametrize("filename,arch", CASES)
-def test_compiles_every_instance(filename: str, arch: str, capsys: pytest.CaptureFixture) -> None:
-    names = kernel_sources.all_instances()[filename]
-    assert names, f"no template instances listed for {filename}"
-    cubin, _log = compile_source(filename, names, arch)
-    assert len(cubin) > 0, f"{filename} for {arch}: empty cubin"
-
-    resources = kernel_resources(cubin)
-    assert len(resources) >= len(names), (
-        f"{filename} for {arch}: {len(names)} instances asked for, {len(resources)} kernels in the cubin"
+def test_prebuilt_set_is_current():
+    """Every module has a cubin built from today's sources and options (.ci/run builds stale ones;
+    by hand: python -m cce_cupy.prebuilt)."""
+    stale = prebuilt.stale_modules()
+    assert not stale, (
+        f"{len(stale)} prebuilt modules are missing or older than their source, e.g. "
+        f"{prebuilt.module_id(*stale[0])}: run `python -m cce_cupy.prebuilt` and commit cce_cupy/kernels/prebuilt"
     )
-    mangled = sorted(resources)
-    lines = [f"{filename} {arch}: {len(resources)} kernels, registers / stack frame bytes"]
+
+
+@pytest.mark.parametrize("filename", kernel_sources.KERNEL_FILES)
+def test_prebuilt_cubins_hold_every_instance(filename: str) -> None:
+    """Each cubin is intact (its recorded hash), an ELF file holding every instance of its module;
+    kernels with a stack frame (spills or local arrays) are reported in one warning, not failed."""
+    entries = prebuilt.manifest()["modules"]
     stacked = []
-    for m, pretty in zip(mangled, _demangle(mangled)):
-        regs, frame = resources[m]
-        lines.append(f"  {regs:4d} regs {frame:6d} B stack  {pretty}")
-        if frame:
-            stacked.append(f"{pretty}: {frame} B")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    for arch, f, group in prebuilt.all_modules():
+        if f != filename:
+            continue
+        entry = entries[prebuilt.module_id(arch, f, group)]
+        data = (prebuilt.PREBUILT_DIR / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']}: corrupted"
+        cubin = lzma.decompress(data)
+        names = kernel_sources.module_groups(f)[group]
+        assert sorted(entry["lowered"]) == sorted(names)
+        missing = set(entry["lowered"].values()) - _lowered_in_symtab(cubin)
+        assert not missing, f"{arch}/{f}/{group}: kernels missing from the cubin: {sorted(missing)[:3]}"
+        for kernel, (_regs, frame) in kernel_resources(cubin).items():
+            if frame:
+                stacked.append(f"{arch} {kernel}: {frame} B")
     if stacked:
-        warnings.warn(
-            f"{filename} {arch}: {len(stacked)} kernels use local memory (spills or local arrays): "
-            + "; ".join(stacked[:5]),
-            stacklevel=1,
-        )
+        warnings.warn(f"{filename}: {len(stacked)} kernels use local memory: " + "; ".join(stacked[:3]), stacklevel=1)
+
+
+@pytest.mark.parametrize("arch", prebuilt.ARCHS)
+def test_nvrtc_compiles_like_the_prebuilt_set(arch: str) -> None:
+    """NVRTC with CuPy's run-time options compiles a module here and names its kernels as the
+    prebuilt set does (the smallest module: the full set takes minutes on 2 cores)."""
+    filename = "lce_sparse.cu"
+    group = min(kernel_sources.module_groups(filename), key=lambda g: len(kernel_sources.module_groups(filename)[g]))
+    names = kernel_sources.module_groups(filename)[group]
+    cubin, _log, lowered = compile_source(filename, names, arch)
+    assert set(lowered.values()) <= _lowered_in_symtab(cubin)
+    assert lowered == prebuilt.manifest()["modules"][prebuilt.module_id(arch, filename, group)]["lowered"]
