@@ -39,6 +39,11 @@ for step in "$@"; do
     blocking) python3 benchmarks/backward_blocking.py ${BLOCKING_ARGS:-} 2>&1 | tee "$OUT/blocking.log" || rc=1 ;;
     variants) python3 -m benchmarks.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 400 python3 -m pytest -m gpu -q -rs ${GPU_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    first_step) # examples/train_lm.py's first step on this machine, empty kernel caches (the README's model)
+           CUPY_CACHE_DIR=/tmp/fresh-cupy-cache timeout 300 python3 examples/train_lm.py --loss cce --steps 3 \
+             --batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16 \
+             --out "$OUT/train_first_step.json" 2>&1 | tail -3 | tee "$OUT/first_step.log" || rc=1
+           python3 -c "import json; r = json.load(open('$OUT/train_first_step.json')); print('first step', r['first_step_s'], 's; compile', r['compile_s'], 's')" ;;
     scale) timeout 400 python3 benchmarks/scale.py --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
     cold)  # from a wheel built here, installed outside the checkout, in fresh processes with empty caches
            { rm -rf /tmp/dist /tmp/wheelsite && python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/dist . \

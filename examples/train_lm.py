@@ -429,6 +429,9 @@ def train(args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: boo
         "env": device_info(),
         "params": int(n_params),
         "compile_s": compile_s,
+        # The first step as a user waits for it: tracing (which loads the loss kernels), XLA's
+        # compile, and the step itself.
+        "first_step_s": compile_s + step_ms[0] / 1e3,
         "losses": losses,
         "step_ms": step_ms,
         "median_step_ms": med_ms,

@@ -116,6 +116,18 @@ class _ShardConfig:
     block_v: int | None
     kernels: bool  # False for float64 inputs: the pure-JAX reference on every platform
     compute_dtype: Any  # e's dtype: the primitive may receive e upcast (grad_reduce_dtype="float32")
+    grad_reduce_f32: bool  # grad_reduce_dtype="float32"
+
+    def fp32_grads(self) -> bool:
+        """Kernel gradients in float32 before the shard's last step: to sum dE over the vocab axis in
+        float32, and with label smoothing, where the column-0 correction (see _grads_cols) cancels
+        most of column 0's gradient and must not cancel 16-bit roundings."""
+        return self.kernels and (self.grad_reduce_f32 or bool(self.opts.label_smoothing))
+
+    def grad_dtype(self, e_dtype):
+        if not self.kernels:
+            return reference.acc_dtype(e_dtype)
+        return jnp.float32 if self.fp32_grads() else launch.grad_dtype(np.dtype(e_dtype), self.opts)
 
     def kernel_options(self, n: int) -> tuple[CCEOptions, float]:
         """(options the kernels run with on n real columns, scale of their target term).
@@ -130,7 +142,8 @@ class _ShardConfig:
         else:
             ls_k, scale = 0.0, 1.0
         kopts = self.opts.replace(ignore_index=_NOT_HERE, label_smoothing=ls_k, z_loss=0.0, shift=False,
-                                  reduction="sum", return_lse=False, return_z_loss=False)
+                                  reduction="sum", return_lse=False, return_z_loss=False,
+                                  grad_dtype="float32" if self.fp32_grads() else self.opts.grad_dtype)
         return kopts, scale
 
 
@@ -192,8 +205,25 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
 
 
 # --------------------------------------------------------------------- per-shard primitive
-def _stats_cols(n: int, cfg: _ShardConfig, e, c, t, bias):
-    """(lse_local, tgt_local) over the shard's first n columns (its real ones)."""
+def _column0_logit(cfg: _ShardConfig, e, c, bias):
+    """(y0, dy0/dz0): each row's (softcapped) logit of local column 0, in the accumulation type."""
+    acc = reference.acc_dtype(e.dtype)
+    z0 = lax.dot_general(e, c[0], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=acc).astype(acc)
+    if bias is not None:
+        z0 = z0 + bias[0].astype(acc)
+    if cfg.opts.softcap is None:
+        return z0, jnp.ones_like(z0)
+    y0 = cfg.opts.softcap * jnp.tanh(z0 / cfg.opts.softcap)
+    return y0, 1.0 - (y0 / cfg.opts.softcap) ** 2
+
+
+def _stats_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias):
+    """(lse_local, tgt_local) over the shard's first n columns (its real ones).
+
+    With label smoothing, rows whose target is not in this shard were scored against local column 0
+    (the kernels skip target-less rows entirely, smoothing term included): that column's
+    (1 - ls) y_{i,0} is taken back out here, and its gradient in _grads_cols."""
     e = e.astype(cfg.compute_dtype)
     acc = reference.acc_dtype(e.dtype)
     vma = _vma_union(e, c, t, bias)
@@ -204,14 +234,18 @@ def _stats_cols(n: int, cfg: _ShardConfig, e, c, t, bias):
         kopts, scale = cfg.kernel_options(n)
         lse, tgt = _kernel_forward(e, c[:n], t, None if bias is None else bias[:n], kopts, cfg)
         lse, tgt = lse.astype(acc), (tgt * scale).astype(acc)
+        ls = float(cfg.opts.label_smoothing)
+        if ls:
+            y0, _ = _column0_logit(cfg, e, c, bias)
+            tgt = tgt - jnp.where(owned, 0.0, (1.0 - ls) * y0).astype(acc)
     return _vary(lse, vma), _vary(tgt, vma)
 
 
-def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, bias, lse, g_lse, g_tgt):
+def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias, lse, g_lse, g_tgt):
     """(dE, dC, dbias) of the shard for cotangents (g_lse, g_tgt) of `_stats_cols(n, ...)`."""
     e = e.astype(cfg.compute_dtype)
     v_local = c.shape[0]
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), cfg.opts)
+    gdt = cfg.grad_dtype(e.dtype)
     vma = _vma_union(e, c, t, bias, lse, g_lse, g_tgt)
     if n == 0:
         de, dc = jnp.zeros(e.shape, gdt), jnp.zeros(c.shape, gdt)
@@ -223,6 +257,14 @@ def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, bias, lse, g_lse, g_tgt):
         coef_q = jnp.where(t == _NOT_HERE, 0.0, -g_tgt * scale).astype(f32)
         de, dc, db = _kernel_backward(e, c[:n], t, None if bias is None else bias[:n], lse.astype(f32),
                                       g_lse.astype(f32), coef_q, kopts, cfg)
+        ls = float(cfg.opts.label_smoothing)
+        if ls:  # the gradient of the column-0 correction of _stats_cols, added before any rounding
+            _, dy0 = _column0_logit(cfg, e, c, bias)
+            dz0 = jnp.where(owned, 0.0, -(1.0 - ls) * g_tgt.astype(f32) * dy0).astype(gdt)
+            de = de + dz0[:, None] * c[0].astype(gdt)[None, :]
+            dc = dc.at[0].add(lax.dot_general(dz0, e.astype(gdt), (((0,), (0,)), ((), ())),
+                                              precision=lax.Precision.HIGHEST))
+            db = None if db is None else db.at[0].add(jnp.sum(dz0))
         if n < v_local:  # padded rows get a zero gradient
             dc = jnp.pad(dc, ((0, v_local - n), (0, 0)))
             db = None if db is None else jnp.pad(db, (0, v_local - n))
@@ -235,28 +277,29 @@ def _switch(cfg: _ShardConfig, branch, fn, *args):
     return lax.switch(branch, [functools.partial(fn, n, cfg) for n in cfg.branch_cols], *args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _shard_stats(e, c, t, bias, branch, cfg: _ShardConfig):
-    """Per-row (lse, tgt) of one shard: e (N, D), c (V_local, D), local targets t (N,), bias or None.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _shard_stats(e, c, t, owned, bias, branch, cfg: _ShardConfig):
+    """Per-row (lse, tgt) of one shard: e (N, D), c (V_local, D), local targets t (N,), `owned`
+    (N,) bool (the row's target is in this shard), bias or None.
 
     `branch` (a device int32) indexes `cfg.branch_cols`, the shard's number of real columns n.
-    lse = log sum_{j<n} exp(y_j); tgt = (1 - ls) y_t + (ls / V) sum_{j<n} y_j, 0 where t == -1.
+    lse = log sum_{j<n} exp(y_j); tgt = (1 - ls) [owned] y_t + (ls / V) sum_{j<n} y_j.
     """
-    return _switch(cfg, branch, _stats_cols, e, c, t, bias)
+    return _switch(cfg, branch, _stats_cols, e, c, t, owned, bias)
 
 
-def _shard_stats_fwd(e, c, t, bias, branch, cfg: _ShardConfig):
-    lse, tgt = _shard_stats(e, c, t, bias, branch, cfg)
-    return (lse, tgt), (e, c, t, bias, branch, lse)
+def _shard_stats_fwd(e, c, t, owned, bias, branch, cfg: _ShardConfig):
+    lse, tgt = _shard_stats(e, c, t, owned, bias, branch, cfg)
+    return (lse, tgt), (e, c, t, owned, bias, branch, lse)
 
 
 def _shard_stats_bwd(cfg: _ShardConfig, res, cts):
-    e, c, t, bias, branch, lse = res
+    e, c, t, owned, bias, branch, lse = res
     g_lse, g_tgt = cts
-    de, dc, db = _switch(cfg, branch, _grads_cols, e, c, t, bias, lse, g_lse, g_tgt)
+    de, dc, db = _switch(cfg, branch, _grads_cols, e, c, t, owned, bias, lse, g_lse, g_tgt)
     de, dc = de.astype(e.dtype), dc.astype(c.dtype)
     db = None if bias is None else db.astype(bias.dtype)
-    return de, dc, None, db, None
+    return de, dc, None, None, db, None
 
 
 _shard_stats.defvjp(_shard_stats_fwd, _shard_stats_bwd)
@@ -335,6 +378,7 @@ def vocab_parallel_linear_cross_entropy(
         block_v=block_v,
         kernels=np.dtype(prob.dtype) != np.float64,
         compute_dtype=jnp.dtype(prob.dtype),
+        grad_reduce_f32=grad_reduce_dtype == "float32",
     )
     acc = reference.acc_dtype(prob.dtype)
     xp = reference.namespace(prob.dtype)
@@ -348,7 +392,6 @@ def vocab_parallel_linear_cross_entropy(
     # This shard's vocab slice, on device: [offset, offset + n_real).
     k = lax.axis_index(axis_name)
     offset = (k * v_local).astype(t.dtype)
-    n_real = jnp.asarray(cols_of_shard, jnp.int32)[k]
     branch = jnp.asarray([branch_cols.index(n) for n in cols_of_shard], jnp.int32)[k]
     valid = t != opts.ignore_index
     in_range = (t >= 0) & (t < vocab_size)
@@ -365,15 +408,7 @@ def vocab_parallel_linear_cross_entropy(
         e_in = e2.astype(jnp.float32) if grad_reduce_dtype == "float32" and e2.dtype.itemsize < 4 else e2
         args = [_vary(x, vma) for x in (e_in, c_shard, t_local)]
         b_in = None if bias_shard is None else _vary(bias_shard, vma)
-        lse_l, tgt_l = _shard_stats(*args, b_in, _vary(branch, vma), cfg)
-        if ls:
-            # Rows not owned were scored against local column 0: take its (1 - ls) y_{i,0} back out.
-            z0 = lax.dot_general(e2, c_shard[0], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                                 preferred_element_type=acc).astype(acc)
-            if bias_shard is not None:
-                z0 = z0 + bias_shard[0].astype(acc)
-            y0 = opts.softcap * jnp.tanh(z0 / opts.softcap) if opts.softcap is not None else z0
-            tgt_l = tgt_l - jnp.where(~owned & (n_real > 0), (1.0 - ls) * y0, 0.0).astype(acc)
+        lse_l, tgt_l = _shard_stats(*args, _vary(owned, vma), b_in, _vary(branch, vma), cfg)
 
     # Combine over the vocab axis (JAX differentiates this part): two collectives, one max and
     # one sum carrying both the rescaled exp-sums and the target terms.
