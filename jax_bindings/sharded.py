@@ -262,9 +262,13 @@ def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias, lse, g_lse, g_t
             _, dy0 = _column0_logit(cfg, e, c, bias)
             dz0 = jnp.where(owned, 0.0, -(1.0 - ls) * g_tgt.astype(f32) * dy0).astype(gdt)
             de = de + dz0[:, None] * c[0].astype(gdt)[None, :]
-            dc = dc.at[0].add(lax.dot_general(dz0, e.astype(gdt), (((0,), (0,)), ((), ())),
-                                              precision=lax.Precision.HIGHEST))
-            db = None if db is None else db.at[0].add(jnp.sum(dz0))
+            dc0 = lax.dot_general(dz0, e.astype(gdt), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+            # A masked add, not `dc.at[0].add`: XLA's GPU compiler rejects a dynamic-update-slice
+            # into a buffer_callback output ("DUS target must be a fusion parameter"); this one fuses
+            # with the cast to c's dtype that follows.
+            dc = jnp.where(lax.broadcasted_iota(jnp.int32, dc.shape, 0) == 0, dc + dc0[None, :], dc)
+            if db is not None:
+                db = jnp.where(jnp.arange(db.shape[0]) == 0, db + jnp.sum(dz0), db)
         if n < v_local:  # padded rows get a zero gradient
             dc = jnp.pad(dc, ((0, v_local - n), (0, 0)))
             db = None if db is None else jnp.pad(db, (0, v_local - n))
