@@ -20,6 +20,7 @@ or a --target folder) rather than from this checkout.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -58,8 +59,8 @@ _CHILD = textwrap.dedent(
         t0 = time.perf_counter()
         r = fn()
         cp.cuda.Device().synchronize()
-        out.append({"gpu": gpu, "what": what, "seconds": time.perf_counter() - t0, "from_wheel": from_wheel,
-                    "import_seconds": t_import})
+        out.append({"gpu": gpu, "cupy": cp.__version__, "what": what, "seconds": time.perf_counter() - t0,
+                    "from_wheel": from_wheel, "import_seconds": t_import})
         return r
 
     mode = sys.argv[2]
@@ -116,6 +117,11 @@ def main() -> None:
         records = run_child("fresh", GEMMA2, env, repo)
         records += run_child("new_process", (4096, GEMMA2[1], GEMMA2[2]), env, repo)
         records += run_child("jax", GEMMA2, env, repo)
+    meta = {"commit": os.environ.get("CCE_COMMIT") or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip(),
+            "date": datetime.date.today().isoformat()}
+    for r in records:
+        r.update(meta)
     for r in records:
         print(f"{r['what']:24s} {r['seconds']:8.3f} s  (from_wheel={r['from_wheel']}, "
               f"process {r['process_seconds']:.1f} s)")

@@ -133,8 +133,10 @@ def main() -> None:
     gpus = args.gpus or len(jax.devices())
     if gpus < 2:
         raise SystemExit(f"scale.py needs at least 2 GPUs, {len(jax.devices())} visible")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    # CCE_COMMIT: the checkout's commit where the device copy's git history is not this checkout's.
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = os.environ.get("CCE_COMMIT") or subprocess.run(
+        git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     meta = {"gpu": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
             "date": datetime.date.today().isoformat()}
     records = []
