@@ -14,7 +14,8 @@ The gradient with respect to y is, per row, two coefficients times two patterns:
     coef_p_i = g_i * (1 + 2 * z_loss * lse_i) + dlse_i ,   coef_q_i = g_i
 
 where g_i is the upstream gradient of loss_i (0 for ignored rows) and dlse_i the upstream
-gradient of a returned lse. Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend
+gradient of a returned lse. Columns may be masked with bias -inf; a row whose every logit is -inf
+has no distribution: lse_i = -inf, loss_i is NaN (0 when ignored) and its softmax counts as 0. Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend
 (NumPy, CUDA, JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the
 reduction, z-loss and ignore rules live in exactly one place.
 """
@@ -42,7 +43,8 @@ class CCEOptions:
         shift: next-token prediction: position t of a sequence predicts targets[t + 1]; the
             last position of each sequence is ignored. No copy of `e` is made.
         filter_eps: gradient filtering threshold. None is exact; "auto" is
-            finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped:
+            finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped
+            (with z_loss or a grad_lse, only those with softmax below it: the target is kept):
             on Hopper with 16-bit inputs every such element but the target (sparse backward),
             elsewhere the 128 x 128 logit tiles where every element is below it.
         return_lse: also return the per-token logsumexp (fp32, shaped like `targets`).
