@@ -36,7 +36,7 @@ from cce_cupy.options import (
     row_coefficients,
     shifted_targets,
 )
-from cce_cupy.validate import check_cross_entropy_args, check_linear_ce_args, dtype_of
+from cce_cupy.validate import check_cross_entropy_args, check_ignore_index, check_linear_ce_args, dtype_of
 
 
 # ----------------------------------------------------------------------------- array kinds
@@ -82,8 +82,14 @@ def _gpu_device(x) -> int | None:
     return int(dev_id) if int(dtype_code) in (2, 3, 13) else None  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
 
 
+_OPTIONAL_ARRAYS = ("bias", "grad_lse")
+
+
 def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
     """Classify the arrays of a call (all one kind, one device) and convert them for a backend."""
+    for k, x in named.items():
+        if x is None and k not in _OPTIONAL_ARRAYS:
+            raise TypeError(f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got None")
     present = {k: x for k, x in named.items() if x is not None}
     cupy = _cupy()
     kinds = {}
@@ -244,6 +250,7 @@ def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, d
     named.update(extra or {})
     kind, conv = _take(named)
     p = check_linear_ce_args(conv["e"], conv["c"], conv["targets"], conv["bias"])
+    check_ignore_index(opts.ignore_index, p.index_dtype)
     xp = kind.xp
     t = conv["targets"]
     t = _flat_targets(xp, t, opts)
@@ -439,10 +446,6 @@ def backward(
 def _flat_targets(xp, t, opts: CCEOptions):
     """The targets each row is scored against (shifted under `shift`), flattened and contiguous."""
     if opts.shift:
-        if t.ndim == 0:
-            raise ValueError(
-                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
-            )
         t = shifted_targets(xp, t, opts)
     return xp.ascontiguousarray(t.reshape(-1))
 
@@ -468,6 +471,7 @@ def cross_entropy(
     kind, conv = _take({"logits": logits, "targets": targets})
     x, t = conv["logits"], conv["targets"]
     p = check_cross_entropy_args(x, t)
+    check_ignore_index(opts.ignore_index, p.index_dtype)
     xp = kind.xp
     if inplace_backward:
         if kind.module in ("jax", "jaxlib"):

@@ -63,9 +63,23 @@ BACKWARD_PART_ROWS = 2304
 SPARSE_LIST_BYTES = 48 << 20
 SPARSE_MAX_SLOTS = 1024
 SPARSE_MIN_SLOTS = 16
-# "auto": wgmma kernels on compute capability 9.0 for 16-bit inputs where their alignment holds;
-# "sm80": always the mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU).
-KERNELS = os.environ.get("CCE_CUPY_KERNELS", "auto")
+KERNEL_FAMILIES = ("auto", "sm80")
+
+
+def kernels_from_env() -> str:
+    """The kernel family CCE_CUPY_KERNELS names: "auto" (also when unset or empty): the wgmma kernels
+    on compute capability 9.0 for 16-bit inputs where their alignment holds; "sm80": always the
+    mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU)."""
+    value = os.environ.get("CCE_CUPY_KERNELS", "").strip()
+    if not value:
+        return "auto"
+    if value not in KERNEL_FAMILIES:
+        raise ValueError(f"CCE_CUPY_KERNELS must be one of {', '.join(KERNEL_FAMILIES)} (or unset: auto), "
+                         f"got {value!r}")
+    return value
+
+
+KERNELS = kernels_from_env()
 _ALIGN = 256  # scratch sub-buffers start on 256-byte boundaries
 
 

@@ -126,3 +126,128 @@ def test_filter_tile_rule_with_z_loss_matches_dense_rule():
     assert_rel_close(de, ref["de"], 2e-5, "de")
     assert_rel_close(dc, ref["dc"], 2e-5, "dc")
     assert_rel_close(de, exact["de"], 1e-2, "de vs exact")
+
+
+# ------------------------------------------------------------------ 7. environment variables
+@pytest.mark.parametrize("value", ["foo", "AUTO", "sm90"])
+def test_kernels_env_is_validated(value, monkeypatch):
+    from cce_cupy import launch
+
+    monkeypatch.setenv("CCE_CUPY_KERNELS", value)
+    with pytest.raises(ValueError, match=r"CCE_CUPY_KERNELS must be one of auto, sm80"):
+        launch.kernels_from_env()
+
+
+@pytest.mark.parametrize(("value", "family"), [(None, "auto"), ("", "auto"), ("auto", "auto"), ("sm80", "sm80")])
+def test_kernels_env_values(value, family, monkeypatch):
+    from cce_cupy import launch
+
+    if value is None:
+        monkeypatch.delenv("CCE_CUPY_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("CCE_CUPY_KERNELS", value)
+    assert launch.kernels_from_env() == family
+
+
+# ------------------------------------------------------------------ 5. JAX int64 targets
+def test_jax_int64_targets_out_of_int32_range():
+    import jax
+    import jax.numpy as jnp
+
+    import jax_bindings as jb
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("64-bit JAX keeps int64 targets")
+    e, c = jnp.ones((1, 3), jnp.float32), jnp.ones((7, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"targets holds values outside int32.*jax_enable_x64"):
+        jb.linear_cross_entropy(e, c, np.array([2**32 + 1], np.int64))
+    # In-range int64 host targets are fine (and give the loss of their class).
+    loss = jb.linear_cross_entropy(e, c, np.array([1], np.int64))
+    assert abs(float(loss) - np.log(7)) < 1e-6
+
+
+# --------------------------------------------------------------------- 6. non-finite options
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"softcap": float("inf")}, "softcap must be None or a finite float"),
+        ({"softcap": 1e39}, "softcap must be None or a finite float"),
+        ({"softcap": float("nan")}, "softcap must be None or a finite float"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"z_loss": float("inf")}, r"z_loss must be a finite float in \[0, "),
+        ({"z_loss": 1e39}, "z_loss must be a finite float"),
+        ({"z_loss": float("nan")}, "z_loss"),
+        ({"label_smoothing": float("nan")}, "label_smoothing"),
+        ({"filter_eps": float("nan")}, "filter_eps"),
+        ({"ignore_index": 2**63}, r"ignore_index must be an int in \[-2\*\*63, 2\*\*63\)"),
+    ],
+)
+def test_non_finite_options_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CCEOptions(**kw)
+
+
+# --------------------------------------------------------------------- 9. clearer errors
+def test_numpy_scalars_are_accepted_as_numbers():
+    o = CCEOptions(softcap=np.float32(30), z_loss=np.float64(1e-4), label_smoothing=np.float16(0.125),
+                   ignore_index=np.int64(-1))
+    assert o == CCEOptions(softcap=30.0, z_loss=1e-4, label_smoothing=0.125, ignore_index=-1)
+    assert CCEOptions(filter_eps=np.float32(0.5)).filter_eps == 0.5
+    assert type(o.ignore_index) is int and type(o.softcap) is float
+    assert hash(o) == hash(o.replace())
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            CCEOptions(ignore_index=bad)
+        with pytest.raises(ValueError, match="z_loss"):
+            CCEOptions(z_loss=bad)
+
+
+def test_jax_block_v_accepts_numpy_int():
+    import jax.numpy as jnp
+
+    import jax_bindings as jb
+
+    e, c, t = jnp.ones((2, 3)), jnp.ones((5, 3)), jnp.array([0, 4])
+    assert float(jb.linear_cross_entropy(e, c, t, block_v=np.int64(2))) == pytest.approx(np.log(5))
+    with pytest.raises(ValueError, match="block_v must be None or an int >= 1"):
+        jb.linear_cross_entropy(e, c, t, block_v=True)
+
+
+def test_big_endian_input_names_byte_order_and_fix():
+    e = np.ones((2, 3), np.float32)
+    c = np.ones((5, 3), ">f4")
+    with pytest.raises(TypeError, match=r"c has non-native byte order.*c\.astype\(c\.dtype\.newbyteorder\('='\)\)"):
+        cce.linear_cross_entropy(e, c, np.array([0, 1]))
+    fixed = cce.linear_cross_entropy(e, c.astype(c.dtype.newbyteorder("=")), np.array([0, 1]))
+    assert float(fixed) == pytest.approx(np.log(5))
+
+
+def test_missing_arrays_name_the_argument():
+    with pytest.raises(TypeError, match="e must be an array"):
+        cce.linear_cross_entropy(None, None, None)
+    e, c, t = np.ones((2, 3), np.float32), np.ones((5, 3), np.float32), np.array([0, 1])
+    with pytest.raises(TypeError, match="targets must be an array"):
+        cce.linear_cross_entropy(e, c, None)
+    with pytest.raises(TypeError, match="lse must be an array"):
+        cce.backward(e, c, t, None, 1.0)
+    with pytest.raises(TypeError, match="logits must be an array"):
+        cce.cross_entropy(None, t)
+
+
+def test_jax_shift_with_scalar_targets():
+    import jax.numpy as jnp
+
+    import jax_bindings as jb
+
+    with pytest.raises(ValueError, match="shift=True needs targets with a sequence dimension"):
+        jb.linear_cross_entropy(jnp.ones(3), jnp.ones((5, 3)), jnp.array(1), shift=True)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_ignore_index_outside_targets_dtype(shift):
+    e, c = np.ones((2, 3), np.float32), np.ones((5, 3), np.float32)
+    t32 = np.array([0, 1], np.int32)
+    with pytest.raises(ValueError, match=r"ignore_index=4294967296 does not fit the targets' dtype int32"):
+        cce.linear_cross_entropy(e, c, t32, ignore_index=2**32, shift=shift)
+    loss = cce.linear_cross_entropy(e, c, t32.astype(np.int64), ignore_index=2**32, shift=shift)
+    assert float(loss) == pytest.approx(np.log(5))
