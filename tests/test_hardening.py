@@ -251,3 +251,133 @@ def test_ignore_index_outside_targets_dtype(shift):
         cce.linear_cross_entropy(e, c, t32, ignore_index=2**32, shift=shift)
     loss = cce.linear_cross_entropy(e, c, t32.astype(np.int64), ignore_index=2**32, shift=shift)
     assert float(loss) == pytest.approx(np.log(5))
+
+
+# ------------------------------------------------- 10. the GPU target-flag watch and threads
+class _FakeFlag(np.ndarray):
+    def get(self, out, blocking=True):
+        out[...] = self
+
+
+class _FakeCupy:
+    """Just enough of cupy / cupyx for launch.target_error_flag and api._TargetWatch."""
+
+    def __init__(self):
+        self.device = 0
+        self.on_done = None  # called when an event's .done is read (to interleave threads)
+        fake = self
+
+        class Device:
+            def __init__(self, dev=None):
+                self.id = fake.device if dev is None else dev
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class Event:
+            def __init__(self, disable_timing=False):
+                pass
+
+            def record(self):
+                pass
+
+            def synchronize(self):
+                pass
+
+            @property
+            def done(self):
+                if fake.on_done is not None:
+                    hook, fake.on_done = fake.on_done, None
+                    hook()
+                return True
+
+        self.cuda = type("cuda", (), {"Device": Device, "Event": Event})
+        self.int32 = np.int32
+        self.zeros_hook = None
+
+    def zeros(self, n, dtype):
+        if self.zeros_hook is not None:
+            hook, self.zeros_hook = self.zeros_hook, None
+            hook()
+        return np.zeros(n, dtype).view(_FakeFlag)
+
+    def zeros_pinned(self, n, dtype):
+        return np.zeros(n, dtype)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    import sys
+
+    fake = _FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupyx", fake)
+    return fake
+
+
+def _in_thread(fn):
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as err:  # handed back to the caller
+            out["error"] = err
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_bad_target_is_reported_to_its_own_thread(fake_cupy):
+    from cce_cupy import api, launch
+
+    watch = api._TargetWatch()
+
+    def bad_call():  # a kernel of this thread saw a bad target
+        launch.target_error_flag()[0] = 1
+        watch.after_launch(fake_cupy)
+
+    _in_thread(bad_call)
+    watch.after_launch(fake_cupy)  # a good call in this thread
+    watch.poll(block=True)  # nothing to report here
+    with pytest.raises(ValueError, match="outside"):
+        _in_thread(lambda: (bad_call(), watch.poll(block=True)))
+
+
+def test_poll_while_another_thread_adds_a_device(fake_cupy):
+    from cce_cupy import api
+
+    watch = api._TargetWatch()
+    watch.after_launch(fake_cupy)
+
+    def other_thread_launches_on_device_1():
+        fake_cupy.device = 1
+        _in_thread(lambda: watch.after_launch(fake_cupy))
+        fake_cupy.device = 0
+
+    fake_cupy.on_done = other_thread_launches_on_device_1  # runs in the middle of poll's loop
+    watch.poll()  # "dictionary changed size during iteration" when the state is shared
+
+
+def test_target_flag_creation_does_not_race(fake_cupy):
+    from cce_cupy import launch
+
+    got = {}
+
+    def other():
+        got["first"] = launch.target_error_flag()
+
+    fake_cupy.zeros_hook = lambda: _in_thread(other)  # the other thread creates its flag meanwhile
+    mine = launch.target_error_flag()
+    assert launch.target_error_flag() is mine
+    assert _in_thread(lambda: launch.target_error_flag()) is not mine
+    assert got["first"] is not mine
