@@ -17,7 +17,8 @@ where g_i is the upstream gradient of loss_i (0 for ignored rows) and dlse_i the
 gradient of a returned lse. Columns may be masked with bias -inf; a row whose every logit is -inf
 has no distribution: lse_i = -inf, loss_i is NaN (0 when ignored) and its softmax counts as 0
 (NumPy, JAX CPU). Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend (NumPy, CUDA,
-JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the reduction, z-loss and ignore rules live in exactly one place.
+JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the reduction, z-loss and ignore
+rules live in exactly one place.
 """
 
 from __future__ import annotations
