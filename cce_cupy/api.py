@@ -16,13 +16,15 @@ Out-of-range targets (not ignore_index, outside [0, V)): the per-token loss is N
     * NumPy backend: ValueError at once, before anything is computed.
     * GPU: the kernels set a device flag; this module copies it asynchronously to pinned host
       memory after each call (no host sync). The ValueError is raised at the start of the next
-      call of this module once that copy has landed, or by `check_targets()`, which waits for it.
+      call of this module in the same thread once that copy has landed, or by `check_targets()`,
+      which waits for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,7 @@ from cce_cupy.options import (
     row_coefficients,
     shifted_targets,
 )
-from cce_cupy.validate import check_cross_entropy_args, check_linear_ce_args, dtype_of
+from cce_cupy.validate import check_cross_entropy_args, check_ignore_index, check_linear_ce_args, dtype_of
 
 
 # ----------------------------------------------------------------------------- array kinds
@@ -82,8 +84,14 @@ def _gpu_device(x) -> int | None:
     return int(dev_id) if int(dtype_code) in (2, 3, 13) else None  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
 
 
+_OPTIONAL_ARRAYS = ("bias", "grad_lse")
+
+
 def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
     """Classify the arrays of a call (all one kind, one device) and convert them for a backend."""
+    for k, x in named.items():
+        if x is None and k not in _OPTIONAL_ARRAYS:
+            raise TypeError(f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got None")
     present = {k: x for k, x in named.items() if x is not None}
     cupy = _cupy()
     kinds = {}
@@ -163,28 +171,35 @@ def _from_numpy(x: np.ndarray, module: str):
 
 # ------------------------------------------------------------------ out-of-range targets
 class _TargetWatch:
-    """Per-device, non-blocking watch of launch.target_error_flag()."""
+    """Per-thread, per-device, non-blocking watch of launch.target_error_flag() (a flag per thread
+    too): each thread is told of its own calls' bad targets only, and never shares this state."""
 
     def __init__(self) -> None:
-        self._state: dict[int, tuple[Any, Any]] = {}  # device -> (pinned host copy, event)
+        self._local = threading.local()
+
+    def _state(self) -> dict[int, tuple[Any, Any]]:
+        """This thread's {device: (pinned host copy, event)}."""
+        return self._local.__dict__.setdefault("state", {})
 
     def after_launch(self, cupy) -> None:
         """Queue an async copy of the flag to pinned memory and an event after it (no sync)."""
         import cupyx
 
+        state = self._state()
         dev = cupy.cuda.Device().id
-        if dev not in self._state:
-            self._state[dev] = (cupyx.zeros_pinned(1, dtype=np.int32), cupy.cuda.Event(disable_timing=True))
-        host, event = self._state[dev]
+        if dev not in state:
+            state[dev] = (cupyx.zeros_pinned(1, dtype=np.int32), cupy.cuda.Event(disable_timing=True))
+        host, event = state[dev]
         launch.target_error_flag().get(out=host, blocking=False)
         event.record()
 
     def poll(self, block: bool = False) -> None:
         """Raise (and clear the flags) if a finished copy shows an out-of-range target."""
-        if not self._state:
+        state = self._state()
+        if not state:
             return
         cupy = _cupy()
-        for dev, (host, event) in self._state.items():
+        for dev, (host, event) in list(state.items()):
             if block:
                 event.synchronize()
             elif not event.done:
@@ -204,11 +219,13 @@ _WATCH = _TargetWatch()
 
 
 def check_targets() -> None:
-    """Wait for the GPU calls made so far and raise ValueError if any saw an out-of-range target.
+    """Wait for this thread's GPU calls made so far and raise ValueError if any saw an out-of-range
+    target.
 
     GPU calls never synchronize to check targets: an out-of-range target makes its loss NaN and
-    sets a device flag, which is reported at the start of a later call (once known without
-    waiting) or here. The NumPy backend raises at once. Clears the flag after reporting.
+    sets a device flag (one per thread), which is reported at the start of a later call of the same
+    thread (once known without waiting) or here. The NumPy backend raises at once. Clears the flag
+    after reporting.
     """
     _WATCH.poll(block=True)
 
@@ -244,6 +261,7 @@ def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, d
     named.update(extra or {})
     kind, conv = _take(named)
     p = check_linear_ce_args(conv["e"], conv["c"], conv["targets"], conv["bias"])
+    check_ignore_index(opts.ignore_index, p.index_dtype)
     xp = kind.xp
     t = conv["targets"]
     t = _flat_targets(xp, t, opts)
@@ -439,10 +457,6 @@ def backward(
 def _flat_targets(xp, t, opts: CCEOptions):
     """The targets each row is scored against (shifted under `shift`), flattened and contiguous."""
     if opts.shift:
-        if t.ndim == 0:
-            raise ValueError(
-                "targets: shift=True needs targets with a sequence dimension (..., T), got a scalar"
-            )
         t = shifted_targets(xp, t, opts)
     return xp.ascontiguousarray(t.reshape(-1))
 
@@ -468,6 +482,7 @@ def cross_entropy(
     kind, conv = _take({"logits": logits, "targets": targets})
     x, t = conv["logits"], conv["targets"]
     p = check_cross_entropy_args(x, t)
+    check_ignore_index(opts.ignore_index, p.index_dtype)
     xp = kind.xp
     if inplace_backward:
         if kind.module in ("jax", "jaxlib"):

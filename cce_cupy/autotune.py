@@ -13,20 +13,27 @@ graph capture) never tune: they use the cached choice, else DEFAULT_CLUSTER; `tu
 cache ahead of them.
 
 Environment: CCE_CUPY_AUTOTUNE_CACHE (the file; default ~/.cache/cce_cupy/autotune.json, or under
-$XDG_CACHE_HOME), CCE_CUPY_HOPPER_CLUSTER (1 or 2: use it, no tuning).
+$XDG_CACHE_HOME), CCE_CUPY_HOPPER_CLUSTER (1 or 2: use it, no tuning; unset or empty: tune).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from cce_cupy.kernel_sources import HOPPER_CLUSTERS, kernel_source
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: writers are not serialized
+    fcntl = None
 
 DEFAULT_CLUSTER = 1
 TIMED_ROUNDS = 7  # after one untimed run of each candidate
@@ -57,19 +64,32 @@ def tuning_key(gpu: str, dtype: str, n: int, d: int, v: int) -> str:
 
 
 class TuningCache:
-    """{key: choice} in memory, backed by a JSON file that other processes share."""
+    """{key: choice} in memory, backed by a JSON file that other processes share.
+
+    A bad file never breaks a call: an entry that is not one of HOPPER_CLUSTERS is dropped, and an
+    unreadable file reads as empty. Writers merge under an flock on a sibling ".lock" file, so
+    concurrent processes keep each other's entries.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._mem: dict[str, int] | None = None
 
+    def _read_file(self) -> dict[str, int]:
+        """The valid entries of the file ({} if there is none or it is unreadable)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError, RecursionError):  # missing, not UTF-8 / JSON, nested too deep
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        # bool is an int: reject it; Infinity, null, lists, dicts and other ints are not choices.
+        return {k: v for k, v in data.items()
+                if isinstance(v, int) and not isinstance(v, bool) and v in HOPPER_CLUSTERS}
+
     def _load(self) -> dict[str, int]:
         if self._mem is None:
-            try:
-                data = json.loads(self.path.read_text())
-                self._mem = {k: int(v) for k, v in data.items()} if isinstance(data, dict) else {}
-            except (OSError, ValueError):  # no file yet, or unreadable: start empty
-                self._mem = {}
+            self._mem = self._read_file()
         return self._mem
 
     def get(self, key: str) -> int | None:
@@ -79,17 +99,14 @@ class TuningCache:
         """Record in memory, then merge into the file atomically (a failed write only loses the disk copy)."""
         self._load()[key] = value
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                on_disk = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                on_disk = {}
-            on_disk = on_disk if isinstance(on_disk, dict) else {}
-            on_disk[key] = value
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(on_disk, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            target = Path(os.path.realpath(self.path))  # write through a symlink, keep the link
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target.with_name(target.name + ".lock"), "a") as lock:
+                if fcntl is not None:  # read-merge-write by one process at a time (POSIX)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                on_disk = self._read_file()
+                on_disk[key] = value
+                _write_atomic(target, json.dumps(on_disk, indent=1, sort_keys=True))
         except OSError:
             pass
 
@@ -115,6 +132,23 @@ class TuningCache:
         return best
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file in its folder (removed if anything fails),
+    keeping the file's mode; a new file gets 0644 less the umask, as open() gives it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 @functools.cache
 def _cache(path: str) -> TuningCache:
     return TuningCache(Path(path))
@@ -129,10 +163,12 @@ def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
                    time_candidate: Callable[[int], float] | None = None) -> int:
     """CLUSTER for the Hopper kernels of this call: forced, cached, tuned (when time_candidate is
     given) or DEFAULT_CLUSTER."""
-    forced = os.environ.get("CCE_CUPY_HOPPER_CLUSTER")
-    if forced:
-        if int(forced) not in HOPPER_CLUSTERS:
-            raise ValueError(f"CCE_CUPY_HOPPER_CLUSTER must be one of {HOPPER_CLUSTERS}, got {forced!r}")
+    forced = os.environ.get("CCE_CUPY_HOPPER_CLUSTER", "").strip()
+    if forced:  # empty is unset
+        allowed = [str(cl) for cl in HOPPER_CLUSTERS]
+        if forced not in allowed:
+            raise ValueError(f"CCE_CUPY_HOPPER_CLUSTER must be one of {', '.join(allowed)} (or unset, to tune), "
+                             f"got {forced!r}")
         return int(forced)
     memo = (os.environ.get("CCE_CUPY_AUTOTUNE_CACHE"), os.environ.get("XDG_CACHE_HOME"), gpu, dtype, n, d, v)
     found = _FOUND.get(memo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import heapq
 import os
+import threading
 
 import numpy as np
 
@@ -63,9 +64,23 @@ BACKWARD_PART_ROWS = 2304
 SPARSE_LIST_BYTES = 48 << 20
 SPARSE_MAX_SLOTS = 1024
 SPARSE_MIN_SLOTS = 16
-# "auto": wgmma kernels on compute capability 9.0 for 16-bit inputs where their alignment holds;
-# "sm80": always the mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU).
-KERNELS = os.environ.get("CCE_CUPY_KERNELS", "auto")
+KERNEL_FAMILIES = ("auto", "sm80")
+
+
+def kernels_from_env() -> str:
+    """The kernel family CCE_CUPY_KERNELS names: "auto" (also when unset or empty): the wgmma kernels
+    on compute capability 9.0 for 16-bit inputs where their alignment holds; "sm80": always the
+    mma.sync / FFMA kernels (the fallback, and the way to test it on a Hopper GPU)."""
+    value = os.environ.get("CCE_CUPY_KERNELS", "").strip()
+    if not value:
+        return "auto"
+    if value not in KERNEL_FAMILIES:
+        raise ValueError(f"CCE_CUPY_KERNELS must be one of {', '.join(KERNEL_FAMILIES)} (or unset: auto), "
+                         f"got {value!r}")
+    return value
+
+
+KERNELS = kernels_from_env()
 _ALIGN = 256  # scratch sub-buffers start on 256-byte boundaries
 
 
@@ -681,17 +696,21 @@ def _ce_slice_bytes(v: int, itemsize: int, cluster: int) -> int:
     return _cdiv(v * itemsize, 16 * cluster) * 16
 
 
-_TARGET_FLAGS: dict[int, object] = {}
+# Per thread: a bad target is reported to the thread whose call had it (api._TargetWatch), and no
+# two threads race to create a device's flag.
+_TARGET_FLAGS = threading.local()
 
 
 def target_error_flag():
-    """The current device's out-of-range-target flag ((1,) int32); kernels set it, never clear it."""
+    """This thread's out-of-range-target flag on the current device ((1,) int32); kernels set it,
+    never clear it."""
     import cupy
 
+    flags = _TARGET_FLAGS.__dict__.setdefault("by_device", {})
     dev = cupy.cuda.Device().id
-    if dev not in _TARGET_FLAGS:
-        _TARGET_FLAGS[dev] = cupy.zeros(1, dtype=cupy.int32)
-    return _TARGET_FLAGS[dev]
+    if dev not in flags:
+        flags[dev] = cupy.zeros(1, dtype=cupy.int32)
+    return flags[dev]
 
 
 def forward_flops(n: int, v: int, d: int) -> float:

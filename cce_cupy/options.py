@@ -14,18 +14,25 @@ The gradient with respect to y is, per row, two coefficients times two patterns:
     coef_p_i = g_i * (1 + 2 * z_loss * lse_i) + dlse_i ,   coef_q_i = g_i
 
 where g_i is the upstream gradient of loss_i (0 for ignored rows) and dlse_i the upstream
-gradient of a returned lse. Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend
-(NumPy, CUDA, JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the
-reduction, z-loss and ignore rules live in exactly one place.
+gradient of a returned lse. Columns may be masked with bias -inf; a row whose every logit is -inf
+has no distribution: lse_i = -inf, loss_i is NaN (0 when ignored) and its softmax counts as 0
+(NumPy, JAX CPU). Softcap multiplies by dy/dz = 1 - (y/softcap)**2. Every backend (NumPy, CUDA,
+JAX) takes `coef_p`, `coef_q` from `row_coefficients` below, so the reduction, z-loss and ignore
+rules live in exactly one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
+
+import numpy as np
 
 REDUCTIONS = ("mean", "sum", "none")
 GRAD_DTYPES = (None, "float32")
+_FP32_TINY = float(np.finfo(np.float32).tiny)
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +40,8 @@ class CCEOptions:
     """Options of the fused linear cross-entropy; frozen, hashable, passed whole to every layer.
 
     Attributes:
-        ignore_index: targets equal to it contribute no loss and no gradient.
+        ignore_index: targets equal to it contribute no loss and no gradient. It must fit the
+            targets' dtype (a call with int32 targets and an ignore_index outside int32 raises).
         reduction: "mean" (over non-ignored targets; 0 when there are none), "sum" or "none"
             (per-token losses shaped like `targets`, ignored positions 0).
         softcap: logits become softcap * tanh(z / softcap) (Gemma 2); None for off.
@@ -42,7 +50,8 @@ class CCEOptions:
         shift: next-token prediction: position t of a sequence predicts targets[t + 1]; the
             last position of each sequence is ignored. No copy of `e` is made.
         filter_eps: gradient filtering threshold. None is exact; "auto" is
-            finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped:
+            finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped
+            (with z_loss or a grad_lse, only those with softmax below it: the target is kept):
             on Hopper with 16-bit inputs every such element but the target (sparse backward),
             elsewhere the 128 x 128 logit tiles where every element is below it.
         return_lse: also return the per-token logsumexp (fp32, shaped like `targets`).
@@ -69,18 +78,26 @@ class CCEOptions:
     allow_tf32: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+        if not (isinstance(self.ignore_index, numbers.Integral) and not _is_bool(self.ignore_index)):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            raise ValueError(f"ignore_index must be an int in [-2**63, 2**63), got {self.ignore_index!r}")
+        # NumPy scalars are stored as Python numbers (equal options hash alike, repr stays plain).
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.softcap is not None and not (_is_real(self.softcap) and self.softcap > 0):
-            raise ValueError(f"softcap must be None or a float > 0, got {self.softcap!r}")
+        # The kernels take softcap and z_loss as fp32: finite and representable there.
+        if self.softcap is not None and not (_is_real(self.softcap) and _FP32_TINY <= self.softcap <= _FP32_MAX):
+            raise ValueError(
+                f"softcap must be None or a finite float in [{_FP32_TINY:.3g}, {_FP32_MAX:.3g}] (fp32), "
+                f"got {self.softcap!r}"
+            )
         if not (_is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(
                 f"label_smoothing must be a float in [0, 1), got {self.label_smoothing!r}"
             )
-        if not (_is_real(self.z_loss) and self.z_loss >= 0.0):
-            raise ValueError(f"z_loss must be a float >= 0, got {self.z_loss!r}")
+        if not (_is_real(self.z_loss) and 0.0 <= self.z_loss <= _FP32_MAX):
+            raise ValueError(f"z_loss must be a finite float in [0, {_FP32_MAX:.3g}] (fp32), got {self.z_loss!r}")
         if self.filter_eps is not None:
             if self.filter_eps != "auto" and not (
                 _is_real(self.filter_eps) and 0.0 < self.filter_eps < 1.0
@@ -93,6 +110,10 @@ class CCEOptions:
                     "filter_eps needs label_smoothing=0: smoothing puts mass on every column, "
                     "so no logit tile is negligible; pass filter_eps=None"
                 )
+        for name in ("softcap", "label_smoothing", "z_loss", "filter_eps"):
+            value = getattr(self, name)
+            if value is not None and value != "auto":
+                object.__setattr__(self, name, float(value))
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be None or 'float32', got {self.grad_dtype!r}")
         for flag in ("shift", "return_lse", "return_z_loss", "deterministic", "allow_tf32"):
@@ -123,8 +144,13 @@ def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions
     return base.replace(**kwargs) if kwargs else base
 
 
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A Python or NumPy real number (not a bool)."""
+    return isinstance(x, numbers.Real) and not _is_bool(x)
 
 
 def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None):
@@ -167,5 +193,7 @@ def shifted_targets(xp, targets, opts: CCEOptions):
     """Targets each row is scored against: targets[..., t + 1] under `shift` (last -> ignored)."""
     if not opts.shift:
         return targets
+    if targets.ndim == 0:
+        raise ValueError("targets: shift=True needs targets with a sequence dimension (..., T), got a scalar")
     pad = xp.full(targets.shape[:-1] + (1,), opts.ignore_index, dtype=targets.dtype)
     return xp.concatenate([targets[..., 1:], pad], axis=-1)

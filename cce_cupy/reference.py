@@ -86,23 +86,6 @@ def _logits(e_blk, c, bias, opts: CCEOptions, v0: int, v1: int, acc):
     return _softcap(_raw_logits(e_blk, c, bias, v0, v1, acc), opts)
 
 
-def _target_term(e_blk, c, bias, t, valid, in_range, opts: CCEOptions, ysum, v: int, acc):
-    """tgt of a row block by gather-dot (not from the logit blocks); NaN for out-of-range targets."""
-    tgt = np.zeros(len(t), dtype=acc)
-    ok = valid & in_range
-    if ok.any():
-        tt = t[ok].astype(np.int64)
-        yt = np.einsum("nd,nd->n", e_blk[ok], c[tt].astype(acc, copy=False))
-        if bias is not None:
-            yt = yt + bias[tt].astype(acc)
-        yt = _softcap(yt, opts)
-        tgt[ok] = (1.0 - opts.label_smoothing) * yt
-        if opts.label_smoothing > 0.0:
-            tgt[ok] += (opts.label_smoothing / v) * ysum[ok]
-    tgt[valid & ~in_range] = np.nan
-    return tgt
-
-
 def forward(e, c, targets, bias, opts: CCEOptions, bad_target=None):
     """Per-row (lse, tgt) of y = softcap(e @ c.T + bias), by an online logsumexp over V blocks.
 
@@ -116,26 +99,34 @@ def forward(e, c, targets, bias, opts: CCEOptions, bad_target=None):
     lse = np.empty(n, dtype=acc)
     tgt = np.empty(n, dtype=acc)
     t_all = np.asarray(targets).astype(np.int64)
+    ls = opts.label_smoothing
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for r0, r1, cols in _blocks(n, v, acc.itemsize):
             e_blk = e[r0:r1].astype(acc)
+            t = t_all[r0:r1]
+            valid = t != opts.ignore_index
             run_max = np.full(r1 - r0, -np.inf, dtype=acc)
             run_sum = np.zeros(r1 - r0, dtype=acc)
             ysum = np.zeros(r1 - r0, dtype=acc)
+            yt = np.zeros(r1 - r0, dtype=acc)
             for v0, v1 in cols:
                 y = _logits(e_blk, c, bias, opts, v0, v1, acc)
                 new_max = np.maximum(run_max, y.max(axis=1))
-                # exp(-inf - -inf) would be NaN: a row with no finite logit yet contributes nothing.
-                scale = np.where(run_max == -np.inf, 0.0, np.exp(run_max - new_max))
-                run_sum = run_sum * scale + np.exp(y - new_max[:, None]).sum(axis=1)
+                # A row with no finite logit yet (all -inf so far: masked columns) shifts by 0, not by
+                # -inf: exp(-inf - -inf) would be NaN; its terms are then exp(-inf) = 0.
+                shift = np.where(new_max == -np.inf, 0.0, new_max)
+                run_sum = run_sum * np.exp(run_max - shift) + np.exp(y - shift[:, None]).sum(axis=1)
                 run_max = new_max
-                if opts.label_smoothing > 0.0:
+                if ls > 0.0:
                     ysum += y.sum(axis=1)
+                # The target logit from this same block (not a separate dot), so lse >= y_t exactly.
+                rows = np.flatnonzero(valid & (t >= v0) & (t < v1))
+                yt[rows] = y[rows, t[rows] - v0]
             lse[r0:r1] = run_max + np.log(run_sum)
-            t = t_all[r0:r1]
-            valid = t != opts.ignore_index
-            in_range = (t >= 0) & (t < v)
-            tgt[r0:r1] = _target_term(e_blk, c, bias, t, valid, in_range, opts, ysum, v, acc)
+            tg = (1.0 - ls) * yt + (ls / v) * ysum if ls > 0.0 else yt
+            tg[~valid] = 0.0
+            tg[valid & ((t < 0) | (t >= v))] = np.nan
+            tgt[r0:r1] = tg
     bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
     if bad.any():
         (target_error_flag() if bad_target is None else bad_target)[0] = 1
@@ -163,6 +154,18 @@ def _live_tiles(mask: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:r, :cdim]
 
 
+def filter_keep(p, onehot, coef_p, coef_q, eps: float):
+    """The elements of a logit-gradient block that filtering keeps (as lce_backward.cu does).
+
+    g = coef_q (p - onehot) + (coef_p - coef_q) p: the first term is negligible where
+    |p - onehot| < eps; the second (z-loss, grad_lse) only where p < eps, so in a row that has it
+    the target (p ~ 1) is kept too. Rows with both coefficients 0 keep nothing.
+    """
+    active = (coef_p != 0) | (coef_q != 0)
+    lse_term = (coef_p != coef_q)[:, None]
+    return ((np.abs(p - onehot) >= eps) | (lse_term & (p >= eps))) & active[:, None]
+
+
 def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps: float | None, stats=None):
     """dL/dz of one block of logits z before the softcap (rows r, columns [v0, v0 + width)), with
     tile filtering when eps is set.
@@ -172,15 +175,16 @@ def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps
     y = _softcap(z, opts)
     cols = np.arange(v0, v0 + y.shape[1])
     onehot = t[:, None] == cols[None, :]
-    p = np.exp(y - lse[:, None])
+    # A row whose logits are all -inf has lse = -inf and no distribution: p = 0, not NaN (its loss
+    # is NaN when it is not ignored; an ignored one must not poison dC with 0 * NaN).
+    p = np.exp(y - np.where(lse == -np.inf, np.inf, lse)[:, None])
     ls = opts.label_smoothing
     q = np.where(onehot, 1.0 - ls, 0.0) + ls / v if ls > 0.0 else onehot
     g = coef_p[:, None] * p - coef_q[:, None] * q
     if opts.softcap is not None:
         g *= softcap_grad(z, opts.softcap)
     if eps is not None:
-        active = (coef_p != 0) | (coef_q != 0)
-        live = _live_tiles((np.abs(p - onehot) >= eps) & active[:, None])
+        live = _live_tiles(filter_keep(p, onehot, coef_p, coef_q, eps))
         g = np.where(live, g, 0.0)
         if stats is not None:
             nt = _round_up(y.shape[0], TILE) // TILE * (_round_up(y.shape[1], TILE) // TILE)

@@ -49,7 +49,23 @@ def _shape(x: Any, arg: str) -> tuple[int, ...]:
         raise TypeError(
             f"{arg} must be an array with .shape and .dtype (NumPy, CuPy, JAX, ...), got {type(x).__name__}"
         )
+    dt = dtype_of(x)
+    if dt is not None and not dt.isnative:  # the kernels and JAX read native byte order only
+        raise TypeError(
+            f"{arg} has non-native byte order (dtype {dt.str!r}): convert it with "
+            f"{arg}.astype({arg}.dtype.newbyteorder('='))"
+        )
     return tuple(int(s) for s in shape)
+
+
+def check_ignore_index(ignore_index: int, index_dtype: Any) -> None:
+    """ignore_index must be representable in the targets' dtype (to compare and to pad under shift)."""
+    info = np.iinfo(np.dtype(index_dtype))
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index={ignore_index} does not fit the targets' dtype {np.dtype(index_dtype).name} "
+            f"([{info.min}, {info.max}]): pass int64 targets or an ignore_index in that range"
+        )
 
 
 def _check_float_dtype(x: Any, arg: str, allowed: tuple[str, ...]) -> np.dtype:
@@ -148,6 +164,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Problem",
     "check_cross_entropy_args",
+    "check_ignore_index",
     "check_linear_ce_args",
     "dtype_of",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from cce_cupy.options import (
     row_coefficients,
     shifted_targets,
 )
-from cce_cupy.validate import check_linear_ce_args
+from cce_cupy.validate import check_ignore_index, check_linear_ce_args
 from jax_bindings import gpu, reference
 
 BACKWARD_IMPLS = ("kernel", "reference")
@@ -162,13 +163,30 @@ _lce.defvjp(_lce_fwd, _lce_bwd)
 
 
 # ---------------------------------------------------------------------------------- public
+def _targets_array(targets):
+    """targets as a JAX array. Host (NumPy) int64 targets with 64-bit types off (jax_enable_x64)
+    would be cast to int32, wrapping an out-of-range target onto a valid class: they must fit."""
+    if not isinstance(targets, jax.Array) and not jax.config.jax_enable_x64:
+        host = np.asarray(targets)
+        info = np.iinfo(np.int32)
+        if host.dtype.itemsize > 4 and host.size and (host.min() < info.min or host.max() > info.max):
+            raise ValueError(
+                f"targets holds values outside int32 ({int(host.min())} .. {int(host.max())}), which JAX "
+                "would wrap to other classes with 64-bit types off: fix the targets, or enable them with "
+                "jax.config.update('jax_enable_x64', True)"
+            )
+    return jnp.asarray(targets)
+
+
 def check_call_args(backward_impl: str, vmap_method: str, block_v, command_buffer_compatible) -> bool:
     """Validate the binding's own keyword arguments; returns command_buffer_compatible resolved."""
     if backward_impl not in BACKWARD_IMPLS:
         raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
     if vmap_method not in gpu.VMAP_METHODS:
         raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
-    if block_v is not None and not (isinstance(block_v, int) and block_v >= 1):
+    if block_v is not None and not (
+        isinstance(block_v, numbers.Integral) and not isinstance(block_v, (bool, np.bool_)) and block_v >= 1
+    ):
         raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
     if command_buffer_compatible is None:
         return bool(gpu.COMMAND_BUFFER_COMPATIBLE)
@@ -243,10 +261,12 @@ def linear_cross_entropy(
         backward_impl=backward_impl,
         vmap_method=vmap_method,
         command_buffer_compatible=bool(command_buffer_compatible),
-        block_v=block_v,
+        block_v=None if block_v is None else int(block_v),
         kernels=np.dtype(prob.dtype) != np.float64,
     )
-    t = shifted_targets(jnp, jnp.asarray(targets), opts)
+    t = _targets_array(targets)
+    check_ignore_index(opts.ignore_index, t.dtype)
+    t = shifted_targets(jnp, t, opts)
     e2 = jnp.reshape(e, (prob.n, prob.d))
     loss, zl, lse = _lce(e2, jnp.asarray(c), jnp.reshape(t, (prob.n,)),
                          None if bias is None else jnp.asarray(bias), cfg)

@@ -113,7 +113,10 @@ def forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None, v
         y, cols, col_ok, _ = _block_logits(e, c_blk, b_blk, k, block_v, v, softcap, acc)
         ym = jnp.where(col_ok[None, :], y, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(ym, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(ym - m_new[:, None]), axis=1)
+        # Rows with no finite logit yet (all -inf so far: masked columns) shift by 0, not by -inf:
+        # exp(-inf - -inf) would be NaN; their terms are then exp(-inf) = 0.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(ym - shift[:, None]), axis=1)
         hit = cols[None, :] == t[:, None]  # padded columns (>= V) never match
         yt = yt + jnp.sum(jnp.where(hit, y, 0.0), axis=1)
         if opts.label_smoothing:
@@ -149,7 +152,8 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v
     cb, bb, nblocks = _blocks(c, bias, block_v)
     t = targets  # compared in its own dtype: an int64 target never wraps onto a column
     softcap, ls = opts.softcap, opts.label_smoothing
-    lse = lse.astype(acc)
+    # A row whose logits are all -inf has lse = -inf and no distribution: p = 0 there, not NaN.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc)
     cp = coef_p.astype(acc)[:, None]
     cq = coef_q.astype(acc)[:, None]
     e_acc = e.astype(acc)

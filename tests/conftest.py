@@ -138,7 +138,7 @@ def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_e
     valid = t != o.ignore_index
     ls = o.label_smoothing
     yt = y[np.arange(n), np.clip(t, 0, v - 1)] if n else np.zeros(0)
-    tgt = np.where(valid, (1 - ls) * yt + ls / v * y.sum(1), 0.0)
+    tgt = np.where(valid, (1 - ls) * yt + (ls / v * y.sum(1) if ls else 0.0), 0.0)  # 0 * -inf is NaN
     zl_tok = np.where(valid, o.z_loss * lse**2, 0.0)
     loss_tok = np.where(valid, lse - tgt, 0.0) + zl_tok
     cnt = max(valid.sum(), 1)
@@ -164,7 +164,9 @@ def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_e
     if filter_eps is not None:
         active = (cp != 0) | (g != 0)
         if filter_mode == "tile":
-            keep = _tile_mask((np.abs(p - onehot) >= filter_eps) & active[:, None])
+            # A z-loss / grad_lse term (cp != g) makes p itself count, at the target too.
+            small = (np.abs(p - onehot) < filter_eps) & ~(((cp != g)[:, None]) & (p >= filter_eps))
+            keep = _tile_mask(~small & active[:, None])
         elif filter_mode == "element":
             keep = ((p >= filter_eps) | (onehot > 0)) & active[:, None]
         else:

@@ -484,3 +484,33 @@ def test_torch_through_dlpack():
     assert_rel_close(tl.float().cpu().numpy(), ref["g"], 1e-2, "dlogits(bf16 torch, in place)")
     with pytest.raises(TypeError, match="one kind"):
         cce.linear_cross_entropy(te, torch.from_numpy(c), tt)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "sm80"])
+def test_tiled_filter_keeps_z_loss_and_grad_lse(kernels, monkeypatch):
+    """Issue 18.2: the tiled filtered backward must not drop a confident row's z-loss / grad_lse
+    term (g = cq (p - onehot) + (cp - cq) p is ~2 z_loss lse at the target, where p ~ 1)."""
+    cp = _cp()
+    monkeypatch.setattr(launch, "SPARSE_LIST_BYTES", 0)  # no slots: the tiled filtered backward
+    monkeypatch.setattr(launch, "KERNELS", kernels)
+    e = np.zeros((4, 16), np.float32)
+    e[:, 3] = 20.0
+    bf = DTYPES["bfloat16"]
+    e, c, t = e.astype(bf), np.eye(16, dtype=np.float32).astype(bf), np.full(4, 3)
+    o = CCEOptions(z_loss=1e-4, reduction="sum", grad_dtype="float32")
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    exact = cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o)[1]
+    filtered = cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o.replace(filter_eps="auto"))[1]
+    assert float(cp.abs(exact).max()) > 3e-3
+    assert_rel_close(filtered, exact, 1e-2, "de(filtered, z_loss)")
+    lse, _ = cce.forward(ge, gc, gt)
+    de = cce.backward(ge, gc, gt, lse, 0.0, grad_lse=cp.ones(4, cp.float32),
+                      options=CCEOptions(reduction="sum", grad_dtype="float32", filter_eps="auto"))[0]
+    assert_rel_close(de, np.eye(16)[[3] * 4], 1e-2, "de(grad_lse, filtered)")
+    # A larger peaked problem with z_loss against the float64 tile rule (and the NumPy backend).
+    o = CCEOptions(z_loss=1e-2, filter_eps=1e-3)
+    e, c, t, _ = make_problem(300, 136, 1000, "bfloat16", peaked=True, seed=11)
+    out = _run_launchers(e, c, t, None, o, 1.0)
+    ref = dense_reference(e, c, t, None, o, filter_eps=1e-3)
+    for name in ("de", "dc"):
+        assert_rel_close(out[name], ref[name], TOL["bfloat16"], name)

@@ -4,8 +4,9 @@
 //   1. lce_grad_logits: recompute y = softcap(E @ C[v0:]^T + bias) tile by tile and write the
 //      logit gradient  G = (coef_p * exp(y - lse) - coef_q * smoothed_onehot) * softcap'(y)
 //      into a chunk buffer of N x Vc (never N x V), in type GT (the input type for 16-bit inputs).
-//      With filtering on, a 128 x 128 tile whose |softmax - onehot| < filter_eps everywhere is not
-//      written; its flag stays 0 and the two GEMMs below skip it.
+//      With filtering on, a 128 x 128 tile whose |softmax - onehot| < filter_eps everywhere (and,
+//      in rows with a z-loss / grad_lse term, softmax < filter_eps too) is not written; its flag
+//      stays 0 and the two GEMMs below skip it.
 //   2. lce_gemm (dC):  dC[v0:v0+Vc] = G^T @ E            (A = G^T is M-major, B = E is N-major)
 //   3. lce_gemm (dE):  dE (+)= G @ C[v0:v0+Vc]           (A = G is K-major,  B = C is N-major)
 // Every gradient element is produced by one block in a fixed order: no atomics, bitwise
@@ -55,7 +56,11 @@ __device__ void grad_logits_impl(const T* __restrict__ e, const T* __restrict__ 
                 const float zq = z[q] + b[q], y = apply_softcap<SOFTCAP>(zq, softcap);
                 const float p = __expf(y - l);
                 const bool is_t = (t == (long long)(col + q));
-                if (FILTER) live |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
+                // g = cq (p - onehot) + (cp - cq) p: with a z-loss / grad_lse term (cp != cq) the
+                // target (p ~ 1) is not negligible either.
+                if (FILTER)
+                    live |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps || (cp != cq && p >= filter_eps)) &&
+                            (cp != 0.f || cq != 0.f);
                 float gq = cp * p - cq * ((is_t ? 1.f - smoothing : 0.f) + smooth_q);
                 if (SOFTCAP) gq *= softcap_grad(zq, softcap);
                 out[q] = (col + q < Vc) ? gq : 0.f;

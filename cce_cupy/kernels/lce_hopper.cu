@@ -443,8 +443,9 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
                         const float y = apply_softcap<SOFTCAP>(z, softcap);
                         const float p = fast_exp2(fmaf(y, H_LOG2E, -l2));
                         const bool is_t = t_rel == j * 8 + q;
-                        if (FILTER)
-                            live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps) && (cp != 0.f || cq != 0.f);
+                        if (FILTER)  // as lce_backward.cu: a z-loss / grad_lse term (cp != cq) keeps p >= eps
+                            live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps ||
+                                             (cp != cq && p >= filter_eps)) && (cp != 0.f || cq != 0.f);
                         float gq = fmaf(cp, p, is_t ? -g_off_t : -g_off);
                         if (SOFTCAP) gq *= softcap_grad(z, softcap);
                         g[q] = gq;
