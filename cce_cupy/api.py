@@ -7,7 +7,10 @@ Array kinds:
       `cupy.from_dlpack`, runs the kernels, and results come back as that kind.
     * Other CPU arrays with `__array__` (a JAX CPU array, a PyTorch CPU tensor) go through
       `numpy.asarray` to the NumPy backend and come back as their kind.
-All arrays of one call must be of one kind and, on GPU, on one device.
+All arrays of one call must be of one kind and, on GPU, on one device; NumPy arrays may go with
+one framework's CPU arrays (NumPy targets beside JAX arrays). JAX tracers are refused with a pointer
+to `jax_bindings`, and tensors that require grad with a pointer to `.detach()`: this API is eager
+and records no autograd.
 
 Leading batch dims of `e` (and `targets`) are flattened with `reshape`, which copies only when the
 input is not contiguous; non-contiguous inputs are therefore copied (once) before the kernels.
