@@ -7,7 +7,10 @@ Array kinds:
       `cupy.from_dlpack`, runs the kernels, and results come back as that kind.
     * Other CPU arrays with `__array__` (a JAX CPU array, a PyTorch CPU tensor) go through
       `numpy.asarray` to the NumPy backend and come back as their kind.
-All arrays of one call must be of one kind and, on GPU, on one device.
+All arrays of one call must be of one kind and, on GPU, on one device; NumPy arrays may go with
+one framework's CPU arrays (NumPy targets beside JAX arrays). JAX tracers are refused with a pointer
+to `jax_bindings`, and tensors that require grad with a pointer to `.detach()`: this API is eager
+and records no autograd.
 
 Leading batch dims of `e` (and `targets`) are flattened with `reshape`, which copies only when the
 input is not contiguous; non-contiguous inputs are therefore copied (once) before the kernels.
@@ -32,6 +35,7 @@ import numpy as np
 from cce_cupy import launch, reference
 from cce_cupy.options import (
     CCEOptions,
+    is_jax_tracer,
     make_options,
     per_token_loss,
     reduce_loss,
@@ -87,12 +91,34 @@ def _gpu_device(x) -> int | None:
 _OPTIONAL_ARRAYS = ("bias", "grad_lse")
 
 
+def _check_not_traced_or_tracked(present: dict[str, Any]) -> None:
+    """Arrays this eager API cannot take: JAX tracers (jit/grad/vmap) and tensors recording autograd."""
+    for k, x in present.items():
+        if is_jax_tracer(x):
+            raise TypeError(
+                f"{k} is a JAX tracer ({_describe(x)}): cce_cupy functions run eagerly and cannot be traced "
+                "by jax.jit, jax.grad or jax.vmap. Under jit/grad use jax_bindings.linear_cross_entropy "
+                "(same arguments and options), which defines the gradient for JAX"
+            )
+        if getattr(x, "requires_grad", False) is True:
+            raise TypeError(
+                f"{k} ({_describe(x)}) requires grad: cce_cupy does not record autograd, so a gradient "
+                f"would silently not flow. Pass {k}.detach() and apply the gradients that "
+                "linear_cross_entropy_with_grad returns yourself"
+            )
+
+
 def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
-    """Classify the arrays of a call (all one kind, one device) and convert them for a backend."""
+    """Classify the arrays of a call (all one kind, one device) and convert them for a backend.
+
+    NumPy arrays may accompany the CPU arrays of one other framework (e.g. NumPy targets with JAX
+    CPU arrays): all go to the NumPy backend and results come back as the framework's kind.
+    """
     for k, x in named.items():
         if x is None and k not in _OPTIONAL_ARRAYS:
             raise TypeError(f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got None")
     present = {k: x for k, x in named.items() if x is not None}
+    _check_not_traced_or_tracked(present)
     cupy = _cupy()
     kinds = {}
     for k, x in present.items():
@@ -109,12 +135,17 @@ def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
                 f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got {_describe(x)}"
             )
     names = list(present)
+    host = [k for k in names if kinds[k][0].startswith("host:")]
+    if host and all(kinds[k][0] in ("numpy", kinds[host[0]][0]) for k in names):
+        kinds = {k: kinds[host[0]] for k in names}  # NumPy beside one framework's CPU arrays
     first = names[0]
     for k in names[1:]:
         if kinds[k][0] != kinds[first][0]:
             raise TypeError(
                 f"{first} is a {_describe(present[first])} but {k} is a {_describe(present[k])}: "
-                "pass all arrays as one kind (all NumPy, all CuPy, or all of one GPU framework)"
+                "pass all arrays as one kind (all NumPy, all CuPy, or all of one framework on one "
+                f"device): move {k} to where {first} lives (e.g. cupy.asarray, jax.device_put, "
+                "torch.as_tensor(..., device=...))"
             )
         if kinds[k][1] != kinds[first][1]:
             raise ValueError(
@@ -135,12 +166,23 @@ def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
     conv = {}
     for k, x in named.items():
         try:
-            conv[k] = None if x is None else np.asarray(x)
+            conv[k] = None if x is None else _host_to_numpy(x)
         except Exception as err:
             raise TypeError(
-                f"{k} ({_describe(x)}) cannot be read as a NumPy array: convert it first"
+                f"{k} ({_describe(x)}, dtype {getattr(x, 'dtype', '?')}) cannot be read as a NumPy array: "
+                "convert it to a NumPy array of a supported dtype first"
             ) from err
     return _Kind("host", kind_name.split(":", 1)[1]), conv
+
+
+def _host_to_numpy(x) -> np.ndarray:
+    """A CPU array of another framework as NumPy (no copy where possible)."""
+    if _module_of(x) == "torch" and str(x.dtype) == "torch.bfloat16":
+        import ml_dtypes  # NumPy has no bfloat16 and torch.Tensor.numpy() refuses it: view the bits
+        import torch
+
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return np.asarray(x)
 
 
 def _from_cupy(x, module: str):
@@ -163,9 +205,10 @@ def _from_numpy(x: np.ndarray, module: str):
     if module == "torch":
         import torch
 
+        x = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes a 0-d array 1-d
         if x.dtype.name == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(x)
     return x
 
 

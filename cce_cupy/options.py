@@ -48,7 +48,9 @@ class CCEOptions:
         label_smoothing: mass spread uniformly over the V classes, in [0, 1).
         z_loss: weight of the auxiliary z_loss * lse**2 term per token (PaLM), >= 0.
         shift: next-token prediction: position t of a sequence predicts targets[t + 1]; the
-            last position of each sequence is ignored. No copy of `e` is made.
+            last position of each sequence is ignored. No copy of `e` is made. Sequences run
+            along the last axis of `targets`: pass e (B, T, D) and targets (B, T); flattened
+            (B*T, D) input would shift across sequence boundaries.
         filter_eps: gradient filtering threshold. None is exact; "auto" is
             finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped
             (with z_loss or a grad_lse, only those with softmax below it: the target is kept):
@@ -141,11 +143,23 @@ def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions
     unknown = sorted(set(kwargs) - _OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; known options: {sorted(_OPTION_NAMES)}")
+    for name, value in kwargs.items():
+        if is_jax_tracer(value):
+            raise TypeError(
+                f"{name} is a JAX tracer: options must be static Python values (e.g. softcap=30.0), "
+                "fixed when the function is traced. Pass it as a Python number, or mark the argument "
+                "static (jax.jit(..., static_argnames=...))"
+            )
     return base.replace(**kwargs) if kwargs else base
 
 
 def _is_bool(x: Any) -> bool:
     return isinstance(x, (bool, np.bool_))
+
+
+def is_jax_tracer(x: Any) -> bool:
+    """True for a JAX tracer (under jit, grad, vmap, ...), without importing JAX."""
+    return any(k.__name__ == "Tracer" and k.__module__.startswith("jax.") for k in type(x).__mro__)
 
 
 def _is_real(x: Any) -> bool:

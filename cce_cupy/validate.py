@@ -72,7 +72,13 @@ def _check_float_dtype(x: Any, arg: str, allowed: tuple[str, ...]) -> np.dtype:
     dt = dtype_of(x)
     name = _name(x)
     if dt is None or name not in allowed:
-        raise TypeError(f"{arg} has unsupported dtype {name}: use one of {', '.join(allowed)}")
+        hint = ""
+        if name == "float64":  # no automatic cast: it would hide a 2x memory copy of c
+            hint = (
+                f"; cast the float arrays first, e.g. {arg}.astype('float32') (the loss is computed in fp32), "
+                "or use jax_bindings.linear_cross_entropy, which computes float64 on CPU"
+            )
+        raise TypeError(f"{arg} has unsupported dtype {name}: use one of {', '.join(allowed)}{hint}")
     return dt
 
 

@@ -4,6 +4,14 @@
 Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` when CuPy and JAX share a GPU (see README, "JAX").
 """
 
+try:
+    import jax  # noqa: F401
+except ImportError as err:  # name the extra rather than a bare "No module named 'jax'"
+    raise ImportError(
+        "jax_bindings needs JAX >= 0.9.0: pip install 'cce-cupy[jax]' (CPU), or 'cce-cupy[jax-cuda13]' / "
+        "'cce-cupy[jax-cuda12]' for GPUs (see README, Install)"
+    ) from err
+
 from cce_cupy.options import CCEOptions, make_options
 from jax_bindings.gpu import COMMAND_BUFFER_COMPATIBLE, precompile
 from jax_bindings.loss import BACKWARD_IMPLS, linear_cross_entropy
