@@ -114,6 +114,16 @@ def test_numpy_per_token_loss_is_not_negative():
     assert loss.min() >= 0.0, f"{int((loss < 0).sum())} negative per-token losses, min {loss.min()}"
 
 
+def test_single_class_loss_is_exactly_zero():
+    """V = 1: lse and the target logit are the same number, so the loss is 0, not -1e-8 (issue 20)."""
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((64, 16)).astype(np.float32)
+    c = rng.standard_normal((1, 16)).astype(np.float32)
+    t = np.zeros(64, np.int64)
+    assert np.all(cce.linear_cross_entropy(e, c, t, reduction="none") == 0.0)
+    assert cce.linear_cross_entropy(e, c, t) == 0.0
+
+
 def test_filter_tile_rule_with_z_loss_matches_dense_rule():
     """The NumPy backend drops exactly the tiles of the float64 rule (conftest) with a z-loss."""
     from conftest import make_problem
