@@ -261,7 +261,7 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
 
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
-    (cce_cupy.autotune; it synchronizes once). False (JAX callbacks): cached choice or default.
+    (cce_cupy.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice or default.
     """
     import cupy
 
@@ -713,6 +713,21 @@ def target_error_flag():
     return flags[dev]
 
 
+def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
+    """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
+    callbacks never tune), on random inputs; returns the cluster size now cached (cce_cupy.autotune)."""
+    import cupy
+    import ml_dtypes
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
+    c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
+    t = cupy.zeros(n, cupy.int32)
+    lse, tgt = cupy.empty(n, cupy.float32), cupy.empty(n, cupy.float32)
+    launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
+    return autotune.hopper_cluster(gpu_name(), np.dtype(dt).name, n, d, v)
+
+
 def forward_flops(n: int, v: int, d: int) -> float:
     """Matmul FLOPs of the forward (the backward by recompute is 3x this)."""
     return 2.0 * n * v * d
@@ -727,4 +742,5 @@ __all__ = [
     "launch_cross_entropy",
     "launch_forward",
     "target_error_flag",
+    "tune",
 ]
