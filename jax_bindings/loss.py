@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any
 
 import jax
@@ -28,11 +27,7 @@ from cce_cupy.options import (
 )
 from cce_cupy.validate import check_ignore_index, check_linear_ce_args
 from jax_bindings import gpu, reference
-
-BACKWARD_IMPLS = ("kernel", "reference")
-# Which implementation the CPU branch of `platform_dependent` runs. "reference" in production;
-# the CPU tests set "callback" to push the buffer_callback plumbing through NumPy stand-ins.
-_CPU_PATH = "reference"
+from jax_bindings._dispatch import check_call_args, dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +40,6 @@ class _Config:
     command_buffer_compatible: bool
     block_v: int | None
     kernels: bool  # False: the reference on every platform (float64 inputs)
-
-
-def _dispatch(cfg: _Config, ref_fn, gpu_fn, *args):
-    """Run `gpu_fn` on CUDA and `ref_fn` elsewhere (only the matching branch is lowered)."""
-    if not cfg.kernels:
-        return ref_fn(*args)
-    cpu_fn = gpu_fn if _CPU_PATH == "callback" else ref_fn
-    return jax.lax.platform_dependent(*args, cpu=cpu_fn, cuda=gpu_fn, default=ref_fn)
 
 
 def _split_bias(args):
@@ -72,7 +59,7 @@ def _forward(e, c, t, bias, cfg: _Config):
                            command_buffer_compatible=cfg.command_buffer_compatible)
 
     args = (e, c, t) if bias is None else (e, c, t, bias)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
@@ -100,7 +87,7 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
     if cfg.backward_impl == "reference":
         return ref_fn(*args)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 # ------------------------------------------------------------------------------ custom_vjp
@@ -178,21 +165,6 @@ def _targets_array(targets):
     return jnp.asarray(targets)
 
 
-def check_call_args(backward_impl: str, vmap_method: str, block_v, command_buffer_compatible) -> bool:
-    """Validate the binding's own keyword arguments; returns command_buffer_compatible resolved."""
-    if backward_impl not in BACKWARD_IMPLS:
-        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
-    if vmap_method not in gpu.VMAP_METHODS:
-        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
-    if block_v is not None and not (
-        isinstance(block_v, numbers.Integral) and not isinstance(block_v, (bool, np.bool_)) and block_v >= 1
-    ):
-        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
-    if command_buffer_compatible is None:
-        return bool(gpu.COMMAND_BUFFER_COMPATIBLE)
-    return bool(command_buffer_compatible)
-
-
 def linear_cross_entropy(
     e,
     c,
@@ -244,7 +216,7 @@ def linear_cross_entropy(
     The pure-JAX path ignores `filter_eps` (its gradient is exact).
     """
     if vocab_parallel_axis is not None:  # inside jax.shard_map: c is this device's vocab slice
-        from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # sharded imports this module
+        from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # lazy: sharded builds on jax_bindings
 
         return vocab_parallel_linear_cross_entropy(
             e, c, targets, bias, axis_name=vocab_parallel_axis, vocab_size=vocab_size,
@@ -280,4 +252,4 @@ def linear_cross_entropy(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-__all__ = ["BACKWARD_IMPLS", "linear_cross_entropy"]
+__all__ = ["linear_cross_entropy"]

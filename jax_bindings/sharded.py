@@ -54,7 +54,7 @@ from cce_cupy import launch
 from cce_cupy.options import CCEOptions, make_options, per_token_loss, shifted_targets
 from cce_cupy.validate import check_linear_ce_args
 from jax_bindings import gpu, reference
-from jax_bindings import loss as _loss
+from jax_bindings._dispatch import check_call_args, dispatch
 
 # The target the kernels see for rows whose target is not in the shard (with label_smoothing 0):
 # the kernels' ignore_index is set to it, and no column index is negative.
@@ -147,14 +147,6 @@ class _ShardConfig:
         return kopts, scale
 
 
-def _dispatch(cfg: _ShardConfig, ref_fn, gpu_fn, *args):
-    """`gpu_fn` on CUDA, `ref_fn` elsewhere; honours `jax_bindings.loss._CPU_PATH` like loss.py."""
-    if not cfg.kernels:
-        return ref_fn(*args)
-    cpu_fn = gpu_fn if _loss._CPU_PATH == "callback" else ref_fn
-    return lax.platform_dependent(*args, cpu=cpu_fn, cuda=gpu_fn, default=ref_fn)
-
-
 def _with_bias(args, has_bias: bool, k: int):
     """Split the flat argument tuple of platform_dependent: bias sits at position k if present."""
     if has_bias:
@@ -178,7 +170,7 @@ def _kernel_forward(e, c, t, bias, opts: CCEOptions, cfg: _ShardConfig):
         return _vary(lse, vma), _vary(tgt, vma)
 
     args = (e, c, t) if bias is None else (e, c, t, bias)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: _ShardConfig):
@@ -201,7 +193,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
     if cfg.backward_impl == "reference":
         return ref_fn(*args)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 # --------------------------------------------------------------------- per-shard primitive
@@ -358,7 +350,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     opts = make_options(options, **option_kwargs)
     prob = check_linear_ce_args(e, c_shard, targets, bias_shard, allow_float64=True)
-    command_buffer_compatible = _loss.check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
+    command_buffer_compatible = check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
     shards = lax.axis_size(axis_name)
     v_local = prob.v
     padded = v_local * shards

@@ -17,8 +17,7 @@ from conftest import NumpyBridge, assert_rel_close, make_problem
 from jax.test_util import check_grads
 
 from cce_cupy.options import CCEOptions, make_options
-from jax_bindings import gpu, linear_cross_entropy
-from jax_bindings import loss as loss_mod
+from jax_bindings import _dispatch, gpu, linear_cross_entropy
 
 
 @pytest.fixture(autouse=True)
@@ -334,7 +333,7 @@ def test_no_n_by_v_intermediate():
 @pytest.fixture
 def numpy_bridge(monkeypatch):
     bridge = NumpyBridge()
-    monkeypatch.setattr(loss_mod, "_CPU_PATH", "callback")
+    monkeypatch.setattr(_dispatch, "CPU_PATH", "callback")
     monkeypatch.setattr(gpu, "BRIDGE", bridge)
     return bridge
 
