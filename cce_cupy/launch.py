@@ -31,7 +31,7 @@ from cce_cupy.kernel_sources import (
     get_kernel,
     template_name,
 )
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, dtype_eps
 
 # Forward: enough (row-block x vocab-split) blocks to fill the GPU several times over, from the
 # shape alone (so JAX can size the scratch at trace time).
@@ -108,12 +108,6 @@ def _aligned(*arrays, ld: int) -> bool:
     """16-byte vector loads are legal: leading dimension and every base pointer allow them."""
     itemsize = arrays[0].dtype.itemsize
     return (ld * itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
-
-
-def _dtype_eps(dtype) -> float:
-    if dtype_name(dtype) == "bfloat16":
-        return 2.0**-7
-    return float(np.finfo(dtype).eps)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -318,10 +312,6 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
 
 
 # ----------------------------------------------------------------------------------- backward
-def grad_dtype(input_dtype, opts: CCEOptions):
-    return np.dtype(np.float32) if opts.grad_dtype == "float32" else input_dtype
-
-
 def backward_blocking(n: int, v: int, d: int, dtype, opts: CCEOptions) -> tuple[int, int, bool]:
     """(rows per part, vocabulary columns per chunk, fp32 dE accumulator needed) of the backward.
 
@@ -432,7 +422,7 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
         return scratch[off : off + size].view(dtype).reshape(shape)
 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
-    eps = opts.resolved_filter_eps(_dtype_eps(e.dtype))
+    eps = opts.resolved_filter_eps(dtype_eps(e.dtype))
     hopper = use_hopper(e, c, ld=d)
     # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
     cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1

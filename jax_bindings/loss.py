@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_cupy import launch
 from cce_cupy.options import (
     CCEOptions,
+    grad_dtype,
     make_options,
     per_token_loss,
     reduce_loss,
     row_coefficients,
     shifted_targets,
+    z_loss_dlse,
 )
 from cce_cupy.validate import check_ignore_index, check_linear_ce_args
 from jax_bindings import gpu, reference
@@ -72,7 +73,7 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
 
     # Both branches of platform_dependent must return the same types: the kernels' gradient dtype
     # (e's dtype, or float32 with grad_dtype="float32"), so the GPU branch adds no conversion.
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), opts)
+    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
@@ -132,7 +133,7 @@ def _lce_bwd(cfg: _Config, res, cts):
     if opts.z_loss:
         # The returned z_loss output is reduced like the loss: d z_loss_i / d lse_i = 2 z lse_i.
         _, w_zl = row_coefficients(xp, opts, valid, lse, g_zl)
-        grad_lse = grad_lse + 2.0 * opts.z_loss * lse * w_zl
+        grad_lse = grad_lse + z_loss_dlse(opts.z_loss, lse) * w_zl
     coef_p, coef_q = row_coefficients(xp, opts, valid, lse, g_loss, grad_lse)
     if n == 0:
         de, dc = jnp.zeros(e.shape, e.dtype), jnp.zeros(c.shape, c.dtype)

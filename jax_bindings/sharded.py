@@ -50,8 +50,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cce_cupy import launch
-from cce_cupy.options import CCEOptions, make_options, per_token_loss, shifted_targets
+from cce_cupy.options import CCEOptions, grad_dtype, make_options, per_token_loss, shifted_targets
 from cce_cupy.validate import check_linear_ce_args
 from jax_bindings import gpu, reference
 from jax_bindings._dispatch import check_call_args, dispatch
@@ -127,7 +126,7 @@ class _ShardConfig:
     def grad_dtype(self, e_dtype):
         if not self.kernels:
             return reference.acc_dtype(e_dtype)
-        return jnp.float32 if self.fp32_grads() else launch.grad_dtype(np.dtype(e_dtype), self.opts)
+        return jnp.float32 if self.fp32_grads() else grad_dtype(np.dtype(e_dtype), self.opts)
 
     def kernel_options(self, n: int) -> tuple[CCEOptions, float]:
         """(options the kernels run with on n real columns, scale of their target term).
@@ -177,7 +176,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
     """(dE, dC, dbias) of the single-device kernels (or reference), in the kernels' gradient dtype."""
     has_bias = bias is not None
     vma = _vma_union(e, c, t, bias, lse, coef_p, coef_q)
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), opts)
+    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = _with_bias(a, has_bias, 3)
