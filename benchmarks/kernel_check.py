@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from cce_cupy import launch
-from cce_cupy.options import CCEOptions, row_coefficients
+from cce_cupy.options import CCEOptions, grad_dtype, row_coefficients
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -73,7 +73,7 @@ def check_case(n, d, v, dtype, o: CCEOptions, with_bias, peaked, rng, idx_dtype=
     valid = gt != o.ignore_index
     gl = cp.asarray(rng.random(n).astype(np.float32)) if o.reduction == "none" else 1.0
     cpp, cq = row_coefficients(cp, o, valid, lse, gl)
-    gdt = launch.grad_dtype(ge.dtype, o)
+    gdt = grad_dtype(ge.dtype, o)
     de = cp.full((n, d), cp.nan, gdt)
     dc = cp.full((v, d), cp.nan, gdt)
     db = cp.full((v,), cp.nan, gdt) if with_bias else None

@@ -35,6 +35,7 @@ import numpy as np
 from cce_cupy import launch, reference
 from cce_cupy.options import (
     CCEOptions,
+    grad_dtype,
     is_jax_tracer,
     make_options,
     per_token_loss,
@@ -352,7 +353,7 @@ def _backward(call: _Call, lse, coef_p, coef_q):
         return reference.backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q)
     n, d = call.e.shape
     v = call.c.shape[0]
-    gdt = launch.grad_dtype(call.e.dtype, call.opts)
+    gdt = grad_dtype(call.e.dtype, call.opts)
     de = xp.empty((n, d), dtype=gdt)
     dc = xp.empty((v, d), dtype=gdt)
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None

@@ -9,8 +9,9 @@ turns, 7 runs each) and records the faster.
 The choice is cached in memory and in a JSON file, keyed by GPU name, dtype, shape class and
 kernel version (the package version and a hash of the kernel source), so it is never re-tuned on
 every call, and a kernel edit starts afresh. Calls that must not synchronize (JAX callbacks, CUDA
-graph capture) never tune: they use the cached choice, else DEFAULT_CLUSTER; `tune()` fills the
-cache ahead of them.
+graph capture) never tune: they use the cached choice, else DEFAULT_CLUSTER;
+`cce_cupy.launch.tune()` fills the cache ahead of them. This module imports no launcher: the
+launchers (cce_cupy.launch) import it.
 
 Environment: CCE_CUPY_AUTOTUNE_CACHE (the file; default ~/.cache/cce_cupy/autotune.json, or under
 $XDG_CACHE_HOME), CCE_CUPY_HOPPER_CLUSTER (1 or 2: use it, no tuning; unset or empty: tune).
@@ -198,24 +199,4 @@ def time_on_stream(run: Callable[[], None]) -> float:
     return cupy.cuda.get_elapsed_time(start, end)
 
 
-def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
-    """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
-    callbacks never tune), on random inputs; returns the cluster size now cached."""
-    import cupy
-    import ml_dtypes
-    import numpy as np
-
-    from cce_cupy import launch
-    from cce_cupy.options import CCEOptions
-
-    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
-    c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
-    t = cupy.zeros(n, cupy.int32)
-    lse, tgt = cupy.empty(n, cupy.float32), cupy.empty(n, cupy.float32)
-    launch.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
-    return hopper_cluster(launch.gpu_name(), np.dtype(dt).name, n, d, v)
-
-
-__all__ = ["DEFAULT_CLUSTER", "TuningCache", "cache_path", "hopper_cluster", "kernel_version", "tune",
-           "tuning_key"]
+__all__ = ["DEFAULT_CLUSTER", "TuningCache", "cache_path", "hopper_cluster", "kernel_version", "tuning_key"]

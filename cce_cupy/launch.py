@@ -31,7 +31,7 @@ from cce_cupy.kernel_sources import (
     get_kernel,
     template_name,
 )
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, dtype_eps
 
 # Forward: enough (row-block x vocab-split) blocks to fill the GPU several times over, from the
 # shape alone (so JAX can size the scratch at trace time).
@@ -108,12 +108,6 @@ def _aligned(*arrays, ld: int) -> bool:
     """16-byte vector loads are legal: leading dimension and every base pointer allow them."""
     itemsize = arrays[0].dtype.itemsize
     return (ld * itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
-
-
-def _dtype_eps(dtype) -> float:
-    if dtype_name(dtype) == "bfloat16":
-        return 2.0**-7
-    return float(np.finfo(dtype).eps)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -261,7 +255,7 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
 
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
-    (cce_cupy.autotune; it synchronizes once). False (JAX callbacks): cached choice or default.
+    (cce_cupy.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice or default.
     """
     import cupy
 
@@ -318,10 +312,6 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
 
 
 # ----------------------------------------------------------------------------------- backward
-def grad_dtype(input_dtype, opts: CCEOptions):
-    return np.dtype(np.float32) if opts.grad_dtype == "float32" else input_dtype
-
-
 def backward_blocking(n: int, v: int, d: int, dtype, opts: CCEOptions) -> tuple[int, int, bool]:
     """(rows per part, vocabulary columns per chunk, fp32 dE accumulator needed) of the backward.
 
@@ -432,7 +422,7 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
         return scratch[off : off + size].view(dtype).reshape(shape)
 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
-    eps = opts.resolved_filter_eps(_dtype_eps(e.dtype))
+    eps = opts.resolved_filter_eps(dtype_eps(e.dtype))
     hopper = use_hopper(e, c, ld=d)
     # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
     cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1
@@ -713,6 +703,21 @@ def target_error_flag():
     return flags[dev]
 
 
+def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
+    """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
+    callbacks never tune), on random inputs; returns the cluster size now cached (cce_cupy.autotune)."""
+    import cupy
+    import ml_dtypes
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
+    c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
+    t = cupy.zeros(n, cupy.int32)
+    lse, tgt = cupy.empty(n, cupy.float32), cupy.empty(n, cupy.float32)
+    launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
+    return autotune.hopper_cluster(gpu_name(), np.dtype(dt).name, n, d, v)
+
+
 def forward_flops(n: int, v: int, d: int) -> float:
     """Matmul FLOPs of the forward (the backward by recompute is 3x this)."""
     return 2.0 * n * v * d
@@ -727,4 +732,5 @@ __all__ = [
     "launch_cross_entropy",
     "launch_forward",
     "target_error_flag",
+    "tune",
 ]

@@ -167,6 +167,29 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not _is_bool(x)
 
 
+def dtype_eps(dtype) -> float:
+    """Machine epsilon of an input dtype, the base of filter_eps="auto" (2**-7 for bfloat16, whose
+    np.finfo NumPy does not know)."""
+    dt = np.dtype(dtype)
+    return 2.0**-7 if dt.name == "bfloat16" else float(np.finfo(dt).eps)
+
+
+def acc_dtype(dtype) -> np.dtype:
+    """The accumulation dtype: float64 for float64 inputs, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def grad_dtype(input_dtype, opts: CCEOptions) -> np.dtype:
+    """The dtype gradients are computed and written in: float32 with grad_dtype="float32", else the input's."""
+    return np.dtype(np.float32) if opts.grad_dtype == "float32" else np.dtype(input_dtype)
+
+
+def z_loss_dlse(z_loss: float, lse):
+    """d(z_loss * lse**2) / d lse = 2 z_loss lse: coef_p = g * (1 + z_loss_dlse) (see the top).
+    Kernel-side mirror: ce_row in cce_cupy/kernels/reductions.cu (r.cp); keep the two in step."""
+    return 2.0 * z_loss * lse
+
+
 def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None):
     """Per-row (coef_p, coef_q), fp32, for dL/dy = coef_p * softmax - coef_q * smoothed_onehot.
 
@@ -180,7 +203,7 @@ def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None)
         g = validf * (grad_loss / xp.maximum(xp.sum(validf), 1.0))
     else:  # "sum" broadcasts a scalar; "none" is per row
         g = validf * grad_loss
-    coef_p = g * (1.0 + 2.0 * opts.z_loss * lse) if opts.z_loss else g
+    coef_p = g * (1.0 + z_loss_dlse(opts.z_loss, lse)) if opts.z_loss else g
     if grad_lse is not None:
         coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
     return coef_p.astype(xp.float32), g.astype(xp.float32)

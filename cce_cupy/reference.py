@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, acc_dtype, dtype_eps, grad_dtype, z_loss_dlse
 
 TILE = 128  # the kernels' logit tile (TILE_M = TILE_N = 128)
 BLOCK_BYTES = 16 << 20  # one block of logits (and each temporary like it) stays under this
@@ -29,11 +29,6 @@ _FLAG = np.zeros(1, dtype=np.int32)
 def target_error_flag() -> np.ndarray:
     """The NumPy backend's out-of-range-target flag ((1,) int32); set here, never cleared here."""
     return _FLAG
-
-
-def acc_dtype(dtype) -> np.dtype:
-    """The accumulation dtype: float64 for float64 inputs, else float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def _round_up(a: int, b: int) -> int:
@@ -133,15 +128,9 @@ def forward(e, c, targets, bias, opts: CCEOptions, bad_target=None):
     return lse, tgt
 
 
-def grad_dtype(input_dtype, opts: CCEOptions) -> np.dtype:
-    return np.dtype(np.float32) if opts.grad_dtype == "float32" else np.dtype(input_dtype)
-
-
 def filter_threshold(dtype, opts: CCEOptions) -> float | None:
     """The numeric filter_eps for inputs of `dtype` (None: exact)."""
-    name = np.dtype(dtype).name
-    eps = 2.0**-7 if name == "bfloat16" else float(np.finfo(np.dtype(dtype)).eps)
-    return opts.resolved_filter_eps(eps)
+    return opts.resolved_filter_eps(dtype_eps(dtype))
 
 
 def _live_tiles(mask: np.ndarray) -> np.ndarray:
@@ -264,7 +253,7 @@ def cross_entropy_logits(logits, targets, opts: CCEOptions, row_grad=None, bad_t
             tgt[r0:r1] = tg
             if row_grad is not None:
                 g = np.where(valid, np.asarray(row_grad[r0:r1], dtype=acc), 0.0).astype(acc)
-                cp = g * (1.0 + 2.0 * opts.z_loss * l_blk)
+                cp = g * (1.0 + z_loss_dlse(opts.z_loss, l_blk))
                 logits[r0:r1] = logit_grad(z, t, l_blk, cp, g, opts, 0, v, None).astype(logits.dtype)
     bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
     if bad.any():

@@ -13,8 +13,9 @@ except ImportError as err:  # name the extra rather than a bare "No module named
     ) from err
 
 from cce_cupy.options import CCEOptions, make_options
+from jax_bindings._dispatch import BACKWARD_IMPLS
 from jax_bindings.gpu import COMMAND_BUFFER_COMPATIBLE, precompile
-from jax_bindings.loss import BACKWARD_IMPLS, linear_cross_entropy
+from jax_bindings.loss import linear_cross_entropy
 from jax_bindings.sharded import VocabShards as VocabShards
 from jax_bindings.sharded import make_vocab_parallel_loss as make_vocab_parallel_loss
 from jax_bindings.sharded import make_vocab_parallel_mesh as make_vocab_parallel_mesh

@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from cce_cupy import launch
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, grad_dtype
 
 # Default of `command_buffer_compatible` when the caller passes None. With True, XLA records the
 # callback's launches into a CUDA graph once and replays them without calling Python again: the
@@ -177,11 +177,11 @@ def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_
 
 def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str,
              command_buffer_compatible: bool):
-    """(dE, dC, dbias) in `launch.grad_dtype(e.dtype, opts)`; dbias is None without bias."""
+    """(dE, dC, dbias) in `cce_cupy.options.grad_dtype(e.dtype, opts)`; dbias is None without bias."""
     _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
-    gdt = launch.grad_dtype(np.dtype(e.dtype), opts)
+    gdt = grad_dtype(np.dtype(e.dtype), opts)
     nbytes = launch.backward_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
     result = [jax.ShapeDtypeStruct((n, d), gdt), jax.ShapeDtypeStruct((v, d), gdt)]
     if bias is not None:

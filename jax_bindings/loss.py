@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cce_cupy import launch
 from cce_cupy.options import (
     CCEOptions,
+    grad_dtype,
     make_options,
     per_token_loss,
     reduce_loss,
     row_coefficients,
     shifted_targets,
+    z_loss_dlse,
 )
 from cce_cupy.validate import check_ignore_index, check_linear_ce_args
 from jax_bindings import gpu, reference
-
-BACKWARD_IMPLS = ("kernel", "reference")
-# Which implementation the CPU branch of `platform_dependent` runs. "reference" in production;
-# the CPU tests set "callback" to push the buffer_callback plumbing through NumPy stand-ins.
-_CPU_PATH = "reference"
+from jax_bindings._dispatch import check_call_args, dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +41,6 @@ class _Config:
     command_buffer_compatible: bool
     block_v: int | None
     kernels: bool  # False: the reference on every platform (float64 inputs)
-
-
-def _dispatch(cfg: _Config, ref_fn, gpu_fn, *args):
-    """Run `gpu_fn` on CUDA and `ref_fn` elsewhere (only the matching branch is lowered)."""
-    if not cfg.kernels:
-        return ref_fn(*args)
-    cpu_fn = gpu_fn if _CPU_PATH == "callback" else ref_fn
-    return jax.lax.platform_dependent(*args, cpu=cpu_fn, cuda=gpu_fn, default=ref_fn)
 
 
 def _split_bias(args):
@@ -72,7 +60,7 @@ def _forward(e, c, t, bias, cfg: _Config):
                            command_buffer_compatible=cfg.command_buffer_compatible)
 
     args = (e, c, t) if bias is None else (e, c, t, bias)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
@@ -85,7 +73,7 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
 
     # Both branches of platform_dependent must return the same types: the kernels' gradient dtype
     # (e's dtype, or float32 with grad_dtype="float32"), so the GPU branch adds no conversion.
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), opts)
+    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
@@ -100,7 +88,7 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
     if cfg.backward_impl == "reference":
         return ref_fn(*args)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 # ------------------------------------------------------------------------------ custom_vjp
@@ -145,7 +133,7 @@ def _lce_bwd(cfg: _Config, res, cts):
     if opts.z_loss:
         # The returned z_loss output is reduced like the loss: d z_loss_i / d lse_i = 2 z lse_i.
         _, w_zl = row_coefficients(xp, opts, valid, lse, g_zl)
-        grad_lse = grad_lse + 2.0 * opts.z_loss * lse * w_zl
+        grad_lse = grad_lse + z_loss_dlse(opts.z_loss, lse) * w_zl
     coef_p, coef_q = row_coefficients(xp, opts, valid, lse, g_loss, grad_lse)
     if n == 0:
         de, dc = jnp.zeros(e.shape, e.dtype), jnp.zeros(c.shape, c.dtype)
@@ -176,21 +164,6 @@ def _targets_array(targets):
                 "jax.config.update('jax_enable_x64', True)"
             )
     return jnp.asarray(targets)
-
-
-def check_call_args(backward_impl: str, vmap_method: str, block_v, command_buffer_compatible) -> bool:
-    """Validate the binding's own keyword arguments; returns command_buffer_compatible resolved."""
-    if backward_impl not in BACKWARD_IMPLS:
-        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}, got {backward_impl!r}")
-    if vmap_method not in gpu.VMAP_METHODS:
-        raise ValueError(f"vmap_method must be one of {gpu.VMAP_METHODS}, got {vmap_method!r}")
-    if block_v is not None and not (
-        isinstance(block_v, numbers.Integral) and not isinstance(block_v, (bool, np.bool_)) and block_v >= 1
-    ):
-        raise ValueError(f"block_v must be None or an int >= 1, got {block_v!r}")
-    if command_buffer_compatible is None:
-        return bool(gpu.COMMAND_BUFFER_COMPATIBLE)
-    return bool(command_buffer_compatible)
 
 
 def linear_cross_entropy(
@@ -244,7 +217,7 @@ def linear_cross_entropy(
     The pure-JAX path ignores `filter_eps` (its gradient is exact).
     """
     if vocab_parallel_axis is not None:  # inside jax.shard_map: c is this device's vocab slice
-        from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # sharded imports this module
+        from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # lazy: sharded builds on jax_bindings
 
         return vocab_parallel_linear_cross_entropy(
             e, c, targets, bias, axis_name=vocab_parallel_axis, vocab_size=vocab_size,
@@ -280,4 +253,4 @@ def linear_cross_entropy(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-__all__ = ["BACKWARD_IMPLS", "linear_cross_entropy"]
+__all__ = ["linear_cross_entropy"]

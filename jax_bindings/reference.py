@@ -21,16 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, acc_dtype
 
 # Bytes of one (N, block_v) block of accumulator-typed logits when block_v is not given.
 BLOCK_BYTES = 8 << 20
 _MIN_BLOCK = 128
-
-
-def acc_dtype(dtype) -> np.dtype:
-    """Accumulation type for inputs of `dtype`: float64 stays float64, the rest use float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 class _Namespace:

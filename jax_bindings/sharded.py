@@ -50,11 +50,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cce_cupy import launch
-from cce_cupy.options import CCEOptions, make_options, per_token_loss, shifted_targets
+from cce_cupy.options import CCEOptions, grad_dtype, make_options, per_token_loss, shifted_targets
 from cce_cupy.validate import check_linear_ce_args
 from jax_bindings import gpu, reference
-from jax_bindings import loss as _loss
+from jax_bindings._dispatch import check_call_args, dispatch
 
 # The target the kernels see for rows whose target is not in the shard (with label_smoothing 0):
 # the kernels' ignore_index is set to it, and no column index is negative.
@@ -127,7 +126,7 @@ class _ShardConfig:
     def grad_dtype(self, e_dtype):
         if not self.kernels:
             return reference.acc_dtype(e_dtype)
-        return jnp.float32 if self.fp32_grads() else launch.grad_dtype(np.dtype(e_dtype), self.opts)
+        return jnp.float32 if self.fp32_grads() else grad_dtype(np.dtype(e_dtype), self.opts)
 
     def kernel_options(self, n: int) -> tuple[CCEOptions, float]:
         """(options the kernels run with on n real columns, scale of their target term).
@@ -145,14 +144,6 @@ class _ShardConfig:
                                   reduction="sum", return_lse=False, return_z_loss=False,
                                   grad_dtype="float32" if self.fp32_grads() else self.opts.grad_dtype)
         return kopts, scale
-
-
-def _dispatch(cfg: _ShardConfig, ref_fn, gpu_fn, *args):
-    """`gpu_fn` on CUDA, `ref_fn` elsewhere; honours `jax_bindings.loss._CPU_PATH` like loss.py."""
-    if not cfg.kernels:
-        return ref_fn(*args)
-    cpu_fn = gpu_fn if _loss._CPU_PATH == "callback" else ref_fn
-    return lax.platform_dependent(*args, cpu=cpu_fn, cuda=gpu_fn, default=ref_fn)
 
 
 def _with_bias(args, has_bias: bool, k: int):
@@ -178,14 +169,14 @@ def _kernel_forward(e, c, t, bias, opts: CCEOptions, cfg: _ShardConfig):
         return _vary(lse, vma), _vary(tgt, vma)
 
     args = (e, c, t) if bias is None else (e, c, t, bias)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: _ShardConfig):
     """(dE, dC, dbias) of the single-device kernels (or reference), in the kernels' gradient dtype."""
     has_bias = bias is not None
     vma = _vma_union(e, c, t, bias, lse, coef_p, coef_q)
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else launch.grad_dtype(np.dtype(e.dtype), opts)
+    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = _with_bias(a, has_bias, 3)
@@ -201,7 +192,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
     if cfg.backward_impl == "reference":
         return ref_fn(*args)
-    return _dispatch(cfg, ref_fn, gpu_fn, *args)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
 # --------------------------------------------------------------------- per-shard primitive
@@ -358,7 +349,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     opts = make_options(options, **option_kwargs)
     prob = check_linear_ce_args(e, c_shard, targets, bias_shard, allow_float64=True)
-    command_buffer_compatible = _loss.check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
+    command_buffer_compatible = check_call_args(backward_impl, vmap_method, block_v, command_buffer_compatible)
     shards = lax.axis_size(axis_name)
     v_local = prob.v
     padded = v_local * shards

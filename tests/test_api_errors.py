@@ -252,5 +252,29 @@ def test_options_object_and_overrides():
     assert np.isclose(loss3, loss2 + zl, rtol=1e-6) and zl > 0
 
 
-def test_check_targets_without_gpu_calls_is_noop():
-    cce.check_targets()
+def test_check_targets_without_gpu_calls_is_noop(monkeypatch):
+    """A thread that made no GPU call: check_targets touches no CuPy and raises nothing, even after
+    a NumPy call with a bad target (the NumPy backend raises at once, not later here)."""
+    import threading
+
+    from cce_cupy import api
+
+    def no_cupy():
+        raise AssertionError("check_targets touched CuPy with no GPU call made")
+
+    e, c, t, _ = make_problem(4, 8, 10, ignore_frac=0.0)
+    t[0] = 10
+    results = []
+
+    def body():  # a fresh thread: the target watch is per thread, other tests' GPU calls don't count
+        try:
+            cce.linear_cross_entropy(e, c, t)
+        except ValueError as err:
+            results.append(str(err))
+        monkeypatch.setattr(api, "_cupy", no_cupy)
+        results.append(cce.check_targets())
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    assert len(results) == 2 and "outside [0, V=10)" in results[0] and results[1] is None, results

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cce_cupy import kernel_sources, prebuilt
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, grad_dtype
 
 pytestmark = pytest.mark.gpu
 
@@ -81,7 +81,7 @@ def test_prebuilt_matches_runtime_compiled(monkeypatch, dtype):
     def run():
         lse, tgt = cupy.full(n, np.nan, cupy.float32), cupy.full(n, np.nan, cupy.float32)
         launch.launch_forward(e, c, t, None, opts, lse, tgt, tune=False)
-        gdt = launch.grad_dtype(e.dtype, opts)
+        gdt = grad_dtype(e.dtype, opts)
         de, dc = cupy.full((n, d), np.nan, gdt), cupy.full((v, d), np.nan, gdt)
         ones = cupy.ones(n, cupy.float32)
         launch.launch_backward(e, c, t, None, opts, lse, ones, -ones, de, dc)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_rel_close, dense_reference, make_problem, rel_err
 
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, dtype_eps
 from jax_bindings import gpu, linear_cross_entropy
 
 
@@ -147,7 +147,7 @@ def test_filter_eps_auto(dtype):
     ours = _run(e, c, t, b, filter_eps="auto")
     if dtype == "bfloat16" and _hopper():
         o = CCEOptions(filter_eps="auto")
-        eps = o.resolved_filter_eps(2.0**-7)
+        eps = o.resolved_filter_eps(dtype_eps(e.dtype))
         grad_loss = float(_cotangents(np.zeros(())))
         ref = dense_reference(e, c, t, None, o, grad_loss, filter_eps=eps, filter_mode="element")
         assert_rel_close(ours[0], ref["loss"], TOL[dtype], "loss")

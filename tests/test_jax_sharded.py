@@ -111,8 +111,7 @@ def _sharded_fn(mesh, dp_axis, v, opts, variant):
 
 
 def _run_case(name: str) -> dict:
-    from jax_bindings import gpu, linear_cross_entropy, make_vocab_parallel_mesh, shard_classifier
-    from jax_bindings import loss as loss_mod
+    from jax_bindings import _dispatch, gpu, linear_cross_entropy, make_vocab_parallel_mesh, shard_classifier
 
     mesh_key, v, opts, bias, variant = CASES[name]
     dp, tp = MESHES[mesh_key]
@@ -141,10 +140,10 @@ def _run_case(name: str) -> dict:
         cts = jnp.ones_like(out0)
     g0 = pull0(cts)
     res = {}
-    old_path, old_bridge = loss_mod._CPU_PATH, gpu.BRIDGE
+    old_path, old_bridge = _dispatch.CPU_PATH, gpu.BRIDGE
     try:
         if variant == "callback":
-            loss_mod._CPU_PATH, gpu.BRIDGE = "callback", NumpyBridge()
+            _dispatch.CPU_PATH, gpu.BRIDGE = "callback", NumpyBridge()
         fn = _sharded_fn(mesh, dp_axis, v, opts, variant)
         if variant == "inside":
             loss1, *g1 = jax.jit(fn)(e, c1, t, b1)
@@ -159,7 +158,7 @@ def _run_case(name: str) -> dict:
         if variant == "callback":
             res["callback_calls"] = sorted(set(gpu.BRIDGE.calls))
     finally:
-        loss_mod._CPU_PATH, gpu.BRIDGE = old_path, old_bridge
+        _dispatch.CPU_PATH, gpu.BRIDGE = old_path, old_bridge
     res["de"] = _rel(g1[0], g0[0])
     res["dc"] = _rel(g1[1][:v], g0[1])
     res["dc_pad_max"] = float(jnp.abs(g1[1][v:]).max()) if g1[1].shape[0] > v else 0.0
