@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from cce_cupy import autotune
+from cce_cupy.kernel_loader import get_kernel
 from cce_cupy.kernel_sources import (
     CE_CLUSTER_SIZES,
     CE_SLICE_BYTES_MAX,
@@ -28,7 +29,6 @@ from cce_cupy.kernel_sources import (
     TILE_M,
     TILE_N,
     dtype_name,
-    get_kernel,
     template_name,
 )
 from cce_cupy.options import CCEOptions, dtype_eps

@@ -91,9 +91,9 @@ def precompile(dtypes: tuple[str, ...] | None = None) -> int:
     collective that the other devices already wait in. From the prebuilt cubins this takes well
     under a second.
     """
-    from cce_cupy import kernel_sources
+    from cce_cupy import kernel_loader
 
-    return kernel_sources.preload(_gpu_devices(), dtypes)
+    return kernel_loader.preload(_gpu_devices(), dtypes)
 
 
 def _warm(*arrays) -> None:

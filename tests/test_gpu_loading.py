@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cce_cupy import kernel_sources, prebuilt
+from cce_cupy import kernel_loader, kernel_sources, prebuilt
 from cce_cupy.options import CCEOptions, grad_dtype
 
 pytestmark = pytest.mark.gpu
@@ -37,8 +37,8 @@ def _device_count() -> int:
 def _fresh_loader(monkeypatch, prebuilt_on: bool) -> None:
     """Forget every loaded kernel, then load from the prebuilt cubins or compile at run time."""
     monkeypatch.setenv("CCE_CUPY_PREBUILT", "1" if prebuilt_on else "0")
-    kernel_sources.get_kernel.cache_clear()
-    kernel_sources._MODULES.clear()
+    kernel_loader.get_kernel.cache_clear()
+    kernel_loader._MODULES.clear()
 
 
 def test_every_prebuilt_cubin_loads():
@@ -137,6 +137,6 @@ def test_jax_call_loads_nothing_in_callbacks(monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError(f"kernel loaded inside a callback: {args}")
 
-    monkeypatch.setattr(kernel_sources, "_load_function", no_load)
+    monkeypatch.setattr(kernel_loader, "_load_function", no_load)
     loss, (de, dc) = jax.block_until_ready(compiled(e, c))
     assert np.isfinite(float(loss)) and bool(jnp.isfinite(de.astype(jnp.float32)).all())
