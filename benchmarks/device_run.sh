@@ -44,6 +44,16 @@ for step in "$@"; do
              --batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16 \
              --out "$OUT/train_first_step.json" 2>&1 | tail -3 | tee "$OUT/first_step.log" || rc=1
            python3 -c "import json; r = json.load(open('$OUT/train_first_step.json')); print('first step', r['first_step_s'], 's; compile', r['compile_s'], 's')" ;;
+    readme_shard) # the README's shard_map example, exactly as written, on this machine's GPUs
+           python3 -c "
+import re, pathlib
+blocks = re.findall(r'\\\`\\\`\\\`python\\n(.*?)\\\`\\\`\\\`', pathlib.Path('README.md').read_text(), re.S)
+code = next(b for b in blocks if 'make_vocab_parallel_mesh(tp=2' in b)
+ns = {}
+exec(compile(code, 'README.md shard_map example', 'exec'), ns)
+import jax
+print('README shard_map example on', jax.devices(), 'loss', float(ns['loss']), 'dc', ns['dc'].shape)
+" 2>&1 | tee "$OUT/readme_shard.log" || rc=1 ;;
     scale) timeout 400 python3 benchmarks/scale.py --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
     cold)  # from a wheel built here, installed outside the checkout, in fresh processes with empty caches
            { rm -rf /tmp/dist /tmp/wheelsite && python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/dist . \
