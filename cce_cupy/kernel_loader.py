@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 
-from cce_cupy import prebuilt
 from cce_cupy.kernel_sources import (
     CE_SLICE_BYTES_MAX,
     GEMM_SMEM_BYTES,
@@ -52,6 +51,8 @@ def use_prebuilt() -> bool:
 def _prebuilt_module(device: int, filename: str, group: str):
     """(cupy Module, {instance: mangled name}) of the prebuilt cubin for this device, or None."""
     import cupy
+
+    from cce_cupy import prebuilt  # here, not at import: `python -m cce_cupy.prebuilt` runs it as __main__
 
     cc = cupy.cuda.Device(device).compute_capability
     arch = prebuilt.arch_for(filename, cc) if use_prebuilt() else None
