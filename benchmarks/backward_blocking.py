@@ -2,7 +2,7 @@
 chunk, dE accumulator) byte budgets, with a per-step breakdown (recompute, dC GEMM, dE GEMM, cast),
 next to the three full-size cuBLAS GEMMs of the same shape. For kernel development on the device.
 
-Each plan ('default', or chunk:acc[:rows[:both]]) sets launch.GRAD_CHUNK_BYTES and DE_ACC_BYTES
+Each plan ('default', or chunk:acc[:rows[:both]]) sets cuda_plan.GRAD_CHUNK_BYTES and DE_ACC_BYTES
 (MiB), BACKWARD_PART_ROWS and BACKWARD_BUFFERS_BYTES (their sum unless given), and runs launch_backward with
 preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
 hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
@@ -20,11 +20,14 @@ import numpy as np
 from kernel_profile import launch_times
 from providers import SHAPES
 
-from cce_cupy import launch
-from cce_cupy.autotune import time_on_stream
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import device
+from cce_cupy.cuda import forward as cuda_forward
+from cce_cupy.cuda import plan as cuda_plan
+from cce_cupy.cuda.autotune import time_on_stream
 from cce_cupy.options import CCEOptions, row_coefficients
 
-DEFAULTS = {k: getattr(launch, k) for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES",
+DEFAULTS = {k: getattr(cuda_plan, k) for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES",
                                               "BACKWARD_PART_ROWS")}
 
 
@@ -32,12 +35,12 @@ def set_plan(chunk_mib: int = 0, acc_mib: int = 0, part_rows: int = 1 << 30, buf
     """A plan's budgets; no arguments: the package's defaults."""
     if not chunk_mib:
         for k, val in DEFAULTS.items():
-            setattr(launch, k, val)
+            setattr(cuda_plan, k, val)
         return
-    launch.GRAD_CHUNK_BYTES = chunk_mib << 20
-    launch.DE_ACC_BYTES = acc_mib << 20
-    launch.BACKWARD_BUFFERS_BYTES = (buffers_mib or chunk_mib + acc_mib) << 20
-    launch.BACKWARD_PART_ROWS = part_rows
+    cuda_plan.GRAD_CHUNK_BYTES = chunk_mib << 20
+    cuda_plan.DE_ACC_BYTES = acc_mib << 20
+    cuda_plan.BACKWARD_BUFFERS_BYTES = (buffers_mib or chunk_mib + acc_mib) << 20
+    cuda_plan.BACKWARD_PART_ROWS = part_rows
 
 
 def step_name(trans_a: bool, accumulate: bool) -> str:
@@ -57,7 +60,7 @@ def gemm_case(m: int, n: int, k: int, trans_a: bool, acc: bool, out_dtype):
     a = cp.random.standard_normal((k, m) if trans_a else (m, k), dtype=cp.float32).astype(bf)
     b = cp.random.standard_normal((k, n), dtype=cp.float32).astype(bf)
     out = cp.random.standard_normal((m, n), dtype=cp.float32).astype(out_dtype)
-    return 2 * m * n * k, lambda: launch._gemm_rowmajor(a, b, out, trans_a=trans_a, accumulate=acc)
+    return 2 * m * n * k, lambda: device._gemm_rowmajor(a, b, out, trans_a=trans_a, accumulate=acc)
 
 
 def cublas_names(cases: dict) -> None:
@@ -92,7 +95,7 @@ def main() -> None:
         c = (cp.random.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d)).astype(bf)
         t = cp.random.randint(0, v, n).astype(cp.int64)
         lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
-        launch.launch_forward(e, c, t, None, o, lse, tgt)
+        cuda_forward.launch_forward(e, c, t, None, o, lse, tgt)
         cpp, cq = row_coefficients(cp, o, t != o.ignore_index, lse, 1.0)
         de, dc = cp.empty((n, d), bf), cp.empty((v, d), bf)
         g = (cp.random.standard_normal((n, v), dtype=cp.float32) / n).astype(bf)  # not zeros: they run faster
@@ -104,12 +107,12 @@ def main() -> None:
         runs = {}
         for plan in plans:
             set_plan(*plan)
-            scratch = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
-            blocking = launch.backward_blocking(n, v, d, e.dtype, o)
+            scratch = cp.empty(cuda_plan.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
+            blocking = cuda_plan.backward_blocking(n, v, d, e.dtype, o)
 
             def run(plan=plan, scratch=scratch):
                 set_plan(*plan)
-                launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)
+                cuda_backward.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)
 
             run()  # compile, warm
             runs[plan] = (run, blocking, scratch.nbytes)
@@ -133,7 +136,7 @@ def main() -> None:
                   f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}")
         if args.names:
             set_plan(*plans[0])
-            rows, cols, _ = launch.backward_blocking(n, v, d, e.dtype, o)
+            rows, cols, _ = cuda_plan.backward_blocking(n, v, d, e.dtype, o)
             cublas_names({
                 "E@C^T (cupy.matmul)": (2 * n * d * v, floor["E@C^T"]),
                 f"dE chunk M={rows} N={d} K={cols} (+=, fp32)": gemm_case(rows, d, cols, False, True, cp.float32),

@@ -24,8 +24,8 @@ CACHE_DIR=${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}
 if [ -f .kcache/kcache.tgz ]; then mkdir -p "$CACHE_DIR" && tar -xzf .kcache/kcache.tgz -C "$CACHE_DIR"; fi
 # The prebuilt cubins: build the modules whose source changed since the committed set (all CPUs),
 # and send the set back when any was built, to commit.
-python3 -m cce_cupy.prebuilt --check >/dev/null || {
-  python3 -m cce_cupy.prebuilt 2>&1 | tail -3 | tee "$OUT/prebuild.log"
+python3 -m cce_cupy.cuda.prebuilt --check >/dev/null || {
+  python3 -m cce_cupy.cuda.prebuilt 2>&1 | tail -3 | tee "$OUT/prebuild.log"
   tar -cJf "$OUT/prebuilt.tar.xz" -C cce_cupy/kernels prebuilt
 }
 rc=0

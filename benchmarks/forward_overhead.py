@@ -3,7 +3,7 @@ clock drift hits every row alike), each timed with CUDA events after a device sy
 bench.py does, so host time before the first launch counts):
 
   cublas         cupy.matmul(e, c.T) into a preallocated (N, V) buffer: the floor
-  kernels        launch.launch_forward alone (partials + finish kernels, preallocated outputs)
+  kernels        cuda_forward.launch_forward alone (partials + finish kernels, preallocated outputs)
   api            cce_cupy.linear_cross_entropy (validation, allocation, the loss reduction too)
   tiles=T        launch_forward with blocks of exactly T tiles (--tiles)
 
@@ -24,7 +24,8 @@ from kernel_profile import launch_times
 from providers import SHAPES
 
 import cce_cupy as cce
-from cce_cupy import launch
+from cce_cupy.cuda import forward as cuda_forward
+from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions
 
 
@@ -44,13 +45,15 @@ def timed(fn):
 def host_stages(call, calls: int = 20) -> None:
     """Mean host microseconds per call of each stage of the API's forward (each wrapped with a
     clock, so nested stages are included in their callers)."""
-    from cce_cupy import api, autotune
+    from cce_cupy import api
+    from cce_cupy.cuda import autotune
 
     stages = {
         (api, "_prepare"), (api, "_forward"), (api, "_loss_outputs"), (api, "_flat_targets"), (api, "_take"),
-        (api, "check_linear_ce_args"), (api, "make_options"), (launch, "launch_forward"), (launch, "use_hopper"),
-        (launch, "forward_splits"), (launch, "hopper_operands"), (launch, "target_error_flag"),
-        (launch, "template_name"), (launch, "gpu_name"), (autotune, "hopper_cluster"), (launch, "get_kernel"),
+        (api, "check_linear_ce_args"), (api, "make_options"), (cuda_forward, "launch_forward"),
+        (cuda_forward, "use_hopper"), (cuda_forward, "forward_splits"), (cuda_forward, "hopper_operands"),
+        (cuda_forward, "target_error_flag"), (cuda_forward, "template_name"), (cuda_forward, "gpu_name"),
+        (autotune, "hopper_cluster"), (cuda_forward, "get_kernel"),
     }
     spent: dict[str, float] = collections.defaultdict(float)
     real = {(mod, name): getattr(mod, name) for mod, name in stages}
@@ -66,11 +69,11 @@ def host_stages(call, calls: int = 20) -> None:
 
     for (mod, name), fn in real.items():
         setattr(mod, name, clocked(f"{mod.__name__.split('.')[-1]}.{name}", fn))
-    real_get = real[(launch, "get_kernel")]
+    real_get = real[(cuda_forward, "get_kernel")]
 
     def get_kernel(f, name):  # the launch itself, as "kernel launch"
         return clocked("kernel launch", real_get(f, name))
-    launch.get_kernel = get_kernel
+    cuda_forward.get_kernel = get_kernel
     try:
         call()
         t0 = time.perf_counter()
@@ -88,20 +91,20 @@ def host_stages(call, calls: int = 20) -> None:
 
 def with_tiles(tiles: int, fn):
     """fn with the Hopper forward split into blocks of exactly `tiles` tiles."""
-    def splits(n, v, tile_n=launch.TILE_N):
-        if tile_n != launch.HOPPER_TILE_N:
+    def splits(n, v, tile_n=plan.TILE_N):
+        if tile_n != plan.HOPPER_TILE_N:
             return real(n, v, tile_n)
         per_split = tiles * tile_n
         return -(-v // per_split), per_split
 
     def run():
-        launch.forward_splits = splits
+        cuda_forward.forward_splits = plan.forward_splits = splits
         try:
             return fn()
         finally:
-            launch.forward_splits = real
+            cuda_forward.forward_splits = plan.forward_splits = real
 
-    real = launch.forward_splits
+    real = plan.forward_splits
     return run
 
 
@@ -121,8 +124,8 @@ def main():
         lse, tgt = cp.empty(n, cp.float32), cp.empty(n, cp.float32)
         logits = cp.empty((n, v), bf)
         o = CCEOptions()
-        scratch = cp.empty(launch.FORWARD_PARTIALS_BYTES * 2, cp.uint8)
-        kernels = lambda: launch.launch_forward(e, c, t, None, o, lse, tgt, scratch)  # noqa: E731
+        scratch = cp.empty(plan.FORWARD_PARTIALS_BYTES * 2, cp.uint8)
+        kernels = lambda: cuda_forward.launch_forward(e, c, t, None, o, lse, tgt, scratch)  # noqa: E731
         runs = {
             "cublas": lambda: cp.matmul(e, c.T, out=logits),
             "kernels": kernels,
@@ -144,9 +147,9 @@ def main():
             ms = float(np.median(gpu[name]))
             extra = ""
             if name == "kernels":
-                extra = f"  (splits, columns per split) {launch.forward_splits(n, v, launch.HOPPER_TILE_N)}"
+                extra = f"  (splits, columns per split) {plan.forward_splits(n, v, plan.HOPPER_TILE_N)}"
             if name.startswith("tiles="):
-                split = with_tiles(int(name[6:]), lambda: launch.forward_splits(n, v, launch.HOPPER_TILE_N))()
+                split = with_tiles(int(name[6:]), lambda: plan.forward_splits(n, v, plan.HOPPER_TILE_N))()
                 extra = f"  (splits, columns per split) {split}"
             print(f"{name:10s} GPU {ms:8.3f} ms ({ms / floor:.3f}x cuBLAS) [{min(gpu[name]):.3f}-"
                   f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}")

@@ -20,7 +20,8 @@ import numpy as np
 
 from benchmarks.kernel_check import cuda_time
 from benchmarks.providers import SHAPES
-from cce_cupy import kernel_sources, launch
+from cce_cupy.cuda import device, plan
+from cce_cupy.cuda import sources as cuda_sources
 
 CLUSTERS = (1, 2)
 
@@ -28,8 +29,8 @@ CLUSTERS = (1, 2)
 def build(source: str, cluster: int):
     """The bf16 forward-partials kernel of `source` (common.cuh inlined), with the C box rows and
     dynamic shared memory its H_BN and H_STAGES defines imply."""
-    name = kernel_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
-    mod = cp.RawModule(code=source, options=kernel_sources.compile_options("lce_hopper.cu"), name_expressions=[name])
+    name = cuda_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
+    mod = cp.RawModule(code=source, options=cuda_sources.compile_options("lce_hopper.cu"), name_expressions=[name])
     fn = mod.get_function(name)
     bn = int(re.search(r"#define H_BN (\d+)", source).group(1))
     stages = int(re.search(r"#define H_STAGES (\d+)", source).group(1))
@@ -52,9 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     sources = {}
     if args.baseline:
-        common = (kernel_sources.KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
+        common = (cuda_sources.KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
         sources["baseline"] = Path(args.baseline).read_text().replace('#include "common.cuh"', common)
-    sources["current"] = kernel_sources.kernel_source("lce_hopper.cu")
+    sources["current"] = cuda_sources.kernel_source("lce_hopper.cu")
     kernels = {(label, cl): build(src, cl) for label, src in sources.items() for cl in CLUSTERS}
     for shape in args.shapes.split(","):
         n, d, v = SHAPES[shape]
@@ -65,12 +66,12 @@ def main() -> None:
         ms_gemm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), args.repeats)
         logits = None  # 4 GB at gemma2
         ref = None
-        tma_e = launch.tma_desc(e, 128)
+        tma_e = device.tma_desc(e, 128)
         for (label, cluster), (fn, smem, box_rows) in kernels.items():
-            tma_c = launch.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
-            splits, per_split = launch.forward_splits(n, v, 256)
+            tma_c = device.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
+            splits, per_split = plan.forward_splits(n, v, 256)
             call = lambda: fn(  # noqa: E731
-                (-(-n // (128 * cluster)) * cluster, splits), (kernel_sources.HOPPER_THREADS,),
+                (-(-n // (128 * cluster)) * cluster, splits), (cuda_sources.HOPPER_THREADS,),
                 (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
                  np.float32(0)), shared_mem=smem)
             part.fill(cp.nan)

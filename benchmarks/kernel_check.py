@@ -1,4 +1,4 @@
-"""Kernel-level check and timing through cce_cupy.launch, for kernel development on the device.
+"""Kernel-level check and timing through the cce_cupy.cuda launchers, for kernel development on the device.
 
 Correctness: every dtype x option combination on small odd shapes against a dense float64
 reference, outputs poisoned with NaN first. Timing: forward and backward at model shapes next to
@@ -16,7 +16,9 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from cce_cupy import launch
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import device, plan
+from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.options import CCEOptions, grad_dtype, row_coefficients
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -69,7 +71,7 @@ def check_case(n, d, v, dtype, o: CCEOptions, with_bias, peaked, rng, idx_dtype=
     gb = cp.asarray(bias) if with_bias else None
     lse = cp.full(n, cp.nan, cp.float32)
     tgt = cp.full(n, cp.nan, cp.float32)
-    launch.launch_forward(ge, gc, gt, gb, o, lse, tgt)
+    cuda_forward.launch_forward(ge, gc, gt, gb, o, lse, tgt)
     valid = gt != o.ignore_index
     gl = cp.asarray(rng.random(n).astype(np.float32)) if o.reduction == "none" else 1.0
     cpp, cq = row_coefficients(cp, o, valid, lse, gl)
@@ -77,7 +79,7 @@ def check_case(n, d, v, dtype, o: CCEOptions, with_bias, peaked, rng, idx_dtype=
     de = cp.full((n, d), cp.nan, gdt)
     dc = cp.full((v, d), cp.nan, gdt)
     db = cp.full((v,), cp.nan, gdt) if with_bias else None
-    launch.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db)
+    cuda_backward.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db)
     cp.cuda.runtime.deviceSynchronize()
     r_lse, r_tgt, r_de, r_dc, r_db = dense_reference(
         e.astype(np.float64), c.astype(np.float64), t, None if bias is None else bias.astype(np.float64), o,
@@ -144,19 +146,19 @@ def timing(shapes, repeats):
         o = CCEOptions()
         lse = cp.empty(n, cp.float32)
         tgt = cp.empty(n, cp.float32)
-        fwd = lambda: launch.launch_forward(e, c, t, None, o, lse, tgt)  # noqa: E731
+        fwd = lambda: cuda_forward.launch_forward(e, c, t, None, o, lse, tgt)  # noqa: E731
         ms_fwd = cuda_time(fwd, repeats)
         valid = t != o.ignore_index
         cpp, cq = row_coefficients(cp, o, valid, lse, 1.0)
         de = cp.empty((n, d), bf)
         dc = cp.empty((v, d), bf)
-        scratch = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
-        bwd = lambda: launch.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)  # noqa: E731
+        scratch = cp.empty(plan.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
+        bwd = lambda: cuda_backward.launch_backward(e, c, t, None, o, lse, cpp, cq, de, dc, None, scratch)  # noqa: E731
         ms_bwd = cuda_time(bwd, repeats)
         of = CCEOptions(filter_eps="auto")
-        scratch_f = cp.empty(launch.backward_scratch_nbytes(n, v, d, e.dtype, of), cp.uint8)
+        scratch_f = cp.empty(plan.backward_scratch_nbytes(n, v, d, e.dtype, of), cp.uint8)
         ms_bwd_filter_uniform = cuda_time(
-            lambda: launch.launch_backward(e, c, t, None, of, lse, cpp, cq, de, dc, None, scratch_f), repeats)
+            lambda: cuda_backward.launch_backward(e, c, t, None, of, lse, cpp, cq, de, dc, None, scratch_f), repeats)
         logits = cp.empty((n, v), bf)
         ms_mm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), repeats)
         logits = None  # 4 GB at gemma2: freed before the next shape
@@ -182,15 +184,15 @@ if __name__ == "__main__":
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), flush=True)
     ok = True
     for family in args.kernels.split(","):
-        launch.KERNELS = family
+        device.KERNELS = family
         print(f"--- kernels: {family}", flush=True)
         if not args.no_check:
             t0 = time.time()
             # Small scratch budgets, so the shapes below run several row parts and vocabulary chunks.
-            budgets = launch.GRAD_CHUNK_BYTES, launch.DE_ACC_BYTES
-            launch.GRAD_CHUNK_BYTES, launch.DE_ACC_BYTES = 256 << 10, 256 << 10
+            budgets = plan.GRAD_CHUNK_BYTES, plan.DE_ACC_BYTES
+            plan.GRAD_CHUNK_BYTES, plan.DE_ACC_BYTES = 256 << 10, 256 << 10
             fam_ok = correctness()
-            launch.GRAD_CHUNK_BYTES, launch.DE_ACC_BYTES = budgets
+            plan.GRAD_CHUNK_BYTES, plan.DE_ACC_BYTES = budgets
             ok &= fam_ok
             print("correctness", family, "PASS" if fam_ok else "FAIL", f"{time.time() - t0:.0f}s", flush=True)
         if args.time:

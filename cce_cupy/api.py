@@ -1,8 +1,8 @@
 """The public functions: array-kind dispatch, batch dims, shift, reductions and errors.
 
 Array kinds:
-    * NumPy arrays run the NumPy backend (`cce_cupy.reference`, blocked, never N x V).
-    * CuPy arrays run the CUDA kernels (`cce_cupy.launch`) on CuPy's current stream.
+    * NumPy arrays run the NumPy backend (`cce_cupy.numpy_backend`, blocked, never N x V).
+    * CuPy arrays run the CUDA kernels (`cce_cupy.cuda`) on CuPy's current stream.
     * Any other GPU array with `__dlpack__` (PyTorch, JAX, ...) is viewed zero-copy through
       `cupy.from_dlpack`, runs the kernels, and results come back as that kind.
     * Other CPU arrays with `__array__` (a JAX CPU array, a PyTorch CPU tensor) go through
@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from typing import Any
 
 import numpy as np
 
-from cce_cupy import launch, reference
+from cce_cupy import numpy_backend
+from cce_cupy._arrays import _Kind, _take
+from cce_cupy._targets import _WATCH, _check_targets_now
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import forward as cuda_forward
+from cce_cupy.cuda import logits as cuda_logits
 from cce_cupy.options import (
     CCEOptions,
     grad_dtype,
-    is_jax_tracer,
     make_options,
     per_token_loss,
     reduce_loss,
@@ -46,222 +49,7 @@ from cce_cupy.options import (
 from cce_cupy.validate import check_cross_entropy_args, check_ignore_index, check_linear_ce_args, dtype_of
 
 
-# ----------------------------------------------------------------------------- array kinds
-@dataclasses.dataclass
-class _Kind:
-    """How a call's arrays were taken in, and how to give results back."""
-
-    name: str  # "numpy", "cupy", "dlpack" (GPU foreign) or "host" (CPU foreign)
-    module: str = ""  # top-level module of the foreign type ("torch", "jax", ...)
-    device: int | None = None  # CUDA device id on GPU
-    xp: Any = np
-
-    def back(self, x):
-        if x is None or self.name in ("numpy", "cupy"):
-            return x
-        if self.name == "host":
-            return _from_numpy(np.asarray(x), self.module)
-        return _from_cupy(x, self.module)
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError:  # pragma: no cover - cupy is a dependency of the cuda extra
-        return None
-    return cupy
-
-
-def _module_of(x) -> str:
-    return type(x).__module__.split(".")[0]
-
-
-def _describe(x) -> str:
-    return f"{_module_of(x)}.{type(x).__name__}"
-
-
-def _gpu_device(x) -> int | None:
-    """CUDA device id of a foreign array, or None if it lives on the host."""
-    dev = getattr(x, "__dlpack_device__", None)
-    if dev is None:
-        return None
-    dtype_code, dev_id = dev()
-    return int(dev_id) if int(dtype_code) in (2, 3, 13) else None  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
-
-
-_OPTIONAL_ARRAYS = ("bias", "grad_lse")
-
-
-def _check_not_traced_or_tracked(present: dict[str, Any]) -> None:
-    """Arrays this eager API cannot take: JAX tracers (jit/grad/vmap) and tensors recording autograd."""
-    for k, x in present.items():
-        if is_jax_tracer(x):
-            raise TypeError(
-                f"{k} is a JAX tracer ({_describe(x)}): cce_cupy functions run eagerly and cannot be traced "
-                "by jax.jit, jax.grad or jax.vmap. Under jit/grad use jax_bindings.linear_cross_entropy "
-                "(same arguments and options), which defines the gradient for JAX"
-            )
-        if getattr(x, "requires_grad", False) is True:
-            raise TypeError(
-                f"{k} ({_describe(x)}) requires grad: cce_cupy does not record autograd, so a gradient "
-                f"would silently not flow. Pass {k}.detach() and apply the gradients that "
-                "linear_cross_entropy_with_grad returns yourself"
-            )
-
-
-def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
-    """Classify the arrays of a call (all one kind, one device) and convert them for a backend.
-
-    NumPy arrays may accompany the CPU arrays of one other framework (e.g. NumPy targets with JAX
-    CPU arrays): all go to the NumPy backend and results come back as the framework's kind.
-    """
-    for k, x in named.items():
-        if x is None and k not in _OPTIONAL_ARRAYS:
-            raise TypeError(f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got None")
-    present = {k: x for k, x in named.items() if x is not None}
-    _check_not_traced_or_tracked(present)
-    cupy = _cupy()
-    kinds = {}
-    for k, x in present.items():
-        if isinstance(x, (np.ndarray, np.generic)):
-            kinds[k] = ("numpy", None)
-        elif cupy is not None and isinstance(x, cupy.ndarray):
-            kinds[k] = ("cupy", x.device.id)
-        elif hasattr(x, "__dlpack__") and _gpu_device(x) is not None:
-            kinds[k] = ("dlpack:" + _module_of(x), _gpu_device(x))
-        elif hasattr(x, "__array__") and hasattr(x, "shape"):
-            kinds[k] = ("host:" + _module_of(x), None)
-        else:
-            raise TypeError(
-                f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got {_describe(x)}"
-            )
-    names = list(present)
-    host = [k for k in names if kinds[k][0].startswith("host:")]
-    if host and all(kinds[k][0] in ("numpy", kinds[host[0]][0]) for k in names):
-        kinds = {k: kinds[host[0]] for k in names}  # NumPy beside one framework's CPU arrays
-    first = names[0]
-    for k in names[1:]:
-        if kinds[k][0] != kinds[first][0]:
-            raise TypeError(
-                f"{first} is a {_describe(present[first])} but {k} is a {_describe(present[k])}: "
-                "pass all arrays as one kind (all NumPy, all CuPy, or all of one framework on one "
-                f"device): move {k} to where {first} lives (e.g. cupy.asarray, jax.device_put, "
-                "torch.as_tensor(..., device=...))"
-            )
-        if kinds[k][1] != kinds[first][1]:
-            raise ValueError(
-                f"{first} is on cuda:{kinds[first][1]} but {k} is on cuda:{kinds[k][1]}: "
-                "move all arrays to one device"
-            )
-    kind_name, dev = kinds[first]
-    if kind_name == "numpy":
-        return _Kind("numpy"), {k: (None if x is None else np.asarray(x)) for k, x in named.items()}
-    if kind_name == "cupy":
-        return _Kind("cupy", device=dev, xp=cupy), dict(named)
-    if kind_name.startswith("dlpack:"):
-        if cupy is None:
-            raise TypeError(f"{first} is a GPU array but CuPy is not installed: pip install cce-cupy[cuda]")
-        with cupy.cuda.Device(dev):
-            conv = {k: (None if x is None else cupy.from_dlpack(x)) for k, x in named.items()}
-        return _Kind("dlpack", kind_name.split(":", 1)[1], dev, cupy), conv
-    conv = {}
-    for k, x in named.items():
-        try:
-            conv[k] = None if x is None else _host_to_numpy(x)
-        except Exception as err:
-            raise TypeError(
-                f"{k} ({_describe(x)}, dtype {getattr(x, 'dtype', '?')}) cannot be read as a NumPy array: "
-                "convert it to a NumPy array of a supported dtype first"
-            ) from err
-    return _Kind("host", kind_name.split(":", 1)[1]), conv
-
-
-def _host_to_numpy(x) -> np.ndarray:
-    """A CPU array of another framework as NumPy (no copy where possible)."""
-    if _module_of(x) == "torch" and str(x.dtype) == "torch.bfloat16":
-        import ml_dtypes  # NumPy has no bfloat16 and torch.Tensor.numpy() refuses it: view the bits
-        import torch
-
-        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return np.asarray(x)
-
-
-def _from_cupy(x, module: str):
-    if module == "torch":
-        import torch
-
-        return torch.from_dlpack(x)
-    if module in ("jax", "jaxlib"):
-        import jax.numpy as jnp
-
-        return jnp.from_dlpack(x)
-    return x
-
-
-def _from_numpy(x: np.ndarray, module: str):
-    if module in ("jax", "jaxlib"):
-        import jax.numpy as jnp
-
-        return jnp.asarray(x)
-    if module == "torch":
-        import torch
-
-        x = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes a 0-d array 1-d
-        if x.dtype.name == "bfloat16":
-            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(x)
-    return x
-
-
 # ------------------------------------------------------------------ out-of-range targets
-class _TargetWatch:
-    """Per-thread, per-device, non-blocking watch of launch.target_error_flag() (a flag per thread
-    too): each thread is told of its own calls' bad targets only, and never shares this state."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def _state(self) -> dict[int, tuple[Any, Any]]:
-        """This thread's {device: (pinned host copy, event)}."""
-        return self._local.__dict__.setdefault("state", {})
-
-    def after_launch(self, cupy) -> None:
-        """Queue an async copy of the flag to pinned memory and an event after it (no sync)."""
-        import cupyx
-
-        state = self._state()
-        dev = cupy.cuda.Device().id
-        if dev not in state:
-            state[dev] = (cupyx.zeros_pinned(1, dtype=np.int32), cupy.cuda.Event(disable_timing=True))
-        host, event = state[dev]
-        launch.target_error_flag().get(out=host, blocking=False)
-        event.record()
-
-    def poll(self, block: bool = False) -> None:
-        """Raise (and clear the flags) if a finished copy shows an out-of-range target."""
-        state = self._state()
-        if not state:
-            return
-        cupy = _cupy()
-        for dev, (host, event) in list(state.items()):
-            if block:
-                event.synchronize()
-            elif not event.done:
-                continue
-            if host[0]:
-                host[0] = 0
-                with cupy.cuda.Device(dev):
-                    launch.target_error_flag().fill(0)
-                raise ValueError(
-                    f"targets: an earlier cce_cupy call on cuda:{dev} had a target outside [0, V) that is "
-                    "not ignore_index; its loss is NaN. Fix the targets (or set ignore_index to the "
-                    "padding value)."
-                )
-
-
-_WATCH = _TargetWatch()
-
-
 def check_targets() -> None:
     """Wait for this thread's GPU calls made so far and raise ValueError if any saw an out-of-range
     target.
@@ -272,16 +60,6 @@ def check_targets() -> None:
     after reporting.
     """
     _WATCH.poll(block=True)
-
-
-def _check_targets_now(t: np.ndarray, v: int, opts: CCEOptions) -> None:
-    bad = (t != opts.ignore_index) & ((t < 0) | (t >= v))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"targets: {int(bad.sum())} target(s) outside [0, V={v}) that are not ignore_index="
-            f"{opts.ignore_index} (first at flat index {i}: {int(t[i])})"
-        )
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -337,12 +115,12 @@ def _forward(call: _Call, allow_tf32: bool = False):
     from the result (a backward needs the lse of the same exact logits it recomputes)."""
     xp, n = call.kind.xp, call.e.shape[0]
     if xp is np:
-        lse, tgt = reference.forward(call.e, call.c, call.targets, call.bias, call.opts)
+        lse, tgt = numpy_backend.forward(call.e, call.c, call.targets, call.bias, call.opts)
         return lse.astype(np.float32), tgt.astype(np.float32)
     lse = xp.empty(n, dtype=xp.float32)
     tgt = xp.empty(n, dtype=xp.float32)
     opts = call.opts.replace(allow_tf32=False) if call.opts.allow_tf32 and not allow_tf32 else call.opts
-    launch.launch_forward(call.e, call.c, call.targets, call.bias, opts, lse, tgt)
+    cuda_forward.launch_forward(call.e, call.c, call.targets, call.bias, opts, lse, tgt)
     _WATCH.after_launch(xp)
     return lse, tgt
 
@@ -350,14 +128,14 @@ def _forward(call: _Call, allow_tf32: bool = False):
 def _backward(call: _Call, lse, coef_p, coef_q):
     xp = call.kind.xp
     if xp is np:
-        return reference.backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q)
+        return numpy_backend.backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q)
     n, d = call.e.shape
     v = call.c.shape[0]
     gdt = grad_dtype(call.e.dtype, call.opts)
     de = xp.empty((n, d), dtype=gdt)
     dc = xp.empty((v, d), dtype=gdt)
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
-    launch.launch_backward(
+    cuda_backward.launch_backward(
         call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db
     )
     return de, dc, db
@@ -553,12 +331,12 @@ def cross_entropy(
             _, row_grad = row_coefficients(xp, opts, valid, xp.zeros(p.n, dtype=xp.float32), g)
             row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (p.n,)).astype(xp.float32))
         if xp is np:
-            lse, tgt = reference.cross_entropy_logits(x2, t, opts, row_grad)
+            lse, tgt = numpy_backend.cross_entropy_logits(x2, t, opts, row_grad)
             lse, tgt = lse.astype(np.float32), tgt.astype(np.float32)
         else:
             lse = xp.empty(p.n, dtype=xp.float32)
             tgt = xp.empty(p.n, dtype=xp.float32)
-            launch.launch_cross_entropy(x2, t, opts, lse, tgt, row_grad)
+            cuda_logits.launch_cross_entropy(x2, t, opts, lse, tgt, row_grad)
             _WATCH.after_launch(xp)
         loss, extras = _loss_outputs(call, lse, tgt)
     out = [kind.back(y) for y in [loss, *extras]]

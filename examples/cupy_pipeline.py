@@ -146,12 +146,12 @@ def main(argv=None) -> int:
         sync = xp.cuda.Device().synchronize
         tracker = pool_tracker()
     else:
-        from cce_cupy import reference
+        from cce_cupy import numpy_backend
 
         xp = np
-        # The NumPy backend visits the logits in blocks of reference.BLOCK_BYTES (16 MiB); lowered
+        # The NumPy backend visits the logits in blocks of numpy_backend.BLOCK_BYTES (16 MiB); lowered
         # here so that this tiny shape still takes many blocks, as a large one would.
-        reference.BLOCK_BYTES = 1 << 20
+        numpy_backend.BLOCK_BYTES = 1 << 20
         print("no CUDA device found: NumPy backend (blocked, never N x V) at a tiny shape, float32, "
               "tracemalloc instead of CuPy's memory pool")
         to16 = to32 = lambda a: a  # noqa: E731

@@ -1,4 +1,4 @@
-"""GPU path: `jax.experimental.buffer_callback` over the CuPy launchers of `cce_cupy.launch`.
+"""GPU path: `jax.experimental.buffer_callback` over the CuPy launchers of `cce_cupy.cuda` (forward, backward).
 
 XLA hands the callback its device buffers and its CUDA stream. The callback wraps the buffers
 zero-copy with `cupy.from_dlpack`, makes XLA's stream CuPy's current stream, and launches the
@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from cce_cupy import launch
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import forward as cuda_forward
+from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions, grad_dtype
 
 # Default of `command_buffer_compatible` when the caller passes None. With True, XLA records the
@@ -67,8 +69,8 @@ class _Bridge:
     """What the callbacks call; the CPU tests swap in NumPy stand-ins to check the plumbing."""
 
     context: Callable[..., Any] = staticmethod(_cupy_bridge)
-    launch_forward: Callable[..., None] = staticmethod(launch.launch_forward)
-    launch_backward: Callable[..., None] = staticmethod(launch.launch_backward)
+    launch_forward: Callable[..., None] = staticmethod(cuda_forward.launch_forward)
+    launch_backward: Callable[..., None] = staticmethod(cuda_backward.launch_backward)
 
 
 BRIDGE = _Bridge()
@@ -91,9 +93,9 @@ def precompile(dtypes: tuple[str, ...] | None = None) -> int:
     collective that the other devices already wait in. From the prebuilt cubins this takes well
     under a second.
     """
-    from cce_cupy import kernel_loader
+    from cce_cupy.cuda import loader
 
-    return kernel_loader.preload(_gpu_devices(), dtypes)
+    return loader.preload(_gpu_devices(), dtypes)
 
 
 def _warm(*arrays) -> None:
@@ -159,7 +161,7 @@ def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_
     _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
-    nbytes = launch.forward_scratch_nbytes(n, v, d, np.dtype(e.dtype))
+    nbytes = plan.forward_scratch_nbytes(n, v, d, np.dtype(e.dtype))
     result = (
         jax.ShapeDtypeStruct((n,), jnp.float32),  # lse
         jax.ShapeDtypeStruct((n,), jnp.float32),  # tgt
@@ -182,7 +184,7 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap
     n, d = e.shape
     v = c.shape[0]
     gdt = grad_dtype(np.dtype(e.dtype), opts)
-    nbytes = launch.backward_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
+    nbytes = plan.backward_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
     result = [jax.ShapeDtypeStruct((n, d), gdt), jax.ShapeDtypeStruct((v, d), gdt)]
     if bias is not None:
         result.append(jax.ShapeDtypeStruct((v,), gdt))

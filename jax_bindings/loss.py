@@ -27,7 +27,7 @@ from cce_cupy.options import (
     z_loss_dlse,
 )
 from cce_cupy.validate import check_ignore_index, check_linear_ce_args
-from jax_bindings import gpu, reference
+from jax_bindings import gpu, jax_reference
 from jax_bindings._dispatch import check_call_args, dispatch
 
 
@@ -52,7 +52,7 @@ def _forward(e, c, t, bias, cfg: _Config):
     opts = cfg.opts
 
     def ref_fn(*a):
-        return reference.forward(*_split_bias(a)[:3], _split_bias(a)[3], opts, cfg.block_v)
+        return jax_reference.forward(*_split_bias(a)[:3], _split_bias(a)[3], opts, cfg.block_v)
 
     def gpu_fn(*a):
         e_, c_, t_, b_ = _split_bias(a)
@@ -73,11 +73,11 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
 
     # Both branches of platform_dependent must return the same types: the kernels' gradient dtype
     # (e's dtype, or float32 with grad_dtype="float32"), so the GPU branch adds no conversion.
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
+    gdt = jax_reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
-        de, dc, db = reference.backward(e_, c_, t_, b_, opts, lse_, p_, q_, cfg.block_v)
+        de, dc, db = jax_reference.backward(e_, c_, t_, b_, opts, lse_, p_, q_, cfg.block_v)
         return de.astype(gdt), dc.astype(gdt), (None if db is None else db.astype(gdt))
 
     def gpu_fn(*a):
@@ -108,9 +108,9 @@ def _lce_fwd(e, c, t, bias, cfg: _Config):
 
 def _lce_forward_pass(e, c, t, bias, cfg: _Config):
     opts = cfg.opts
-    xp = reference.namespace(e.dtype)
+    xp = jax_reference.namespace(e.dtype)
     if e.shape[0] == 0:  # no rows: nothing to launch
-        lse = tgt = jnp.zeros((0,), reference.acc_dtype(e.dtype))
+        lse = tgt = jnp.zeros((0,), jax_reference.acc_dtype(e.dtype))
     else:
         lse, tgt = _forward(e, c, t, bias, cfg)
     valid = t != opts.ignore_index
@@ -127,7 +127,7 @@ def _lce_bwd(cfg: _Config, res, cts):
     n = e.shape[0]
     assert lse.shape == (n,), (lse.shape, n)
     assert g_lse.shape == (n,), (g_lse.shape, n)
-    xp = reference.namespace(e.dtype)
+    xp = jax_reference.namespace(e.dtype)
     valid = t != opts.ignore_index
     grad_lse = g_lse
     if opts.z_loss:

@@ -33,7 +33,7 @@ gather-dot, in JAX) is subtracted outside the primitive, so JAX differentiates t
 On CPU the "kernels" are the pure-JAX blocked reference, run through the very same composition
 (branches, ls_k, column-0 correction), so the CPU tests check the GPU path's arithmetic. The
 reference is called through vma-aware copies (`_reference_forward` / `_reference_backward`): the
-`lax.scan` carries of `reference.forward` / `reference.backward` start from constants, which
+`lax.scan` carries of `jax_reference.forward` / `jax_reference.backward` start from constants, which
 shard_map's `check_vma=True` rejects once the inputs vary over a mesh axis.
 """
 
@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from cce_cupy.options import CCEOptions, grad_dtype, make_options, per_token_loss, shifted_targets
 from cce_cupy.validate import check_linear_ce_args
-from jax_bindings import gpu, reference
+from jax_bindings import gpu, jax_reference
 from jax_bindings._dispatch import check_call_args, dispatch
 
 # The target the kernels see for rows whose target is not in the shard (with label_smoothing 0):
@@ -86,18 +86,18 @@ def _vma_union(*xs) -> frozenset:
 
 
 # ------------------------------------------------------------ the reference, vma-aware
-# `reference.forward` / `reference.backward` start their `lax.scan` carries from constants, which
+# `jax_reference.forward` / `jax_reference.backward` start their `lax.scan` carries from constants, which
 # shard_map (check_vma=True) rejects once the inputs vary over a mesh axis: cast them.
 def _reference_forward(e, c, targets, bias, opts: CCEOptions, block_v: int | None = None):
-    """`reference.forward` that runs inside shard_map: per-row (lse, tgt) over c's columns."""
+    """`jax_reference.forward` that runs inside shard_map: per-row (lse, tgt) over c's columns."""
     vma = _vma_union(e, c, targets, bias)
-    return reference.forward(e, c, targets, bias, opts, block_v, vary=lambda x: _vary(x, vma))
+    return jax_reference.forward(e, c, targets, bias, opts, block_v, vary=lambda x: _vary(x, vma))
 
 
 def _reference_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v: int | None = None):
-    """`reference.backward` that runs inside shard_map: (dE, dC, dbias) in the accumulation type."""
+    """`jax_reference.backward` that runs inside shard_map: (dE, dC, dbias) in the accumulation type."""
     vma = _vma_union(e, c, targets, bias, lse, coef_p, coef_q)
-    return reference.backward(e, c, targets, bias, opts, lse, coef_p, coef_q, block_v,
+    return jax_reference.backward(e, c, targets, bias, opts, lse, coef_p, coef_q, block_v,
                               vary=lambda x: _vary(x, vma))
 
 
@@ -125,7 +125,7 @@ class _ShardConfig:
 
     def grad_dtype(self, e_dtype):
         if not self.kernels:
-            return reference.acc_dtype(e_dtype)
+            return jax_reference.acc_dtype(e_dtype)
         return jnp.float32 if self.fp32_grads() else grad_dtype(np.dtype(e_dtype), self.opts)
 
     def kernel_options(self, n: int) -> tuple[CCEOptions, float]:
@@ -176,7 +176,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
     """(dE, dC, dbias) of the single-device kernels (or reference), in the kernels' gradient dtype."""
     has_bias = bias is not None
     vma = _vma_union(e, c, t, bias, lse, coef_p, coef_q)
-    gdt = reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
+    gdt = jax_reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = _with_bias(a, has_bias, 3)
@@ -198,7 +198,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
 # --------------------------------------------------------------------- per-shard primitive
 def _column0_logit(cfg: _ShardConfig, e, c, bias):
     """(y0, dy0/dz0): each row's (softcapped) logit of local column 0, in the accumulation type."""
-    acc = reference.acc_dtype(e.dtype)
+    acc = jax_reference.acc_dtype(e.dtype)
     z0 = lax.dot_general(e, c[0], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                          preferred_element_type=acc).astype(acc)
     if bias is not None:
@@ -216,7 +216,7 @@ def _stats_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias):
     (the kernels skip target-less rows entirely, smoothing term included): that column's
     (1 - ls) y_{i,0} is taken back out here, and its gradient in _grads_cols."""
     e = e.astype(cfg.compute_dtype)
-    acc = reference.acc_dtype(e.dtype)
+    acc = jax_reference.acc_dtype(e.dtype)
     vma = _vma_union(e, c, t, bias)
     rows = e.shape[0]
     if n == 0:  # a shard of padding only: no mass, no target
@@ -243,7 +243,7 @@ def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias, lse, g_lse, g_t
         db = None if bias is None else jnp.zeros(bias.shape, gdt)
     else:
         kopts, scale = cfg.kernel_options(n)
-        f32 = jnp.float32 if cfg.kernels else reference.acc_dtype(e.dtype)
+        f32 = jnp.float32 if cfg.kernels else jax_reference.acc_dtype(e.dtype)
         # d tgt / d y_ij = scale * ((1 - ls_k) [j == t_i] + ls_k / n): the kernels' coef_q pattern.
         coef_q = jnp.where(t == _NOT_HERE, 0.0, -g_tgt * scale).astype(f32)
         de, dc, db = _kernel_backward(e, c[:n], t, None if bias is None else bias[:n], lse.astype(f32),
@@ -375,8 +375,8 @@ def vocab_parallel_linear_cross_entropy(
         compute_dtype=jnp.dtype(prob.dtype),
         grad_reduce_f32=grad_reduce_dtype == "float32",
     )
-    acc = reference.acc_dtype(prob.dtype)
-    xp = reference.namespace(prob.dtype)
+    acc = jax_reference.acc_dtype(prob.dtype)
+    xp = jax_reference.namespace(prob.dtype)
     ls = float(opts.label_smoothing)
 
     t = jnp.reshape(shifted_targets(jnp, jnp.asarray(targets), opts), (prob.n,))

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cce_cupy import launch
+from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -241,7 +241,7 @@ class NumpyBridge:
                        tune=True):
         n, d = e.shape
         v = c.shape[0]
-        assert scratch.nbytes >= launch.forward_scratch_nbytes(n, v, d, e.dtype)
+        assert scratch.nbytes >= plan.forward_scratch_nbytes(n, v, d, e.dtype)
         assert bad_target.shape == (1,) and bad_target[0] == 0
         self.calls.append("forward")
         y = self._logits(e, c, bias, opts)
@@ -258,7 +258,7 @@ class NumpyBridge:
         assert not host_sync, "JAX callbacks must not synchronize the host"
         n, d = e.shape
         v = c.shape[0]
-        assert scratch.nbytes >= launch.backward_scratch_nbytes(n, v, d, e.dtype, opts)
+        assert scratch.nbytes >= plan.backward_scratch_nbytes(n, v, d, e.dtype, opts)
         self.calls.append("backward")
         y = self._logits(e, c, bias, opts)
         p = np.exp(y - lse[:, None])

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cce_cupy import autotune
-from cce_cupy.kernel_sources import HOPPER_CLUSTERS
+from cce_cupy.cuda import autotune
+from cce_cupy.cuda.sources import HOPPER_CLUSTERS
 
 
 def test_choose_times_each_candidate_once_then_caches(tmp_path):

@@ -1,4 +1,4 @@
-"""CUDA path (cupy + cce_cupy.launch) against the float64 reference. Run on a GPU: pytest -m gpu -q -rs."""
+"""CUDA path (cupy + the cce_cupy.cuda launchers) against the float64 reference. Run on a GPU: pytest -m gpu -q -rs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import pytest
 from conftest import DTYPES, assert_rel_close, dense_reference, logits_reference, make_problem, rel_err, to_f64
 
 import cce_cupy as cce
-from cce_cupy import launch
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import device, plan
+from cce_cupy.cuda import forward as cuda_forward
+from cce_cupy.cuda import logits as cuda_logits
+from cce_cupy.cuda import sparse as cuda_sparse
 from cce_cupy.options import CCEOptions, dtype_eps, grad_dtype, row_coefficients
 
 pytestmark = pytest.mark.gpu
@@ -63,7 +67,7 @@ def _naive(e, c, t, b, o: CCEOptions, coef_p, coef_q, dtype):
 
 
 def _run_launchers(e, c, t, b, o: CCEOptions, grad_loss, **backward_kw):
-    """Forward + backward through launch.* with every output poisoned with NaN first."""
+    """Forward + backward through the cce_cupy.cuda launchers with every output poisoned with NaN first."""
     cp = _cp()
     ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
     gb = None if b is None else cp.asarray(b)
@@ -71,13 +75,13 @@ def _run_launchers(e, c, t, b, o: CCEOptions, grad_loss, **backward_kw):
     v = c.shape[0]
     lse = cp.full(n, cp.nan, cp.float32)
     tgt = cp.full(n, cp.nan, cp.float32)
-    launch.launch_forward(ge, gc, gt, gb, o, lse, tgt)
+    cuda_forward.launch_forward(ge, gc, gt, gb, o, lse, tgt)
     cpp, cq = row_coefficients(cp, o, gt != o.ignore_index, lse, cp.asarray(grad_loss, dtype=cp.float32))
     gdt = grad_dtype(ge.dtype, o)
     de = cp.full((n, d), cp.nan, gdt)
     dc = cp.full((v, d), cp.nan, gdt)
     db = None if b is None else cp.full((v,), cp.nan, gdt)
-    launch.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db, **backward_kw)
+    cuda_backward.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db, **backward_kw)
     cp.cuda.Device().synchronize()
     return {
         "lse": lse,
@@ -172,7 +176,7 @@ def test_api_n0_and_v1():
 def test_filter_auto_bf16_tiled(data, monkeypatch):
     """The tiled filtered backward (sm_80, deterministic=True, and the sparse path's fallback)."""
     cp = _cp()
-    monkeypatch.setattr(launch, "SPARSE_LIST_BYTES", 0)  # no slots: the sparse backward is off
+    monkeypatch.setattr(plan, "SPARSE_LIST_BYTES", 0)  # no slots: the sparse backward is off
     e, c, t, _ = make_problem(512, 128, 4096, "bfloat16", peaked=(data == "peaked"), seed=6)
     o = CCEOptions(filter_eps="auto")
     out = _run_launchers(e, c, t, None, o, 1.0)
@@ -189,7 +193,7 @@ def test_filter_auto_bf16_tiled(data, monkeypatch):
 
 
 def _skip_unless_hopper(cp):
-    if cp.cuda.Device().compute_capability != "90" or launch.KERNELS != "auto":
+    if cp.cuda.Device().compute_capability != "90" or device.KERNELS != "auto":
         pytest.skip("the Hopper kernels (wgmma, sparse filtered backward) run only on compute capability 9.0")
 
 
@@ -198,7 +202,7 @@ class _PathSpy:
 
     def __init__(self, monkeypatch):
         self.overflow, self.tiled_parts = [], 0
-        real_sparse, real_part = launch._sparse_backward, launch._BackwardPlan.run_part
+        real_sparse, real_part = cuda_backward._sparse_backward, cuda_backward._BackwardPlan.run_part
 
         def sparse(*a, **k):
             flag = real_sparse(*a, **k)
@@ -209,8 +213,8 @@ class _PathSpy:
             self.tiled_parts += 1
             return real_part(plan, *a, **k)
 
-        monkeypatch.setattr(launch, "_sparse_backward", sparse)
-        monkeypatch.setattr(launch._BackwardPlan, "run_part", part)
+        monkeypatch.setattr(cuda_backward, "_sparse_backward", sparse)
+        monkeypatch.setattr(cuda_backward._BackwardPlan, "run_part", part)
 
     def overflowed(self) -> bool:
         assert len(self.overflow) == 1, "the sparse backward did not run"
@@ -263,7 +267,7 @@ def test_sparse_overflow_falls_back_to_tiled(host_sync, monkeypatch):
     _skip_unless_hopper(cp)
     o = CCEOptions(filter_eps=1e-4)
     e, c, t, b = make_problem(260, 64, 3000, "bfloat16", bias=True, seed=12)
-    assert launch.sparse_slots(260, 64, e.dtype, o) == launch.SPARSE_MAX_SLOTS
+    assert plan.sparse_slots(260, 64, e.dtype, o) == plan.SPARSE_MAX_SLOTS
     spy = _PathSpy(monkeypatch)
     out = _run_launchers(e, c, t, b, o, 1.0, host_sync=host_sync)
     assert spy.overflowed() and spy.tiled_parts == 1
@@ -306,8 +310,10 @@ def test_allow_tf32_forward(data, monkeypatch):
     cp = _cp()
     _skip_unless_hopper(cp)
     names = []
-    real_get = launch.get_kernel
-    monkeypatch.setattr(launch, "get_kernel", lambda f, name: (names.append(name), real_get(f, name))[1])
+    for mod in (cuda_forward, cuda_backward, cuda_sparse, cuda_logits):  # every launcher's get_kernel
+        real_get = mod.get_kernel
+        monkeypatch.setattr(mod, "get_kernel",
+                            lambda f, name, real_get=real_get: (names.append(name), real_get(f, name))[1])
     e, c, t, _ = make_problem(300, 136, 1000, "float32", peaked=(data == "peaked"), seed=14)
     ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
     o = CCEOptions(allow_tf32=True)
@@ -340,7 +346,7 @@ def test_deterministic_bitwise(dtype):
 def test_out_of_range_target_flag():
     cp = _cp()
     cce.check_targets()  # clear anything pending from earlier tests
-    launch.target_error_flag().fill(0)
+    device.target_error_flag().fill(0)
     e, c, t, _ = make_problem(20, 16, 50, ignore_frac=0.0, seed=8)
     t[3] = 50
     ge, gc = cp.asarray(e), cp.asarray(c)
@@ -349,7 +355,7 @@ def test_out_of_range_target_flag():
     assert np.isnan(l3[3]) and np.isfinite(np.delete(l3, 3)).all(), l3
     with pytest.raises(ValueError, match="outside"):
         cce.check_targets()
-    assert int(launch.target_error_flag()[0]) == 0  # cleared after reporting
+    assert int(device.target_error_flag()[0]) == 0  # cleared after reporting
     cce.check_targets()  # nothing pending any more
     # reported at the start of the next call once the flag copy has landed
     cce.linear_cross_entropy(ge, gc, cp.asarray(t))
@@ -397,11 +403,11 @@ def test_cross_entropy_logits_kernel(dtype, kw, shape):
     truth = logits_reference(logits, t, o, grad_loss=grad_loss)
     tol = TOL[dtype]
     gx, gt = cp.asarray(logits), cp.asarray(t)
-    if cp.cuda.Device().compute_capability == "90" and launch.KERNELS == "auto":
-        assert launch.ce_cluster_size(gx) == LOGITS_SHAPES[shape][gx.itemsize], "not the kernel this case is for"
+    if cp.cuda.Device().compute_capability == "90" and device.KERNELS == "auto":
+        assert cuda_logits.ce_cluster_size(gx) == LOGITS_SHAPES[shape][gx.itemsize], "not the kernel this case is for"
     lse = cp.full(n, cp.nan, cp.float32)
     tgt = cp.full(n, cp.nan, cp.float32)
-    launch.launch_cross_entropy(gx, gt, o, lse, tgt)
+    cuda_logits.launch_cross_entropy(gx, gt, o, lse, tgt)
     cp.cuda.Device().synchronize()
     assert not cp.isnan(lse).any() and not cp.isnan(tgt).any(), "lse/tgt not fully written"
     assert_rel_close(lse, truth["lse"], tol, "lse")
@@ -421,7 +427,7 @@ def test_hopper_cluster_sizes(cluster, filtered, monkeypatch):
     """Each cluster size the autotuner can pick, forced, at a row-block count that is not a multiple
     of it (3 blocks of 128 rows: the last cluster has a block with no rows)."""
     cp = _cp()
-    if cp.cuda.Device().compute_capability != "90" or launch.KERNELS != "auto":
+    if cp.cuda.Device().compute_capability != "90" or device.KERNELS != "auto":
         pytest.skip("the Hopper kernels run only on compute capability 9.0")
     monkeypatch.setenv("CCE_CUPY_HOPPER_CLUSTER", str(cluster))
     n, d, v = 300, 136, 1000
@@ -429,7 +435,7 @@ def test_hopper_cluster_sizes(cluster, filtered, monkeypatch):
     e, c = e.astype(DTYPES["bfloat16"]), c.astype(DTYPES["bfloat16"])
     o = CCEOptions(filter_eps="auto" if filtered else None)
     ge, gc = cp.asarray(e), cp.asarray(c)
-    assert launch.use_hopper(ge, gc, ld=d)
+    assert device.use_hopper(ge, gc, ld=d)
     loss, de, dc = cce.linear_cross_entropy_with_grad(ge, gc, cp.asarray(t), options=o)
     # Filtered: the sparse backward's element rule (this data's flat background, 5% of the mass
     # just under eps, is dropped: 1.8e-2 off the exact dE).
@@ -443,7 +449,7 @@ def test_hopper_cluster_sizes(cluster, filtered, monkeypatch):
 def test_dispatch_cupy_uses_launchers(monkeypatch):
     cp = _cp()
     calls = []
-    real_fwd, real_bwd = launch.launch_forward, launch.launch_backward
+    real_fwd, real_bwd = cuda_forward.launch_forward, cuda_backward.launch_backward
 
     def spy_fwd(*a, **k):
         calls.append("fwd")
@@ -456,10 +462,10 @@ def test_dispatch_cupy_uses_launchers(monkeypatch):
     def no_reference(*a, **k):
         raise AssertionError("the NumPy reference ran for CuPy inputs")
 
-    monkeypatch.setattr(launch, "launch_forward", spy_fwd)
-    monkeypatch.setattr(launch, "launch_backward", spy_bwd)
-    monkeypatch.setattr(cce.reference, "forward", no_reference)
-    monkeypatch.setattr(cce.reference, "backward", no_reference)
+    monkeypatch.setattr(cuda_forward, "launch_forward", spy_fwd)
+    monkeypatch.setattr(cuda_backward, "launch_backward", spy_bwd)
+    monkeypatch.setattr(cce.numpy_backend, "forward", no_reference)
+    monkeypatch.setattr(cce.numpy_backend, "backward", no_reference)
     e, c, t, _ = make_problem(10, 8, 20)
     cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t))
     assert calls == ["fwd", "bwd"]
@@ -493,8 +499,8 @@ def test_tiled_filter_keeps_z_loss_and_grad_lse(kernels, monkeypatch):
     """Issue 18.2: the tiled filtered backward must not drop a confident row's z-loss / grad_lse
     term (g = cq (p - onehot) + (cp - cq) p is ~2 z_loss lse at the target, where p ~ 1)."""
     cp = _cp()
-    monkeypatch.setattr(launch, "SPARSE_LIST_BYTES", 0)  # no slots: the tiled filtered backward
-    monkeypatch.setattr(launch, "KERNELS", kernels)
+    monkeypatch.setattr(plan, "SPARSE_LIST_BYTES", 0)  # no slots: the tiled filtered backward
+    monkeypatch.setattr(device, "KERNELS", kernels)
     e = np.zeros((4, 16), np.float32)
     e[:, 3] = 20.0
     bf = DTYPES["bfloat16"]

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cce_cupy import kernel_loader, kernel_sources, prebuilt
+from cce_cupy.cuda import loader, prebuilt, sources
 from cce_cupy.options import CCEOptions, grad_dtype
 
 pytestmark = pytest.mark.gpu
@@ -37,8 +37,8 @@ def _device_count() -> int:
 def _fresh_loader(monkeypatch, prebuilt_on: bool) -> None:
     """Forget every loaded kernel, then load from the prebuilt cubins or compile at run time."""
     monkeypatch.setenv("CCE_CUPY_PREBUILT", "1" if prebuilt_on else "0")
-    kernel_loader.get_kernel.cache_clear()
-    kernel_loader._MODULES.clear()
+    loader.get_kernel.cache_clear()
+    loader._MODULES.clear()
 
 
 def test_every_prebuilt_cubin_loads():
@@ -54,7 +54,7 @@ def test_every_prebuilt_cubin_loads():
         cubin, lowered = found
         module = cupy.cuda.function.Module()
         module.load(cubin)
-        assert sorted(lowered) == sorted(kernel_sources.module_groups(filename)[group])
+        assert sorted(lowered) == sorted(sources.module_groups(filename)[group])
         for name, mangled in lowered.items():
             fn = module.get_function(mangled)
             binary = cupy.cuda.driver.funcGetAttribute(cupy.cuda.driver.CU_FUNC_ATTRIBUTE_BINARY_VERSION, fn.ptr)
@@ -68,7 +68,8 @@ def test_prebuilt_matches_runtime_compiled(monkeypatch, dtype):
     """Forward and backward from the prebuilt cubins against the kernels NVRTC compiles here."""
     import cupy
 
-    from cce_cupy import launch
+    from cce_cupy.cuda import backward as cuda_backward
+    from cce_cupy.cuda import forward as cuda_forward
 
     rng = np.random.default_rng(3)
     n, d, v = 300, 256, 2000
@@ -80,11 +81,11 @@ def test_prebuilt_matches_runtime_compiled(monkeypatch, dtype):
 
     def run():
         lse, tgt = cupy.full(n, np.nan, cupy.float32), cupy.full(n, np.nan, cupy.float32)
-        launch.launch_forward(e, c, t, None, opts, lse, tgt, tune=False)
+        cuda_forward.launch_forward(e, c, t, None, opts, lse, tgt, tune=False)
         gdt = grad_dtype(e.dtype, opts)
         de, dc = cupy.full((n, d), np.nan, gdt), cupy.full((v, d), np.nan, gdt)
         ones = cupy.ones(n, cupy.float32)
-        launch.launch_backward(e, c, t, None, opts, lse, ones, -ones, de, dc)
+        cuda_backward.launch_backward(e, c, t, None, opts, lse, ones, -ones, de, dc)
         return [cupy.asnumpy(x).astype(np.float64) for x in (lse, tgt, de, dc)]
 
     _fresh_loader(monkeypatch, True)
@@ -137,6 +138,6 @@ def test_jax_call_loads_nothing_in_callbacks(monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError(f"kernel loaded inside a callback: {args}")
 
-    monkeypatch.setattr(kernel_loader, "_load_function", no_load)
+    monkeypatch.setattr(loader, "_load_function", no_load)
     loss, (de, dc) = jax.block_until_ready(compiled(e, c))
     assert np.isfinite(float(loss)) and bool(jnp.isfinite(de.astype(jnp.float32)).all())

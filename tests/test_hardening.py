@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_rel_close, dense_reference
 
 import cce_cupy as cce
-from cce_cupy import reference
+from cce_cupy import numpy_backend
 from cce_cupy.options import CCEOptions
 
 
@@ -25,9 +25,9 @@ def _masked_problem(n, v, d=16, seed=0):
 
 def test_numpy_masked_leading_block_is_finite_and_exact(monkeypatch):
     # A small block budget makes the leading column block all -inf, as V=1024, N=8192 does.
-    monkeypatch.setattr(reference, "BLOCK_BYTES", 128 * 128 * 4)
+    monkeypatch.setattr(numpy_backend, "BLOCK_BYTES", 128 * 128 * 4)
     e, c, t, b = _masked_problem(300, 512)
-    assert reference.block_shape(300, 512)[1] <= 256
+    assert numpy_backend.block_shape(300, 512)[1] <= 256
     o = CCEOptions(z_loss=1e-3, return_lse=True)
     loss, de, dc, db, lse = cce.linear_cross_entropy_with_grad(e, c, t, b, options=o)
     ref = dense_reference(e, c, t, b, o)
@@ -99,9 +99,9 @@ def test_filter_keeps_z_loss_and_grad_lse_terms():
 def test_filter_still_drops_confident_rows_without_lse_term():
     e, c, t = _confident_bf16()
     stats = {}
-    lse, _ = reference.forward(e, c, t, None, CCEOptions())
+    lse, _ = numpy_backend.forward(e, c, t, None, CCEOptions())
     g = np.ones(4, np.float32)
-    reference.backward(e, c, t, None, CCEOptions(filter_eps="auto"), lse, g, g, stats=stats)
+    numpy_backend.backward(e, c, t, None, CCEOptions(filter_eps="auto"), lse, g, g, stats=stats)
     assert stats == {"tiles": 1, "live_tiles": 0}
 
 
@@ -142,22 +142,22 @@ def test_filter_tile_rule_with_z_loss_matches_dense_rule():
 # ------------------------------------------------------------------ 7. environment variables
 @pytest.mark.parametrize("value", ["foo", "AUTO", "sm90"])
 def test_kernels_env_is_validated(value, monkeypatch):
-    from cce_cupy import launch
+    from cce_cupy.cuda import device
 
     monkeypatch.setenv("CCE_CUPY_KERNELS", value)
     with pytest.raises(ValueError, match=r"CCE_CUPY_KERNELS must be one of auto, sm80"):
-        launch.kernels_from_env()
+        device.kernels_from_env()
 
 
 @pytest.mark.parametrize(("value", "family"), [(None, "auto"), ("", "auto"), ("auto", "auto"), ("sm80", "sm80")])
 def test_kernels_env_values(value, family, monkeypatch):
-    from cce_cupy import launch
+    from cce_cupy.cuda import device
 
     if value is None:
         monkeypatch.delenv("CCE_CUPY_KERNELS", raising=False)
     else:
         monkeypatch.setenv("CCE_CUPY_KERNELS", value)
-    assert launch.kernels_from_env() == family
+    assert device.kernels_from_env() == family
 
 
 # ------------------------------------------------------------------ 5. JAX int64 targets
@@ -271,7 +271,7 @@ class _FakeFlag(np.ndarray):
 
 
 class _FakeCupy:
-    """Just enough of cupy / cupyx for launch.target_error_flag and api._TargetWatch."""
+    """Just enough of cupy / cupyx for cuda.device.target_error_flag and _targets._TargetWatch."""
 
     def __init__(self):
         self.device = 0
@@ -349,12 +349,13 @@ def _in_thread(fn):
 
 
 def test_bad_target_is_reported_to_its_own_thread(fake_cupy):
-    from cce_cupy import api, launch
+    from cce_cupy import _targets
+    from cce_cupy.cuda import device
 
-    watch = api._TargetWatch()
+    watch = _targets._TargetWatch()
 
     def bad_call():  # a kernel of this thread saw a bad target
-        launch.target_error_flag()[0] = 1
+        device.target_error_flag()[0] = 1
         watch.after_launch(fake_cupy)
 
     _in_thread(bad_call)
@@ -365,9 +366,9 @@ def test_bad_target_is_reported_to_its_own_thread(fake_cupy):
 
 
 def test_poll_while_another_thread_adds_a_device(fake_cupy):
-    from cce_cupy import api
+    from cce_cupy import _targets
 
-    watch = api._TargetWatch()
+    watch = _targets._TargetWatch()
     watch.after_launch(fake_cupy)
 
     def other_thread_launches_on_device_1():
@@ -380,15 +381,15 @@ def test_poll_while_another_thread_adds_a_device(fake_cupy):
 
 
 def test_target_flag_creation_does_not_race(fake_cupy):
-    from cce_cupy import launch
+    from cce_cupy.cuda import device
 
     got = {}
 
     def other():
-        got["first"] = launch.target_error_flag()
+        got["first"] = device.target_error_flag()
 
     fake_cupy.zeros_hook = lambda: _in_thread(other)  # the other thread creates its flag meanwhile
-    mine = launch.target_error_flag()
-    assert launch.target_error_flag() is mine
-    assert _in_thread(lambda: launch.target_error_flag()) is not mine
+    mine = device.target_error_flag()
+    assert device.target_error_flag() is mine
+    assert _in_thread(lambda: device.target_error_flag()) is not mine
     assert got["first"] is not mine

@@ -380,7 +380,7 @@ def test_callback_plumbing_vmap(numpy_bridge, vmap_method, batch_c):
 
 def test_softcap_gradient_where_tanh_saturates():
     """fp32 on the pure-JAX path, target logits at z/s ~ 7: the softcap derivative must keep its
-    accuracy there (see cce_cupy.reference.softcap_grad)."""
+    accuracy there (see cce_cupy.numpy_backend.softcap_grad)."""
     from conftest import dense_reference
 
     n, d, v = 64, 32, 4096

@@ -160,9 +160,9 @@ def test_filter_eps_auto(dtype):
 def _hopper() -> bool:
     import cupy
 
-    from cce_cupy import launch
+    from cce_cupy.cuda import device
 
-    return cupy.cuda.Device().compute_capability == "90" and launch.KERNELS == "auto"
+    return cupy.cuda.Device().compute_capability == "90" and device.KERNELS == "auto"
 
 
 def test_backward_impl_reference_on_gpu():

@@ -1,8 +1,8 @@
 """Every kernel file and template instance compiles for sm_80 and sm_90 (sm_90a for the Hopper
-file) with NVRTC, on a CPU: checked through the prebuilt cubin set (cce_cupy/prebuilt.py).
+file) with NVRTC, on a CPU: checked through the prebuilt cubin set (cce_cupy/cuda/prebuilt.py).
 
-Every module's cubin is compiled by `python -m cce_cupy.prebuilt` (`.ci/run` runs it first, so CI
-compiles any module whose source changed) through `cce_cupy.nvrtc_check.compile_source`, with the
+Every module's cubin is compiled by `python -m cce_cupy.cuda.prebuilt` (`.ci/run` runs it first, so CI
+compiles any module whose source changed) through `cce_cupy.cuda.nvrtc_check.compile_source`, with the
 options CuPy passes at run time, and recorded under a hash of its source, options, architecture
 and instance list. The tests here check that the set is current, that every cubin is intact and
 holds every instance, and that NVRTC here still compiles a module to the same kernel names. Each
@@ -19,8 +19,8 @@ import warnings
 
 import pytest
 
-from cce_cupy import kernel_sources, prebuilt
-from cce_cupy.nvrtc_check import compile_source
+from cce_cupy.cuda import prebuilt, sources
+from cce_cupy.cuda.nvrtc_check import compile_source
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (pip install -e .[test])")
 pytest.importorskip("cupy", reason="needs cupy for its NVRTC include paths (pip install -e .[test])")
@@ -88,15 +88,15 @@ def _lowered_in_symtab(cubin: bytes) -> set[str]:
 
 def test_prebuilt_set_is_current():
     """Every module has a cubin built from today's sources and options (.ci/run builds stale ones;
-    by hand: python -m cce_cupy.prebuilt)."""
+    by hand: python -m cce_cupy.cuda.prebuilt)."""
     stale = prebuilt.stale_modules()
     assert not stale, (
         f"{len(stale)} prebuilt modules are missing or older than their source, e.g. "
-        f"{prebuilt.module_id(*stale[0])}: run `python -m cce_cupy.prebuilt` and commit cce_cupy/kernels/prebuilt"
+        f"{prebuilt.module_id(*stale[0])}: run `python -m cce_cupy.cuda.prebuilt` and commit cce_cupy/kernels/prebuilt"
     )
 
 
-@pytest.mark.parametrize("filename", kernel_sources.KERNEL_FILES)
+@pytest.mark.parametrize("filename", sources.KERNEL_FILES)
 def test_prebuilt_cubins_hold_every_instance(filename: str) -> None:
     """Each cubin is intact (its recorded hash), an ELF file holding every instance of its module;
     kernels with a stack frame (spills or local arrays) are reported in one warning, not failed."""
@@ -109,7 +109,7 @@ def test_prebuilt_cubins_hold_every_instance(filename: str) -> None:
         data = (prebuilt.PREBUILT_DIR / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{entry['file']}: corrupted"
         cubin = lzma.decompress(data)
-        names = kernel_sources.module_groups(f)[group]
+        names = sources.module_groups(f)[group]
         assert sorted(entry["lowered"]) == sorted(names)
         missing = set(entry["lowered"].values()) - _lowered_in_symtab(cubin)
         assert not missing, f"{arch}/{f}/{group}: kernels missing from the cubin: {sorted(missing)[:3]}"
@@ -125,8 +125,8 @@ def test_nvrtc_compiles_like_the_prebuilt_set(arch: str) -> None:
     """NVRTC with CuPy's run-time options compiles a module here and names its kernels as the
     prebuilt set does (the smallest module: the full set takes minutes on 2 cores)."""
     filename = "lce_sparse.cu"
-    group = min(kernel_sources.module_groups(filename), key=lambda g: len(kernel_sources.module_groups(filename)[g]))
-    names = kernel_sources.module_groups(filename)[group]
+    group = min(sources.module_groups(filename), key=lambda g: len(sources.module_groups(filename)[g]))
+    names = sources.module_groups(filename)[group]
     cubin, _log, lowered = compile_source(filename, names, arch)
     assert set(lowered.values()) <= _lowered_in_symtab(cubin)
     assert lowered == prebuilt.manifest()["modules"][prebuilt.module_id(arch, filename, group)]["lowered"]

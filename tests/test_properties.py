@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import cce_cupy as cce
-from cce_cupy import reference as np_backend
+from cce_cupy import numpy_backend as np_backend
 from cce_cupy.options import CCEOptions
 
 TOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}

@@ -1,4 +1,4 @@
-"""The NumPy backend (cce_cupy.reference through the public API) against a dense float64 reference."""
+"""The NumPy backend (cce_cupy.numpy_backend through the public API) against a dense float64 reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_rel_close, dense_reference, logits_reference, make_problem, rel_err
 
 import cce_cupy as cce
-from cce_cupy import reference
+from cce_cupy import numpy_backend
 from cce_cupy.options import CCEOptions, dtype_eps
 
 OPTION_CASES = {
@@ -81,7 +81,7 @@ def test_16bit_against_float64(dtype):
 def test_float64_reference_functions():
     e, c, t, b = make_problem(50, 9, 260, "float64", bias=True, peaked=True, seed=4)
     o = CCEOptions(softcap=3.0, label_smoothing=0.05, z_loss=1e-2)
-    lse, tgt = reference.forward(e, c, t, b, o)
+    lse, tgt = numpy_backend.forward(e, c, t, b, o)
     ref = dense_reference(e, c, t, b, o)
     assert lse.dtype == np.float64
     assert_rel_close(lse, ref["lse"], 1e-13, "lse")
@@ -89,7 +89,7 @@ def test_float64_reference_functions():
     valid = t != o.ignore_index
     cnt = valid.sum()
     g = valid / cnt
-    de, dc, db = reference.backward(e, c, t, b, o, lse, g * (1 + 2 * o.z_loss * lse), g)
+    de, dc, db = numpy_backend.backward(e, c, t, b, o, lse, g * (1 + 2 * o.z_loss * lse), g)
     assert_rel_close(de, ref["de"], 1e-12, "de")
     assert_rel_close(dc, ref["dc"], 1e-12, "dc")
     assert_rel_close(db, ref["db"], 1e-12, "db")
@@ -103,12 +103,12 @@ def test_finite_differences_float64():
     valid = t != o.ignore_index
 
     def loss(e_, c_, b_):
-        lse, tgt = reference.forward(e_, c_, t, b_, o)
+        lse, tgt = numpy_backend.forward(e_, c_, t, b_, o)
         return float(np.sum(np.where(valid, lse - tgt + o.z_loss * lse**2, 0.0)) / valid.sum())
 
-    lse, _ = reference.forward(e, c, t, b, o)
+    lse, _ = numpy_backend.forward(e, c, t, b, o)
     g = valid / valid.sum()
-    de, dc, db = reference.backward(e, c, t, b, o, lse, g * (1 + 2 * o.z_loss * lse), g)
+    de, dc, db = numpy_backend.backward(e, c, t, b, o, lse, g * (1 + 2 * o.z_loss * lse), g)
     h = 1e-6
     for arr, grad, name in ((e, de, "de"), (c, dc, "dc"), (b, db, "dbias")):
         fd = np.zeros_like(arr)
@@ -204,11 +204,11 @@ def test_cross_entropy_logits_and_inplace():
 def test_never_allocates_n_by_v(monkeypatch):
     n, d, v = 512, 8, 4096  # N x V fp32 = 8 MiB
     for nn, vv in [(8192, 256000), (1, 10**6), (10**6, 1), (300, 50)]:
-        rows, cols = reference.block_shape(nn, vv)
-        assert rows * cols * 4 <= reference.BLOCK_BYTES, (nn, vv, rows, cols)
+        rows, cols = numpy_backend.block_shape(nn, vv)
+        assert rows * cols * 4 <= numpy_backend.BLOCK_BYTES, (nn, vv, rows, cols)
         assert rows % 128 == 0 or rows == nn
         assert cols % 128 == 0 or cols == vv
-    monkeypatch.setattr(reference, "BLOCK_BYTES", 256 << 10)
+    monkeypatch.setattr(numpy_backend, "BLOCK_BYTES", 256 << 10)
     e, c, t, b = make_problem(n, d, v, bias=True)
     o = CCEOptions(label_smoothing=0.1)
     tracemalloc.start()
@@ -232,11 +232,11 @@ def test_filtering_matches_tile_rule():
     # targets only in the first 128 columns: tiles further right hold only tiny probabilities
     e, c, t, _ = make_problem(n, d, v, peaked=True, seed=11, target_cols=128)
     o = CCEOptions(filter_eps=1e-3)
-    lse, _ = reference.forward(e, c, t, None, o)
+    lse, _ = numpy_backend.forward(e, c, t, None, o)
     valid = t != o.ignore_index
     g = (valid / valid.sum()).astype(np.float32)
     stats = {}
-    de, dc, _ = reference.backward(e, c, t, None, o, lse, g, g, stats=stats)
+    de, dc, _ = numpy_backend.backward(e, c, t, None, o, lse, g, g, stats=stats)
     assert 0 < stats["live_tiles"] <= stats["tiles"]
     ref = dense_reference(e, c, t, None, o, filter_eps=1e-3)
     assert_rel_close(de, ref["de"], FP32_TOL, "de(filtered)")
@@ -248,9 +248,9 @@ def test_filtering_drops_tiles_and_error_is_bounded():
     e, c, t, _ = make_problem(n, d, v, peaked=True, seed=12, ignore_frac=0.0, target_cols=128)
     stats = {}
     o = CCEOptions(filter_eps=1e-2)
-    lse, _ = reference.forward(e, c, t, None, o)
+    lse, _ = numpy_backend.forward(e, c, t, None, o)
     g = np.full(n, 1.0 / n, np.float32)
-    de, dc, _ = reference.backward(e, c, t, None, o, lse, g, g, stats=stats)
+    de, dc, _ = numpy_backend.backward(e, c, t, None, o, lse, g, g, stats=stats)
     exact = dense_reference(e, c, t, None, o)
     # every dropped element has |softmax - onehot| < eps, so the dropped logit gradient is bounded
     dropped = exact["g"] - dense_reference(e, c, t, None, o, filter_eps=1e-2)["g"]
@@ -266,10 +266,10 @@ def test_filter_auto_bf16_error(data):
     e, c, t, _ = make_problem(256, 64, 2048, "bfloat16", peaked=(data == "peaked"), seed=13)
     stats = {}
     o = CCEOptions(filter_eps="auto")
-    lse, _ = reference.forward(e, c, t, None, o)
+    lse, _ = numpy_backend.forward(e, c, t, None, o)
     valid = t != o.ignore_index
     g = (valid / valid.sum()).astype(np.float32)
-    de, dc, _ = reference.backward(e, c, t, None, o, lse, g, g, stats=stats)
+    de, dc, _ = numpy_backend.backward(e, c, t, None, o, lse, g, g, stats=stats)
     exact = dense_reference(e, c, t, None, CCEOptions())
     err = max(rel_err(de, exact["de"]), rel_err(dc, exact["dc"]))
     if data == "peaked":

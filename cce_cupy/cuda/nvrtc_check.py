@@ -2,12 +2,12 @@
 
 `cupy.cuda.compiler` queries the device, so this goes through `cuda.bindings.nvrtc` directly with
 the options CuPy adds (-ftz=true, --device-as-default-execution-space, its CCCL and CUDA include
-paths) on top of `kernel_sources.COMPILE_OPTIONS`.
+paths) on top of `sources.COMPILE_OPTIONS`.
 """
 
 from __future__ import annotations
 
-from cce_cupy.kernel_sources import compile_options, kernel_source
+from cce_cupy.cuda.sources import compile_options, kernel_source
 
 
 def cupy_runtime_options(filename: str, arch: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The CUDA sources, their template instances, and the compile options: one place for all three.
 
-The loader (`cce_cupy.kernel_loader`, GPU only), the prebuilt-cubin build (`cce_cupy.prebuilt`)
+The loader (`cce_cupy.cuda.loader`, GPU only), the prebuilt-cubin build (`cce_cupy.cuda.prebuilt`)
 and the CPU compile check (`tests/test_nvrtc_compile.py`) all read from here, so CI compiles
 exactly what runs. Nothing here touches CUDA.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-KERNEL_DIR = Path(__file__).parent / "kernels"
+KERNEL_DIR = Path(__file__).parent.parent / "kernels"
 KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu", "lce_sparse.cu")
 # CuPy adds -ftz=true and --device-as-default-execution-space itself; the CPU check adds them too.
 # No --use_fast_math: it turns tanhf (softcap) into the hardware approximation, ~1e-4 relative
@@ -35,7 +35,7 @@ HOPPER_THREADS = 384
 HOPPER_SMEM_BYTES = 4 * (128 + HOPPER_TILE_N) * 128 + 1024
 HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)
 # Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
-# cce_cupy.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
+# cce_cupy.cuda.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
 # them; the grid's row-block count is a multiple of CLUSTER.
 HOPPER_CLUSTERS = (1, 2)
 # Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,

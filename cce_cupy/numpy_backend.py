@@ -1,6 +1,6 @@
 """The NumPy backend and float64 reference: the kernels' blocked algorithm, vectorized.
 
-Functions mirror `cce_cupy.launch` on flattened, validated arrays (targets already shifted):
+Functions mirror the `cce_cupy.cuda` launchers on flattened, validated arrays (targets already shifted):
 
     forward(e, c, targets, bias, opts, bad_target=None) -> (lse, tgt)
     backward(e, c, targets, bias, opts, lse, coef_p, coef_q) -> (de, dc, dbias)

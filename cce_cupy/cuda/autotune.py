@@ -10,8 +10,8 @@ The choice is cached in memory and in a JSON file, keyed by GPU name, dtype, sha
 kernel version (the package version and a hash of the kernel source), so it is never re-tuned on
 every call, and a kernel edit starts afresh. Calls that must not synchronize (JAX callbacks, CUDA
 graph capture) never tune: they use the cached choice, else DEFAULT_CLUSTER;
-`cce_cupy.launch.tune()` fills the cache ahead of them. This module imports no launcher: the
-launchers (cce_cupy.launch) import it.
+`cce_cupy.cuda.forward.tune()` fills the cache ahead of them. This module imports no launcher: the
+launchers (cce_cupy.cuda.forward, cce_cupy.cuda.backward) import it.
 
 Environment: CCE_CUPY_AUTOTUNE_CACHE (the file; default ~/.cache/cce_cupy/autotune.json, or under
 $XDG_CACHE_HOME), CCE_CUPY_HOPPER_CLUSTER (1 or 2: use it, no tuning; unset or empty: tune).
@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from cce_cupy.kernel_sources import HOPPER_CLUSTERS, kernel_source
+from cce_cupy.cuda.sources import HOPPER_CLUSTERS, kernel_source
 
 try:
     import fcntl

@@ -1,5 +1,5 @@
-"""Kernel loading: each template instance of `kernel_sources`, per device, from the prebuilt cubins
-(`cce_cupy.prebuilt`) or compiled at run time by NVRTC through `cupy.RawModule`.
+"""Kernel loading: each template instance of `cce_cupy.cuda.sources`, per device, from the prebuilt cubins
+(`cce_cupy.cuda.prebuilt`) or compiled at run time by NVRTC through `cupy.RawModule`.
 
 GPU only. The launchers call `get_kernel(file, instance)(grid, block, args, shared_mem=...)`;
 `preload` loads ahead of time (JAX does at trace time, on every local GPU).
@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-from cce_cupy.kernel_sources import (
+from cce_cupy.cuda.sources import (
     CE_SLICE_BYTES_MAX,
     GEMM_SMEM_BYTES,
     HOPPER_SMEM_BYTES,
@@ -52,7 +52,7 @@ def _prebuilt_module(device: int, filename: str, group: str):
     """(cupy Module, {instance: mangled name}) of the prebuilt cubin for this device, or None."""
     import cupy
 
-    from cce_cupy import prebuilt  # here, not at import: `python -m cce_cupy.prebuilt` runs it as __main__
+    from cce_cupy.cuda import prebuilt  # here, not at import: `python -m cce_cupy.cuda.prebuilt` runs it as __main__
 
     cc = cupy.cuda.Device(device).compute_capability
     arch = prebuilt.arch_for(filename, cc) if use_prebuilt() else None
@@ -69,7 +69,7 @@ def _prebuilt_module(device: int, filename: str, group: str):
     elif arch is None:
         reason = f"no prebuilt cubin for compute capability {cc}"
     else:
-        reason = f"the prebuilt {arch} cubin is missing or older than the source (python -m cce_cupy.prebuilt)"
+        reason = f"the prebuilt {arch} cubin is missing or older than the source (python -m cce_cupy.cuda.prebuilt)"
     if (filename, reason) not in _FALLBACK_LOGGED:
         _FALLBACK_LOGGED.add((filename, reason))
         log.warning("cce_cupy: compiling %s at run time: %s", filename, reason)

@@ -1,8 +1,8 @@
 """Prebuilt cubins: every kernel module compiled ahead of time, shipped as package data.
 
 A first call then loads machine code (milliseconds) instead of running NVRTC (18-57 s cold on an
-H200). The set is built on a CPU by `python -m cce_cupy.prebuilt` (NVRTC through cuda-bindings,
-with the options CuPy passes at run time), one cubin per module group of `kernel_sources`:
+H200). The set is built on a CPU by `python -m cce_cupy.cuda.prebuilt` (NVRTC through cuda-bindings,
+with the options CuPy passes at run time), one cubin per module group of `cce_cupy.cuda.sources`:
 
     kernels/prebuilt/manifest.json       {"<arch>/<file>/<group>": {"key", "file", "sha256", "lowered"}}
     kernels/prebuilt/<arch>/<name>.cubin.xz
@@ -30,9 +30,9 @@ import os
 import sys
 import time
 
-from cce_cupy import kernel_sources
+from cce_cupy.cuda import sources
 
-PREBUILT_DIR = kernel_sources.KERNEL_DIR / "prebuilt"
+PREBUILT_DIR = sources.KERNEL_DIR / "prebuilt"
 MANIFEST = PREBUILT_DIR / "manifest.json"
 # The portable architectures every file is built for; files with a fixed one (FILE_ARCH) use it.
 ARCHS = ("sm_80", "sm_90")
@@ -41,13 +41,13 @@ CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 
 
 def file_archs(filename: str) -> tuple[str, ...]:
-    fixed = kernel_sources.FILE_ARCH.get(filename)
+    fixed = sources.FILE_ARCH.get(filename)
     return (fixed,) if fixed else ARCHS
 
 
 def arch_for(filename: str, compute_capability: str) -> str | None:
     """The prebuilt architecture a GPU of this compute capability ("90", "86") loads, or None."""
-    fixed = kernel_sources.FILE_ARCH.get(filename)
+    fixed = sources.FILE_ARCH.get(filename)
     if fixed:
         return fixed if fixed.rstrip("a") == f"sm_{compute_capability}" else None
     if compute_capability == "90":
@@ -64,8 +64,8 @@ def module_id(arch: str, filename: str, group: str) -> str:
 def module_key(arch: str, filename: str, group: str) -> str:
     """Hash of everything the module's cubin is compiled from (not the machine's include paths)."""
     h = hashlib.sha256()
-    for part in (kernel_sources.kernel_source(filename), *kernel_sources.compile_options(filename),
-                 *CUPY_ADDED_OPTIONS, arch, *kernel_sources.module_groups(filename)[group]):
+    for part in (sources.kernel_source(filename), *sources.compile_options(filename),
+                 *CUPY_ADDED_OPTIONS, arch, *sources.module_groups(filename)[group]):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -73,8 +73,8 @@ def module_key(arch: str, filename: str, group: str) -> str:
 
 def all_modules() -> list[tuple[str, str, str]]:
     """(arch, file, group) of every module the prebuilt set holds."""
-    return [(arch, f, g) for f in kernel_sources.KERNEL_FILES for arch in file_archs(f)
-            for g in kernel_sources.module_groups(f)]
+    return [(arch, f, g) for f in sources.KERNEL_FILES for arch in file_archs(f)
+            for g in sources.module_groups(f)]
 
 
 @functools.cache
@@ -104,9 +104,9 @@ def _cubin_file(arch: str, filename: str, group: str) -> str:
 
 def _build_one(arch: str, filename: str, group: str) -> tuple[str, dict]:
     """Compile one module (in a worker process); returns its manifest entry."""
-    from cce_cupy.nvrtc_check import compile_source
+    from cce_cupy.cuda.nvrtc_check import compile_source
 
-    names = kernel_sources.module_groups(filename)[group]
+    names = sources.module_groups(filename)[group]
     cubin, _log, lowered = compile_source(filename, names, arch)
     data = lzma.compress(cubin, preset=9)
     rel = _cubin_file(arch, filename, group)

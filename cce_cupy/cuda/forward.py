@@ -1,0 +1,113 @@
+"""The forward launcher: per-row lse and target term, on CuPy's current stream, into outputs the
+caller provides (the CuPy API allocates them, the JAX bridge hands in XLA buffers and scratch).
+Shapes and dtypes are checked by the API layers, not here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cce_cupy.cuda import autotune
+from cce_cupy.cuda.device import (
+    _aligned,
+    _ptr,
+    gpu_name,
+    hopper_operands,
+    hopper_row_blocks,
+    target_error_flag,
+    use_hopper,
+)
+from cce_cupy.cuda.loader import get_kernel
+from cce_cupy.cuda.plan import _cdiv, _forward_target_offset, forward_scratch_nbytes, forward_splits
+from cce_cupy.cuda.sources import (
+    GEMM_SMEM_BYTES,
+    HOPPER_SMEM_BYTES,
+    HOPPER_THREADS,
+    HOPPER_TILE_N,
+    THREADS,
+    TILE_M,
+    TILE_N,
+    dtype_name,
+    template_name,
+)
+from cce_cupy.options import CCEOptions
+
+
+def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None,
+                   tune: bool = True):
+    """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
+
+    tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
+    (cce_cupy.cuda.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice
+    or default.
+    """
+    import cupy
+
+    n, d = e.shape
+    v = c.shape[0]
+    if n == 0:
+        return
+    hopper = use_hopper(e, c, ld=d, tf32=opts.allow_tf32)
+    splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
+    if scratch is None:
+        scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
+    part = scratch[: 3 * splits * n * 4].view(cupy.float32)
+    # The tiled forward hands the finish kernel its target logits; the Hopper one leaves null (gather-dot).
+    y_off = _forward_target_offset(n, v)
+    y_target = None if hopper else scratch[y_off : y_off + n * 4].view(cupy.float32)
+    if bad_target is None:
+        bad_target = target_error_flag()
+    flags = (bias is not None, opts.softcap is not None, opts.label_smoothing > 0.0)
+    softcap = np.float32(opts.softcap or 0.0)
+
+    if hopper:
+
+        def run_partials(cluster: int) -> None:
+            partials = get_kernel("lce_hopper.cu",
+                                  template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
+            partials(
+                (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
+                (*hopper_operands(e, c, cluster), _ptr(bias), part, np.int32(n),
+                 np.int32(v), np.int32(d), np.int32(per_split), softcap),
+                shared_mem=HOPPER_SMEM_BYTES,
+            )
+
+        def time_candidate(cluster: int) -> float:
+            return autotune.time_on_stream(lambda: run_partials(cluster))
+
+        run_partials(autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v,
+                                             time_candidate if tune else None))
+    else:
+        partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags, targets.dtype))
+        partials(
+            (_cdiv(n, TILE_M), splits), (THREADS,),
+            (e, c, _ptr(bias), targets, part, y_target, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
+             softcap, np.int32(_aligned(e, c, ld=d))),
+            shared_mem=GEMM_SMEM_BYTES,
+        )
+    finish = get_kernel("lce_forward.cu", template_name("lce_forward_finish", e.dtype, *flags, targets.dtype))
+    rows_per_block = THREADS // 32
+    finish(
+        (_cdiv(n, rows_per_block),), (THREADS,),
+        (e, c, _ptr(bias), targets, part, _ptr(y_target), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
+         np.int32(d), np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index),
+         np.int32(hopper and e.dtype == np.float32)),
+    )
+
+
+def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
+    """Tune the Hopper kernels for one shape ahead of time (e.g. before a JAX training loop, whose
+    callbacks never tune), on random inputs; returns the cluster size now cached (cce_cupy.cuda.autotune)."""
+    import cupy
+    import ml_dtypes
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    e = cupy.random.standard_normal((n, d), dtype=cupy.float32).astype(dt)
+    c = cupy.random.standard_normal((v, d), dtype=cupy.float32).astype(dt)
+    t = cupy.zeros(n, cupy.int32)
+    lse, tgt = cupy.empty(n, cupy.float32), cupy.empty(n, cupy.float32)
+    launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
+    return autotune.hopper_cluster(gpu_name(), np.dtype(dt).name, n, d, v)
+
+
+__all__ = ["launch_forward", "tune"]
