@@ -257,7 +257,7 @@ def test_check_targets_without_gpu_calls_is_noop(monkeypatch):
     a NumPy call with a bad target (the NumPy backend raises at once, not later here)."""
     import threading
 
-    from cce_cupy import api
+    from cce_cupy import _targets
 
     def no_cupy():
         raise AssertionError("check_targets touched CuPy with no GPU call made")
@@ -271,7 +271,7 @@ def test_check_targets_without_gpu_calls_is_noop(monkeypatch):
             cce.linear_cross_entropy(e, c, t)
         except ValueError as err:
             results.append(str(err))
-        monkeypatch.setattr(api, "_cupy", no_cupy)
+        monkeypatch.setattr(_targets, "_cupy", no_cupy)
         results.append(cce.check_targets())
 
     worker = threading.Thread(target=body)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cce_cupy.cuda import plan
+from cce_cupy.cuda import plan as cuda_plan
 from cce_cupy.options import CCEOptions
 
 GEMMA2, LLAMA3 = (8192, 2304, 256000), (8192, 4096, 128256)
@@ -20,12 +20,12 @@ FILTER = CCEOptions(filter_eps="auto")
 def test_scratch_bounded_and_counters_not_overlapped(shape, opts, dtype):
     n, d, v = shape
     dt = np.dtype(np.float32) if dtype == "float32" else np.dtype("float16")  # 16-bit stands for both
-    layout = plan._backward_layout(n, v, d, dt, opts)
-    total = plan.backward_scratch_nbytes(n, v, d, dt, opts)
+    layout = cuda_plan._backward_layout(n, v, d, dt, opts)
+    total = cuda_plan.backward_scratch_nbytes(n, v, d, dt, opts)
     assert total <= 64 << 20, f"backward scratch {total / 2**20:.1f} MiB > 64 MiB"
-    slots = plan.sparse_slots(n, d, dt, opts)
+    slots = cuda_plan.sparse_slots(n, d, dt, opts)
     sparse_expected = opts.filter_eps is not None and not opts.deterministic and dt.itemsize == 2 and d % 8 == 0
-    assert (slots > 0) == (sparse_expected and n <= plan.SPARSE_LIST_BYTES // (16 * plan.SPARSE_MIN_SLOTS))
+    assert (slots > 0) == (sparse_expected and n <= cuda_plan.SPARSE_LIST_BYTES // (16 * cuda_plan.SPARSE_MIN_SLOTS))
     if not slots:
         assert layout["counts"][1] == 0 and "entries" not in layout
         return
@@ -41,11 +41,11 @@ def test_scratch_bounded_and_counters_not_overlapped(shape, opts, dtype):
 
 
 def test_sparse_slots_rules():
-    assert plan.sparse_slots(8192, 2304, np.dtype("float16"), FILTER) == 384
-    assert plan.sparse_slots(100, 2304, np.dtype("float16"), FILTER) == plan.SPARSE_MAX_SLOTS
-    assert plan.sparse_slots(8192, 2304, np.dtype("float16"), CCEOptions()) == 0  # exact: no lists
-    assert plan.sparse_slots(8192, 2300, np.dtype("float16"), FILTER) == 0  # D % 8: no wgmma path
-    assert plan.sparse_slots(1 << 20, 2304, np.dtype("float16"), FILTER) == 0  # < SPARSE_MIN_SLOTS a row
+    assert cuda_plan.sparse_slots(8192, 2304, np.dtype("float16"), FILTER) == 384
+    assert cuda_plan.sparse_slots(100, 2304, np.dtype("float16"), FILTER) == cuda_plan.SPARSE_MAX_SLOTS
+    assert cuda_plan.sparse_slots(8192, 2304, np.dtype("float16"), CCEOptions()) == 0  # exact: no lists
+    assert cuda_plan.sparse_slots(8192, 2300, np.dtype("float16"), FILTER) == 0  # D % 8: no wgmma path
+    assert cuda_plan.sparse_slots(1 << 20, 2304, np.dtype("float16"), FILTER) == 0  # < SPARSE_MIN_SLOTS a row
 
 
 @pytest.mark.parametrize("n,v", [(8192, 256000), (8192, 128256), (2048, 8192), (1408, 11776), (65536, 256000),
@@ -53,30 +53,30 @@ def test_sparse_slots_rules():
 def test_hopper_forward_splits_cover_v_within_limits(n, v):
     """Every column in exactly one split, whole 256-column tiles, at most HOPPER_MAX_BLOCK_TILES of
     them a block where the partials fit FORWARD_PARTIALS_BYTES, and no empty split."""
-    splits, per_split = plan.forward_splits(n, v, plan.HOPPER_TILE_N)
-    assert per_split % plan.HOPPER_TILE_N == 0
+    splits, per_split = cuda_plan.forward_splits(n, v, cuda_plan.HOPPER_TILE_N)
+    assert per_split % cuda_plan.HOPPER_TILE_N == 0
     assert (splits - 1) * per_split < v <= splits * per_split
-    tiles = per_split // plan.HOPPER_TILE_N
-    cap = max(1, plan.FORWARD_PARTIALS_BYTES // (12 * n))
-    assert tiles <= plan.HOPPER_MAX_BLOCK_TILES or splits <= cap
+    tiles = per_split // cuda_plan.HOPPER_TILE_N
+    cap = max(1, cuda_plan.FORWARD_PARTIALS_BYTES // (12 * n))
+    assert tiles <= cuda_plan.HOPPER_MAX_BLOCK_TILES or splits <= cap
     assert splits <= cap or tiles == 1
-    assert plan.forward_scratch_nbytes(n, v, 2304, np.dtype("float16")) >= 3 * splits * n * 4
+    assert cuda_plan.forward_scratch_nbytes(n, v, 2304, np.dtype("float16")) >= 3 * splits * n * 4
 
 
 def test_hopper_schedule_length_model():
     """The list-schedule model behind the split choice: one wave of equal blocks takes one block;
     an exact number of waves takes that many blocks; a ragged last wave costs a whole block."""
-    o = plan.HOPPER_BLOCK_OVERHEAD
-    sms = plan.HOPPER_SMS
-    assert plan._hopper_schedule_length(1, 4, 4) == pytest.approx(4 + o)
-    assert plan._hopper_schedule_length(sms, 8, 4) == pytest.approx(2 * (4 + o))  # 2 splits, 1 wave each
+    o = cuda_plan.HOPPER_BLOCK_OVERHEAD
+    sms = cuda_plan.HOPPER_SMS
+    assert cuda_plan._hopper_schedule_length(1, 4, 4) == pytest.approx(4 + o)
+    assert cuda_plan._hopper_schedule_length(sms, 8, 4) == pytest.approx(2 * (4 + o))  # 2 splits, 1 wave each
     # sms + 1 blocks of 4 tiles: the extra block runs after a full one
-    assert plan._hopper_schedule_length(sms + 1, 4, 4) == pytest.approx(2 * (4 + o))
+    assert cuda_plan._hopper_schedule_length(sms + 1, 4, 4) == pytest.approx(2 * (4 + o))
     # a short last split fills the SMs that the full blocks left idle
-    assert plan._hopper_schedule_length(sms // 2, 5, 4) == pytest.approx(4 + o)
+    assert cuda_plan._hopper_schedule_length(sms // 2, 5, 4) == pytest.approx(4 + o)
     # gemma2 (64 row blocks x 1000 tiles): far from the 500-tile blocks of the old cost model
-    splits, per_split = plan.forward_splits(8192, 256000, plan.HOPPER_TILE_N)
-    assert 4 <= per_split // plan.HOPPER_TILE_N <= 12
+    splits, per_split = cuda_plan.forward_splits(8192, 256000, cuda_plan.HOPPER_TILE_N)
+    assert 4 <= per_split // cuda_plan.HOPPER_TILE_N <= 12
 
 
 @pytest.mark.parametrize("shape,plan", [(GEMMA2, (2048, 8192)), (LLAMA3, (2048, 6144)),
@@ -85,6 +85,6 @@ def test_backward_blocking_keeps_the_measured_plans(shape, plan):
     """The (rows a part, chunk columns) that measured fastest on the H100 (NOTES.md, b1): the
     blocking rule must keep producing them for 16-bit inputs."""
     n, d, v = shape
-    rows, cols, need_acc = plan.backward_blocking(n, v, d, np.dtype("float16"), CCEOptions())
+    rows, cols, need_acc = cuda_plan.backward_blocking(n, v, d, np.dtype("float16"), CCEOptions())
     assert (rows, cols) == plan and need_acc
-    assert rows * d * 4 + rows * cols * 2 <= plan.BACKWARD_BUFFERS_BYTES
+    assert rows * d * 4 + rows * cols * 2 <= cuda_plan.BACKWARD_BUFFERS_BYTES
