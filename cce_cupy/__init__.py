@@ -4,6 +4,7 @@ CuPy arrays run CUDA kernels (compiled by cupy.RawModule), NumPy arrays a blocke
 other GPU arrays (PyTorch, JAX) go through DLPack zero-copy. See README.md.
 """
 
+from cce_cupy._version import __version__ as __version__
 from cce_cupy.api import (
     backward,
     check_targets,
@@ -20,8 +21,6 @@ from cce_cupy.validate import (
     check_cross_entropy_args,
     check_linear_ce_args,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CCEOptions",

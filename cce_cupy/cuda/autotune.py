@@ -50,7 +50,7 @@ def cache_path() -> Path:
 
 @functools.cache
 def kernel_version() -> str:
-    from cce_cupy import __version__
+    from cce_cupy._version import __version__
 
     return f"{__version__}+{hashlib.sha1(kernel_source('lce_hopper.cu').encode()).hexdigest()[:12]}"
 
