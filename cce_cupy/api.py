@@ -185,7 +185,7 @@ def linear_cross_entropy(e, c, targets, bias=None, *, options: CCEOptions | None
         c: (V, D) classifier of e's dtype.
         targets: (...) = e.shape[:-1], int32 or int64 class indices (or ignore_index).
         bias: optional (V,) of e's dtype.
-        options: a `CCEOptions`; keyword arguments override its fields (see README's table).
+        options: a `CCEOptions`; keyword arguments override its fields (see docs/design.md, Options).
 
     Returns:
         The float32 loss (a scalar for "mean"/"sum", shaped like targets for "none"). With

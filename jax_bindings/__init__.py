@@ -1,7 +1,7 @@
 """JAX bindings of the fused linear cross-entropy: `jax.custom_vjp` over the CuPy kernels on GPU
 (through `jax.experimental.buffer_callback`, zero-copy) and a pure-JAX blocked reference elsewhere.
 
-Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` when CuPy and JAX share a GPU (see README, "JAX").
+Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` when CuPy and JAX share a GPU (see docs/jax.md).
 """
 
 try:

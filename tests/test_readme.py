@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written, on CPU, each in a fresh interpreter.
+"""Every ```python block of README.md and docs/*.md runs as written, on CPU, each in a fresh interpreter.
 
 A block runs as is unless the line just above it is a directive:
 
@@ -37,7 +37,7 @@ class Program:
     skip: str | None = None
 
 
-def parse(text: str) -> list[Program]:
+def parse(text: str, source: str = "README.md") -> list[Program]:
     programs: list[Program] = []
     lines = text.splitlines()
     i = 0
@@ -49,7 +49,7 @@ def parse(text: str) -> list[Program]:
         j = i + 1
         while lines[j].strip() != "```":
             j += 1
-        where = f"README.md:{start + 1}"
+        where = f"{source}:{start + 1}"
         code = "\n".join(lines[start + 1 : j]) + "\n"
         prev = next((lines[k].strip() for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         m = DIRECTIVE.match(prev)
@@ -87,22 +87,25 @@ def parse(text: str) -> list[Program]:
     return programs
 
 
-PROGRAMS = parse((ROOT / "README.md").read_text())
+DOCS = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+PROGRAMS = [(doc, prog) for doc in DOCS for prog in parse((ROOT / doc).read_text(), doc)]
 
 
-@pytest.mark.parametrize("prog", PROGRAMS, ids=lambda p: "README.md:" + "+".join(map(str, p.lines)))
-def test_readme_block_runs(prog, tmp_path):
+@pytest.mark.parametrize("doc, prog", PROGRAMS, ids=lambda x: x if isinstance(x, str) else "+".join(map(str, x.lines)))
+def test_readme_block_runs(doc, prog, tmp_path):
     if prog.skip:
         pytest.skip(prog.skip)
     env = dict(os.environ, JAX_PLATFORMS="cpu", **prog.env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", prog.code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 0, f"README.md:{prog.lines} failed:\n{prog.code}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{doc}:{prog.lines} failed:\n{prog.code}\n{proc.stderr[-3000:]}"
 
 
 def test_readme_has_python_blocks():
-    assert len(PROGRAMS) >= 4 and any(p.skip is None for p in PROGRAMS)
+    readme = [p for doc, p in PROGRAMS if doc == "README.md"]
+    assert len(readme) >= 2 and all(p.skip is None for p in readme)
+    assert len(PROGRAMS) >= 4
 
 
 @pytest.mark.parametrize(
