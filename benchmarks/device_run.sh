@@ -4,7 +4,7 @@
 # backward), forward (the forward against cuBLAS, per kernel, by split length; FORWARD_ARGS), blocking
 # (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
 # gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs), cold
-# (benchmarks/cold_start.py from a wheel built here), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
+# (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -54,6 +54,11 @@ exec(compile(code, 'README.md shard_map example', 'exec'), ns)
 import jax
 print('README shard_map example on', jax.devices(), 'loss', float(ns['loss']), 'dc', ns['dc'].shape)
 " 2>&1 | tee "$OUT/readme_shard.log" || rc=1 ;;
+    compare) # before/after: the CuPy calls of commit COMPARE_BEFORE (default a3f3ec5) against this checkout
+           { rm -rf /tmp/old && mkdir -p /tmp/old && git archive "${COMPARE_BEFORE:-a3f3ec5}" | tar -x -C /tmp/old \
+             && (cd /tmp && PYTHONPATH=/tmp/old python3 -c "from cce_cupy.kernel_sources import precompile; precompile()") \
+             && python3 benchmarks/compare_commits.py --before /tmp/old --after . --out "$OUT/compare.json"; } 2>&1 \
+             | tee "$OUT/compare.log" || rc=1 ;;
     scale) timeout 400 python3 benchmarks/scale.py --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
     cold)  # from a wheel built here, installed outside the checkout, in fresh processes with empty caches
            { rm -rf /tmp/dist /tmp/wheelsite && python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/dist . \
