@@ -21,6 +21,9 @@ OPTION_CASES = {
     "smooth_zloss_none": {"label_smoothing": 0.1, "z_loss": 1e-2, "reduction": "none"},
     "grad_fp32_sum": {"grad_dtype": "float32", "reduction": "sum"},
     "ignore_index": {"ignore_index": 3},
+    # each option alone (softcap and ignore_index above; bias: the with_bias parameter)
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
     "all": {
         "softcap": 2.5,
         "label_smoothing": 0.1,
