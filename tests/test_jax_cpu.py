@@ -91,7 +91,7 @@ OPTION_CASES = {
     "return_z_loss": {"return_z_loss": True, "z_loss": 0.05},
     # The pure-JAX path is exact: the Hopper kernels' element rule at this eps would move this
     # problem's gradient by ~2e-3, 100x the tolerance. (grad_dtype and deterministic act in the
-    # kernels only: tests/test_gpu.py, tests/test_jax_gpu.py.)
+    # kernels only: tests/test_cuda_*.py, tests/test_jax_gpu.py.)
     "filter_eps_ignored": {"filter_eps": 1e-3},
     "all": {"reduction": "none", "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 0.05, "shift": True,
             "return_lse": True, "return_z_loss": True},
