@@ -27,8 +27,10 @@ from cce_cupy.cuda import plan as cuda_plan
 from cce_cupy.cuda.autotune import time_on_stream
 from cce_cupy.options import CCEOptions, row_coefficients
 
-DEFAULTS = {k: getattr(cuda_plan, k) for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES",
-                                              "BACKWARD_PART_ROWS")}
+DEFAULTS = {
+    k: getattr(cuda_plan, k)
+    for k in ("GRAD_CHUNK_BYTES", "DE_ACC_BYTES", "BACKWARD_BUFFERS_BYTES", "BACKWARD_PART_ROWS")
+}
 
 
 def set_plan(chunk_mib: int = 0, acc_mib: int = 0, part_rows: int = 1 << 30, buffers_mib: int = 0) -> None:
@@ -81,8 +83,11 @@ def cublas_names(cases: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="gemma2,llama3")
-    ap.add_argument("--plans", default="default,32:24,24:32,40:16",
-                    help="'default' or chunk MiB : dE accumulator MiB [: most rows a part [: both MiB]], ...")
+    ap.add_argument(
+        "--plans",
+        default="default,32:24,24:32,40:16",
+        help="'default' or chunk MiB : dE accumulator MiB [: most rows a part [: both MiB]], ...",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--names", action="store_true")
     args = ap.parse_args()
@@ -124,26 +129,36 @@ def main() -> None:
                 times[plan].append(time_on_stream(run))
         med = {k: float(np.median(x)) for k, x in times.items()}
         gemm3 = med["E@C^T"] + med["G@C"] + med["G^T@E"]
-        print(f"=== {shape} N={n} D={d} V={v}: cuBLAS E@C^T {med['E@C^T']:.2f}, G@C {med['G@C']:.2f}, "
-              f"G^T@E {med['G^T@E']:.2f}; three GEMMs {gemm3:.2f} ms")
+        print(
+            f"=== {shape} N={n} D={d} V={v}: cuBLAS E@C^T {med['E@C^T']:.2f}, G@C {med['G@C']:.2f}, "
+            f"G^T@E {med['G^T@E']:.2f}; three GEMMs {gemm3:.2f} ms"
+        )
         for plan, (run, blocking, nbytes) in runs.items():
             steps = breakdown(run)
             detail = ", ".join(f"{k} {ms:.2f}" for k, ms in sorted(steps.items(), key=lambda kv: -kv[1]))
-            label = "default" if not plan else f"chunk {plan[0]} MiB, dE acc {plan[1]} MiB" + (
-                f", <= {plan[2]} rows" if len(plan) > 2 else "")
-            print(f"  plan {label} -> (rows, cols, acc) {blocking}, "
-                  f"scratch {nbytes / 2**20:.1f} MiB: backward {med[plan]:.2f} ms = {med[plan] / gemm3:.3f}x "
-                  f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}")
+            label = (
+                "default"
+                if not plan
+                else f"chunk {plan[0]} MiB, dE acc {plan[1]} MiB" + (f", <= {plan[2]} rows" if len(plan) > 2 else "")
+            )
+            print(
+                f"  plan {label} -> (rows, cols, acc) {blocking}, "
+                f"scratch {nbytes / 2**20:.1f} MiB: backward {med[plan]:.2f} ms = {med[plan] / gemm3:.3f}x "
+                f"[{', '.join(f'{x:.2f}' for x in times[plan])}]; steps: {detail}"
+            )
         if args.names:
             set_plan(*plans[0])
             rows, cols, _ = cuda_plan.backward_blocking(n, v, d, e.dtype, o)
-            cublas_names({
-                "E@C^T (cupy.matmul)": (2 * n * d * v, floor["E@C^T"]),
-                f"dE chunk M={rows} N={d} K={cols} (+=, fp32)": gemm_case(rows, d, cols, False, True, cp.float32),
-                f"dC chunk M={cols} N={d} K={rows} (+=, bf16)": gemm_case(cols, d, rows, True, True, bf),
-            })
+            cublas_names(
+                {
+                    "E@C^T (cupy.matmul)": (2 * n * d * v, floor["E@C^T"]),
+                    f"dE chunk M={rows} N={d} K={cols} (+=, fp32)": gemm_case(rows, d, cols, False, True, cp.float32),
+                    f"dC chunk M={cols} N={d} K={rows} (+=, bf16)": gemm_case(cols, d, rows, True, True, bf),
+                }
+            )
         g = floor = None
         cp.get_default_memory_pool().free_all_blocks()
+
 
 if __name__ == "__main__":
     main()

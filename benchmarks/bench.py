@@ -298,12 +298,23 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
                 for name, fn in order if r % 2 == 0 else order[::-1]:
                     times[name].append(timer.time(fn, 1, warmup=0))
             ratios = [o / f for o, f in zip(times["ours"], times["floor"])]
-            out.append(dict(shape=p.shape, data=p.data, mode=mode, rounds=rounds,
-                            floor_ms=round(P._median(times["floor"]), 4), ours_ms=round(P._median(times["ours"]), 4),
-                            ratio=round(P._median(ratios), 4), ratio_min=round(min(ratios), 4),
-                            ratio_max=round(max(ratios), 4)))
-            log(f"  paired {mode}: floor {out[-1]['floor_ms']:.3f} ms, ours {out[-1]['ours_ms']:.3f} ms, "
-                f"ratio {out[-1]['ratio']:.3f} [{out[-1]['ratio_min']:.3f}-{out[-1]['ratio_max']:.3f}]")
+            out.append(
+                dict(
+                    shape=p.shape,
+                    data=p.data,
+                    mode=mode,
+                    rounds=rounds,
+                    floor_ms=round(P._median(times["floor"]), 4),
+                    ours_ms=round(P._median(times["ours"]), 4),
+                    ratio=round(P._median(ratios), 4),
+                    ratio_min=round(min(ratios), 4),
+                    ratio_max=round(max(ratios), 4),
+                )
+            )
+            log(
+                f"  paired {mode}: floor {out[-1]['floor_ms']:.3f} ms, ours {out[-1]['ours_ms']:.3f} ms, "
+                f"ratio {out[-1]['ratio']:.3f} [{out[-1]['ratio_min']:.3f}-{out[-1]['ratio_max']:.3f}]"
+            )
     except Exception as ex:  # noqa: BLE001 - the main table stands without it
         log(f"  paired rounds FAILED: {type(ex).__name__}: {ex}")
     finally:
@@ -319,12 +330,18 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
 def paired_lines(paired: list[dict]) -> list[str]:
     if not paired:
         return []
-    lines = ["", "## Paired rounds: ours and its cuBLAS floor alternating (see paired_rounds)", "",
-             "| shape | data | mode | rounds | floor ms | ours ms | ratio (median) | min-max |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "",
+        "## Paired rounds: ours and its cuBLAS floor alternating (see paired_rounds)",
+        "",
+        "| shape | data | mode | rounds | floor ms | ours ms | ratio (median) | min-max |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for q in paired:
-        lines.append(f"| {q['shape']} | {q['data']} | {q['mode']} | {q['rounds']} | {q['floor_ms']:.3f} "
-                     f"| {q['ours_ms']:.3f} | {q['ratio']:.3f} | {q['ratio_min']:.3f}-{q['ratio_max']:.3f} |")
+        lines.append(
+            f"| {q['shape']} | {q['data']} | {q['mode']} | {q['rounds']} | {q['floor_ms']:.3f} "
+            f"| {q['ours_ms']:.3f} | {q['ratio']:.3f} | {q['ratio_min']:.3f}-{q['ratio_max']:.3f} |"
+        )
     return lines
 
 
@@ -374,22 +391,18 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
             "",
             f"Versions: {vers}",
             "",
-            "× floor: fwd / cuBLAS E@Cᵀ; bwd / the 3 backward GEMMs; fwd_bwd / all 4 GEMMs "
-            "(same shape, data and run).",
+            "× floor: fwd / cuBLAS E@Cᵀ; bwd / the 3 backward GEMMs; fwd_bwd / all 4 GEMMs (same shape, data and run).",
             "",
         ]
     lines += [
-        "| shape | data | provider | mode | filter | ms | × floor | extra MiB | err loss | err dE "
-        "| err dC | note |",
+        "| shape | data | provider | mode | filter | ms | × floor | extra MiB | err loss | err dE | err dC | note |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         note = (
             r["note"]
             if r["ms"] is None
-            else (
-                "derived: fwd_bwd - fwd" if "bwd = fwd_bwd - fwd;" in r["note"] and r["mode"] == "bwd" else ""
-            )
+            else ("derived: fwd_bwd - fwd" if "bwd = fwd_bwd - fwd;" in r["note"] and r["mode"] == "bwd" else "")
         )
         lines.append(
             f"| {r['shape']} | {r['data']} | {r['provider']} | {r['mode']} "
@@ -425,13 +438,10 @@ def ratio_lines(records: list[dict], fl: dict) -> list[str]:
             pfb = by.get((shape, data, peer, "fwd_bwd", flt))
             if pfb and ours_fb:
                 out.append(
-                    f"- {shape}/{data}: ours fwd_bwd / {peer}{' filter' if flt else ''} fwd_bwd = "
-                    f"{ours_fb / pfb:.3f}"
+                    f"- {shape}/{data}: ours fwd_bwd / {peer}{' filter' if flt else ''} fwd_bwd = {ours_fb / pfb:.3f}"
                 )
             if pfb and ours_ffb and peer == "torch_compile":
-                out.append(
-                    f"- {shape}/{data}: ours filter fwd_bwd / torch_compile fwd_bwd = {ours_ffb / pfb:.3f}"
-                )
+                out.append(f"- {shape}/{data}: ours filter fwd_bwd / torch_compile fwd_bwd = {ours_ffb / pfb:.3f}")
         jb = by.get((shape, data, "jax_bindings", "fwd_bwd", False))
         if jb and ours_fb:
             out.append(f"- {shape}/{data}: jax_bindings fwd_bwd / ours (CuPy) fwd_bwd = {jb / ours_fb:.3f}")
@@ -476,8 +486,12 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--label", default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip work left after this many seconds")
-    ap.add_argument("--paired-rounds", type=int, default=15,
-                    help="alternating ours / cuBLAS rounds per case, after the providers (0: none)")
+    ap.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=15,
+        help="alternating ours / cuBLAS rounds per case, after the providers (0: none)",
+    )
     ap.add_argument(
         "--repeats",
         type=int,
@@ -499,9 +513,7 @@ def parse_args(argv=None):
     args.provider_list = [s.strip() for s in args.providers.split(",") if s.strip()]
     for k in args.provider_list:
         if k not in P.ALL_PROVIDERS + P.EXTRA_PROVIDERS:
-            raise SystemExit(
-                f"unknown provider {k!r}; known: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)}"
-            )
+            raise SystemExit(f"unknown provider {k!r}; known: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)}")
     args.mode_list = [m for m in args.modes.split(",") if m]
     args.data_list = [d for d in args.data.split(",") if d]
     for m in args.mode_list:

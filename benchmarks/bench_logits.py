@@ -55,20 +55,43 @@ def main() -> None:
     rows = []
 
     def record(provider, mode, ms, moved_bytes=None, extra_mib=None, err=None):
-        rows.append({"gpu": gpu, "date": datetime.date.today().isoformat(),
-                     "versions": {"torch": torch.__version__, "cupy": cp.__version__},
-                     "shape": f"logits_{n}x{v}", "N": n, "D": None, "V": v, "dtype": "bfloat16", "data": "uniform",
-                     "provider": provider, "mode": mode, "filter": False, "ms": ms, "extra_mib": extra_mib,
-                     "rel_err_loss": err, "rel_err_de": None, "rel_err_dc": None,
-                     "note": None if moved_bytes is None else
-                     f"{moved_bytes / (ms * 1e-3) / bw:.2f} of the copy bandwidth {bw / 1e12:.2f} TB/s"})
+        rows.append(
+            {
+                "gpu": gpu,
+                "date": datetime.date.today().isoformat(),
+                "versions": {"torch": torch.__version__, "cupy": cp.__version__},
+                "shape": f"logits_{n}x{v}",
+                "N": n,
+                "D": None,
+                "V": v,
+                "dtype": "bfloat16",
+                "data": "uniform",
+                "provider": provider,
+                "mode": mode,
+                "filter": False,
+                "ms": ms,
+                "extra_mib": extra_mib,
+                "rel_err_loss": err,
+                "rel_err_de": None,
+                "rel_err_dc": None,
+                "note": None
+                if moved_bytes is None
+                else f"{moved_bytes / (ms * 1e-3) / bw:.2f} of the copy bandwidth {bw / 1e12:.2f} TB/s",
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     truth = F.cross_entropy(logits0.float(), targets).item()
     # ours, forward only: the logits are read once.
     loss = cce_cupy.cross_entropy(work, targets)
-    record("ours", "fwd", cuda_ms(lambda: cce_cupy.cross_entropy(work, targets)), nbytes,
-           0.0, abs(float(loss) - truth) / abs(truth))
+    record(
+        "ours",
+        "fwd",
+        cuda_ms(lambda: cce_cupy.cross_entropy(work, targets)),
+        nbytes,
+        0.0,
+        abs(float(loss) - truth) / abs(truth),
+    )
     # ours, forward + in-place backward (the buffer is refilled from logits0 outside the timing).
     times = []
     for _ in range(5):
@@ -88,6 +111,7 @@ def main() -> None:
         def step():
             x.grad = None
             fn(x, targets).backward()
+
         return step
 
     eager = F.cross_entropy

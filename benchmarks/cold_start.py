@@ -94,8 +94,14 @@ _CHILD = textwrap.dedent(
 
 def run_child(mode: str, shape, env: dict, repo: Path) -> list[dict]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(repo), mode, *map(str, shape)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=tempfile.gettempdir())
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(repo), mode, *map(str, shape)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tempfile.gettempdir(),
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stdout}\n{proc.stderr}")
     records = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,20 +117,29 @@ def main() -> None:
     args = ap.parse_args()
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, CUPY_CACHE_DIR=os.path.join(tmp, "cupy"),
-                   CCE_CUPY_AUTOTUNE_CACHE=os.path.join(tmp, "autotune.json"),
-                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env = dict(
+            os.environ,
+            CUPY_CACHE_DIR=os.path.join(tmp, "cupy"),
+            CCE_CUPY_AUTOTUNE_CACHE=os.path.join(tmp, "autotune.json"),
+            XLA_PYTHON_CLIENT_PREALLOCATE="false",
+        )
         records = run_child("fresh", GEMMA2, env, repo)
         records += run_child("new_process", (4096, GEMMA2[1], GEMMA2[2]), env, repo)
         records += run_child("jax", GEMMA2, env, repo)
-    meta = {"commit": os.environ.get("CCE_COMMIT") or subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip(),
-            "date": datetime.date.today().isoformat()}
+    meta = {
+        "commit": os.environ.get("CCE_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo
+        ).stdout.strip(),
+        "date": datetime.date.today().isoformat(),
+    }
     for r in records:
         r.update(meta)
     for r in records:
-        print(f"{r['what']:24s} {r['seconds']:8.3f} s  (from_wheel={r['from_wheel']}, "
-              f"process {r['process_seconds']:.1f} s)")
+        print(
+            f"{r['what']:24s} {r['seconds']:8.3f} s  (from_wheel={r['from_wheel']}, "
+            f"process {r['process_seconds']:.1f} s)"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
 

@@ -54,8 +54,14 @@ _CHILD = textwrap.dedent(
 
 def run(checkout: Path, shape) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *map(str, shape)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd="/tmp")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *map(str, shape)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd="/tmp",
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -76,8 +82,11 @@ def main() -> None:
                 rec = run(getattr(args, label).resolve(), shape)
                 rec.update(shape=name, label=label, round=r)
                 records.append(rec)
-                print(f"{name} {label:6s} fwd {rec['fwd_ms']:6.2f} ms ({rec['fwd_over_gemm']:.3f}x gemm)  "
-                      f"fwd+bwd {rec['fwd_bwd_ms']:6.2f} ms ({rec['fwd_bwd_over_gemm']:.3f}x gemm)", flush=True)
+                print(
+                    f"{name} {label:6s} fwd {rec['fwd_ms']:6.2f} ms ({rec['fwd_over_gemm']:.3f}x gemm)  "
+                    f"fwd+bwd {rec['fwd_bwd_ms']:6.2f} ms ({rec['fwd_bwd_over_gemm']:.3f}x gemm)",
+                    flush=True,
+                )
     for name in SHAPES:
         for label in ("before", "after"):
             rs = [x for x in records if x["shape"] == name and x["label"] == label]

@@ -49,11 +49,22 @@ def host_stages(call, calls: int = 20) -> None:
     from cce_cupy.cuda import autotune
 
     stages = {
-        (api, "_prepare"), (api, "_forward"), (api, "_loss_outputs"), (api, "_flat_targets"), (api, "_take"),
-        (api, "check_linear_ce_args"), (api, "make_options"), (cuda_forward, "launch_forward"),
-        (cuda_forward, "use_hopper"), (cuda_forward, "forward_splits"), (cuda_forward, "hopper_operands"),
-        (cuda_forward, "target_error_flag"), (cuda_forward, "template_name"), (cuda_forward, "gpu_name"),
-        (autotune, "hopper_cluster"), (cuda_forward, "get_kernel"),
+        (api, "_prepare"),
+        (api, "_forward"),
+        (api, "_loss_outputs"),
+        (api, "_flat_targets"),
+        (api, "_take"),
+        (api, "check_linear_ce_args"),
+        (api, "make_options"),
+        (cuda_forward, "launch_forward"),
+        (cuda_forward, "use_hopper"),
+        (cuda_forward, "forward_splits"),
+        (cuda_forward, "hopper_operands"),
+        (cuda_forward, "target_error_flag"),
+        (cuda_forward, "template_name"),
+        (cuda_forward, "gpu_name"),
+        (autotune, "hopper_cluster"),
+        (cuda_forward, "get_kernel"),
     }
     spent: dict[str, float] = collections.defaultdict(float)
     real = {(mod, name): getattr(mod, name) for mod, name in stages}
@@ -65,6 +76,7 @@ def host_stages(call, calls: int = 20) -> None:
                 return fn(*a, **kw)
             finally:
                 spent[label] += time.perf_counter() - t0
+
         return run
 
     for (mod, name), fn in real.items():
@@ -73,6 +85,7 @@ def host_stages(call, calls: int = 20) -> None:
 
     def get_kernel(f, name):  # the launch itself, as "kernel launch"
         return clocked("kernel launch", real_get(f, name))
+
     cuda_forward.get_kernel = get_kernel
     try:
         call()
@@ -91,6 +104,7 @@ def host_stages(call, calls: int = 20) -> None:
 
 def with_tiles(tiles: int, fn):
     """fn with the Hopper forward split into blocks of exactly `tiles` tiles."""
+
     def splits(n, v, tile_n=plan.TILE_N):
         if tile_n != plan.HOPPER_TILE_N:
             return real(n, v, tile_n)
@@ -151,8 +165,10 @@ def main():
             if name.startswith("tiles="):
                 split = with_tiles(int(name[6:]), lambda: plan.forward_splits(n, v, plan.HOPPER_TILE_N))()
                 extra = f"  (splits, columns per split) {split}"
-            print(f"{name:10s} GPU {ms:8.3f} ms ({ms / floor:.3f}x cuBLAS) [{min(gpu[name]):.3f}-"
-                  f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}")
+            print(
+                f"{name:10s} GPU {ms:8.3f} ms ({ms / floor:.3f}x cuBLAS) [{min(gpu[name]):.3f}-"
+                f"{max(gpu[name]):.3f}]  host in the call {float(np.median(host[name])):7.3f} ms{extra}"
+            )
         per = launch_times(kernels)
         print("kernels:", ", ".join(f"{k} {ms:.3f} ms" for k, (_, ms, _) in per.items()))
         if args.host_profile:

@@ -71,9 +71,21 @@ def main() -> None:
             tma_c = device.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
             splits, per_split = plan.forward_splits(n, v, 256)
             call = lambda: fn(  # noqa: E731
-                (-(-n // (128 * cluster)) * cluster, splits), (cuda_sources.HOPPER_THREADS,),
-                (tma_e, tma_c, np.uint64(0), part, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
-                 np.float32(0)), shared_mem=smem)
+                (-(-n // (128 * cluster)) * cluster, splits),
+                (cuda_sources.HOPPER_THREADS,),
+                (
+                    tma_e,
+                    tma_c,
+                    np.uint64(0),
+                    part,
+                    np.int32(n),
+                    np.int32(v),
+                    np.int32(d),
+                    np.int32(per_split),
+                    np.float32(0),
+                ),
+                shared_mem=smem,
+            )
             part.fill(cp.nan)
             call()
             lse = lse_of(part, splits, n)
@@ -81,10 +93,21 @@ def main() -> None:
                 ref = lse.copy()
             err = float(cp.abs(lse - ref).max())
             ms = cuda_time(call, args.repeats)
-            print(json.dumps({"shape": shape, "variant": f"{label}_cluster{cluster}", "ms": round(ms, 3),
-                              "cublas_ms": round(ms_gemm, 3), "tflops": round(2 * n * d * v / ms / 1e9, 1),
-                              "x_cublas": round(ms / ms_gemm, 3), "max_abs_lse_diff": err,
-                              "finite": bool(cp.isfinite(lse).all())}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "shape": shape,
+                        "variant": f"{label}_cluster{cluster}",
+                        "ms": round(ms, 3),
+                        "cublas_ms": round(ms_gemm, 3),
+                        "tflops": round(2 * n * d * v / ms / 1e9, 1),
+                        "x_cublas": round(ms / ms_gemm, 3),
+                        "max_abs_lse_diff": err,
+                        "finite": bool(cp.isfinite(lse).all()),
+                    }
+                ),
+                flush=True,
+            )
         cp.get_default_memory_pool().free_all_blocks()
 
 

@@ -82,8 +82,14 @@ def check_case(n, d, v, dtype, o: CCEOptions, with_bias, peaked, rng, idx_dtype=
     cuda_backward.launch_backward(ge, gc, gt, gb, o, lse, cpp, cq, de, dc, db)
     cp.cuda.runtime.deviceSynchronize()
     r_lse, r_tgt, r_de, r_dc, r_db = dense_reference(
-        e.astype(np.float64), c.astype(np.float64), t, None if bias is None else bias.astype(np.float64), o,
-        cp.asnumpy(cpp).astype(np.float64), cp.asnumpy(cq).astype(np.float64))
+        e.astype(np.float64),
+        c.astype(np.float64),
+        t,
+        None if bias is None else bias.astype(np.float64),
+        o,
+        cp.asnumpy(cpp).astype(np.float64),
+        cp.asnumpy(cq).astype(np.float64),
+    )
     errs = {
         "lse": rel(cp.asnumpy(lse), r_lse),
         "tgt": rel(cp.asnumpy(tgt), r_tgt),
@@ -109,7 +115,7 @@ def correctness() -> bool:
     for dtype in DTYPES:
         tol = 1e-5 if dtype == "float32" else 1e-2
         for o in opts_list:
-            for (n, d, v) in shapes:
+            for n, d, v in shapes:
                 for with_bias in (False, True):
                     peaked = o.filter_eps is not None
                     errs = check_case(n, d, v, dtype, o, with_bias, peaked, rng)
@@ -117,8 +123,15 @@ def correctness() -> bool:
                     ok = not bad
                     all_ok &= ok
                     if not ok or (n, d, v) == (300, 288, 2500):
-                        print(("OK  " if ok else "FAIL"), dtype, o, (n, d, v), "bias" if with_bias else "",
-                              {k: f"{x:.2e}" for k, x in errs.items()}, flush=True)
+                        print(
+                            ("OK  " if ok else "FAIL"),
+                            dtype,
+                            o,
+                            (n, d, v),
+                            "bias" if with_bias else "",
+                            {k: f"{x:.2e}" for k, x in errs.items()},
+                            flush=True,
+                        )
     return all_ok
 
 
@@ -158,16 +171,27 @@ def timing(shapes, repeats):
         of = CCEOptions(filter_eps="auto")
         scratch_f = cp.empty(plan.backward_scratch_nbytes(n, v, d, e.dtype, of), cp.uint8)
         ms_bwd_filter_uniform = cuda_time(
-            lambda: cuda_backward.launch_backward(e, c, t, None, of, lse, cpp, cq, de, dc, None, scratch_f), repeats)
+            lambda: cuda_backward.launch_backward(e, c, t, None, of, lse, cpp, cq, de, dc, None, scratch_f), repeats
+        )
         logits = cp.empty((n, v), bf)
         ms_mm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), repeats)
         logits = None  # 4 GB at gemma2: freed before the next shape
         cp.get_default_memory_pool().free_all_blocks()
         flops = 2.0 * n * d * v
-        row = {"shape": name, "N": n, "D": d, "V": v, "fwd_ms": ms_fwd, "bwd_ms": ms_bwd,
-               "bwd_filter_uniform_ms": ms_bwd_filter_uniform, "cublas_fwd_ms": ms_mm,
-               "fwd_tflops": flops / ms_fwd / 1e9, "bwd_tflops": 3 * flops / ms_bwd / 1e9,
-               "fwd_over_cublas": ms_fwd / ms_mm, "fwdbwd_over_4gemm": (ms_fwd + ms_bwd) / (4 * ms_mm)}
+        row = {
+            "shape": name,
+            "N": n,
+            "D": d,
+            "V": v,
+            "fwd_ms": ms_fwd,
+            "bwd_ms": ms_bwd,
+            "bwd_filter_uniform_ms": ms_bwd_filter_uniform,
+            "cublas_fwd_ms": ms_mm,
+            "fwd_tflops": flops / ms_fwd / 1e9,
+            "bwd_tflops": 3 * flops / ms_bwd / 1e9,
+            "fwd_over_cublas": ms_fwd / ms_mm,
+            "fwdbwd_over_4gemm": (ms_fwd + ms_bwd) / (4 * ms_mm),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
         cp.get_default_memory_pool().free_all_blocks()

@@ -42,6 +42,7 @@ def launch_times(run, gemm_name=lambda trans_a, accumulate: "cublas_gemm") -> di
             t.record()
             marks.append((name, s, t, host))
             return out
+
         return call
 
     def gemm(a, b, out, *, trans_a, accumulate):
@@ -78,8 +79,11 @@ def main():
     cuda_forward.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)
     de, dc = cp.empty((n, d), bf), cp.empty((v, d), bf)
     flt = CCEOptions(filter_eps="auto")
-    runs = (("exact", CCEOptions(), {}), ("filter_eps=auto, uniform logits", flt, {}),
-            ("filter_eps=auto, host_sync=False (as in JAX: gated tiled kernels launched)", flt, {"host_sync": False}))
+    runs = (
+        ("exact", CCEOptions(), {}),
+        ("filter_eps=auto, uniform logits", flt, {}),
+        ("filter_eps=auto, host_sync=False (as in JAX: gated tiled kernels launched)", flt, {"host_sync": False}),
+    )
     for label, o, kw in runs:
         cpp, cq = row_coefficients(cp, o, t != o.ignore_index, lse, 1.0)
         scratch = cp.empty(plan.backward_scratch_nbytes(n, v, d, e.dtype, o), cp.uint8)
@@ -92,11 +96,16 @@ def main():
         t0 = time.perf_counter()
         per = launch_times(backward)
         wall = (time.perf_counter() - t0) * 1e3
-        print(f"--- backward {label}: N={n} D={d} V={v}, wall {wall:.2f} ms, "
-              f"rows/chunk plan {plan.backward_blocking(n, v, d, e.dtype, o)}")
+        print(
+            f"--- backward {label}: N={n} D={d} V={v}, wall {wall:.2f} ms, "
+            f"rows/chunk plan {plan.backward_blocking(n, v, d, e.dtype, o)}"
+        )
         for name, (count, ms, host_ms) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-            print(f"  {name:32s} {count:5d} launches {ms:9.2f} ms GPU ({ms / count * 1e3:7.1f} us each), "
-                  f"host {host_ms / count * 1e3:6.1f} us per launch call")
+            print(
+                f"  {name:32s} {count:5d} launches {ms:9.2f} ms GPU ({ms / count * 1e3:7.1f} us each), "
+                f"host {host_ms / count * 1e3:6.1f} us per launch call"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -451,9 +451,27 @@ class CublasTF32Provider(CublasProvider):
         handle = cupy.cuda.device.get_cublas_handle()
         cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
         # Row-major logits (N, V) are column-major (V, N) = C (op T of column-major C^T) @ E^T.
-        cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, v, n, d, alpha.ctypes.data,
-                      p.c.data.ptr, 0, d, p.e.data.ptr, 0, d, beta.ctypes.data, self.logits.data.ptr, 0, v,
-                      77, -1)  # CUDA_R_32F operands; CUBLAS_COMPUTE_32F_FAST_TF32; CUBLAS_GEMM_DEFAULT
+        cublas.gemmEx(
+            handle,
+            cublas.CUBLAS_OP_T,
+            cublas.CUBLAS_OP_N,
+            v,
+            n,
+            d,
+            alpha.ctypes.data,
+            p.c.data.ptr,
+            0,
+            d,
+            p.e.data.ptr,
+            0,
+            d,
+            beta.ctypes.data,
+            self.logits.data.ptr,
+            0,
+            v,
+            77,
+            -1,
+        )  # CUDA_R_32F operands; CUBLAS_COMPUTE_32F_FAST_TF32; CUBLAS_GEMM_DEFAULT
         return self.logits
 
     def setup(self):

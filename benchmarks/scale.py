@@ -80,8 +80,11 @@ def run_shape(name: str, shape, gpus: int, rounds: int, reduce_dtypes) -> list[d
     dp_mesh = make_vocab_parallel_mesh(tp=1, dp=gpus, devices=devs)
     loss_dp = make_vocab_parallel_loss(dp_mesh, vocab_size=v, tp_axis="tp", dp_axis="dp")
     fdp = jax.jit(jax.value_and_grad(lambda a, b, t: loss_dp(a, b, t), argnums=(0, 1)))
-    dp_args = (jax.device_put(e2, NamedSharding(dp_mesh, P("dp"))), jax.device_put(c, NamedSharding(dp_mesh, P())),
-               jax.device_put(y2, NamedSharding(dp_mesh, P("dp"))))
+    dp_args = (
+        jax.device_put(e2, NamedSharding(dp_mesh, P("dp"))),
+        jax.device_put(c, NamedSharding(dp_mesh, P())),
+        jax.device_put(y2, NamedSharding(dp_mesh, P("dp"))),
+    )
     setups["dp"] = (fdp, dp_args)
 
     results = {}
@@ -105,21 +108,49 @@ def run_shape(name: str, shape, gpus: int, rounds: int, reduce_dtypes) -> list[d
     loss1, (de1, dc1) = results["1gpu"]
     records = []
     base = {"shape": name, "n": n, "d": d, "v": v, "dtype": "bfloat16", "rounds": rounds}
-    records.append({**base, "gpus": 1, "parallel": "none", "ms": med["1gpu"], "efficiency": 1.0,
-                    "loss_rel_err_vs_1gpu": 0.0, "first_call_s": compile_s["1gpu"]})
+    records.append(
+        {
+            **base,
+            "gpus": 1,
+            "parallel": "none",
+            "ms": med["1gpu"],
+            "efficiency": 1.0,
+            "loss_rel_err_vs_1gpu": 0.0,
+            "first_call_s": compile_s["1gpu"],
+        }
+    )
     for rd in reduce_dtypes:
         loss, (de, dc) = results[f"tp:{rd}"]
-        records.append({**base, "gpus": gpus, "parallel": "tp", "grad_reduce_dtype": rd, "ms": med[f"tp:{rd}"],
-                        "efficiency": med["1gpu"] / (gpus * med[f"tp:{rd}"]),
-                        "loss_rel_err_vs_1gpu": _rel(loss, loss1), "de_rel_err_vs_1gpu": _rel(de, de1),
-                        "dc_rel_err_vs_1gpu": _rel(np.asarray(dc, np.float32)[:v], dc1),
-                        "first_call_s": compile_s[f"tp:{rd}"]})
+        records.append(
+            {
+                **base,
+                "gpus": gpus,
+                "parallel": "tp",
+                "grad_reduce_dtype": rd,
+                "ms": med[f"tp:{rd}"],
+                "efficiency": med["1gpu"] / (gpus * med[f"tp:{rd}"]),
+                "loss_rel_err_vs_1gpu": _rel(loss, loss1),
+                "de_rel_err_vs_1gpu": _rel(de, de1),
+                "dc_rel_err_vs_1gpu": _rel(np.asarray(dc, np.float32)[:v], dc1),
+                "first_call_s": compile_s[f"tp:{rd}"],
+            }
+        )
     loss, (de, dc) = results["dp"]
     lref, (deref, dcref) = ref_dp
-    records.append({**base, "n": gpus * n, "gpus": gpus, "parallel": "dp", "ms": med["dp"],
-                    "efficiency": med["1gpu"] / med["dp"], "loss_rel_err_vs_1gpu": _rel(loss, lref),
-                    "de_rel_err_vs_1gpu": _rel(de, deref), "dc_rel_err_vs_1gpu": _rel(dc, dcref),
-                    "first_call_s": compile_s["dp"]})
+    records.append(
+        {
+            **base,
+            "n": gpus * n,
+            "gpus": gpus,
+            "parallel": "dp",
+            "ms": med["dp"],
+            "efficiency": med["1gpu"] / med["dp"],
+            "loss_rel_err_vs_1gpu": _rel(loss, lref),
+            "de_rel_err_vs_1gpu": _rel(de, deref),
+            "dc_rel_err_vs_1gpu": _rel(dc, dcref),
+            "first_call_s": compile_s["dp"],
+        }
+    )
     return records
 
 
@@ -135,18 +166,27 @@ def main() -> None:
         raise SystemExit(f"scale.py needs at least 2 GPUs, {len(jax.devices())} visible")
     # CCE_COMMIT: the checkout's commit where the device copy's git history is not this checkout's.
     git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = os.environ.get("CCE_COMMIT") or subprocess.run(
-        git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    meta = {"gpu": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": commit,
-            "date": datetime.date.today().isoformat()}
+    commit = (
+        os.environ.get("CCE_COMMIT")
+        or subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    )
+    meta = {
+        "gpu": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
     records = []
     for name in args.shapes.split(","):
         for r in run_shape(name, SHAPES[name], gpus, args.rounds, ("input", "float32")):
             r.update(meta)
             records.append(r)
-            print(f"{r['shape']:7s} {r['parallel']:4s} {r.get('grad_reduce_dtype', ''):8s} gpus={r['gpus']} "
-                  f"{r['ms']:8.2f} ms  eff {r['efficiency']:.3f}  loss err {r['loss_rel_err_vs_1gpu']:.1e}  "
-                  f"dE err {r.get('de_rel_err_vs_1gpu', 0):.1e}  first call {r['first_call_s']:.1f} s", flush=True)
+            print(
+                f"{r['shape']:7s} {r['parallel']:4s} {r.get('grad_reduce_dtype', ''):8s} gpus={r['gpus']} "
+                f"{r['ms']:8.2f} ms  eff {r['efficiency']:.3f}  loss err {r['loss_rel_err_vs_1gpu']:.1e}  "
+                f"dE err {r.get('de_rel_err_vs_1gpu', 0):.1e}  first call {r['first_call_s']:.1f} s",
+                flush=True,
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
 

@@ -98,9 +98,7 @@ def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
         elif hasattr(x, "__array__") and hasattr(x, "shape"):
             kinds[k] = ("host:" + _module_of(x), None)
         else:
-            raise TypeError(
-                f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got {_describe(x)}"
-            )
+            raise TypeError(f"{k} must be an array (NumPy, CuPy, or a GPU array with __dlpack__), got {_describe(x)}")
     names = list(present)
     host = [k for k in names if kinds[k][0].startswith("host:")]
     if host and all(kinds[k][0] in ("numpy", kinds[host[0]][0]) for k in names):
@@ -116,8 +114,7 @@ def _take(named: dict[str, Any]) -> tuple[_Kind, dict[str, Any]]:
             )
         if kinds[k][1] != kinds[first][1]:
             raise ValueError(
-                f"{first} is on cuda:{kinds[first][1]} but {k} is on cuda:{kinds[k][1]}: "
-                "move all arrays to one device"
+                f"{first} is on cuda:{kinds[first][1]} but {k} is on cuda:{kinds[k][1]}: move all arrays to one device"
             )
     kind_name, dev = kinds[first]
     if kind_name == "numpy":

@@ -135,9 +135,7 @@ def _backward(call: _Call, lse, coef_p, coef_q):
     de = xp.empty((n, d), dtype=gdt)
     dc = xp.empty((v, d), dtype=gdt)
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
-    cuda_backward.launch_backward(
-        call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db
-    )
+    cuda_backward.launch_backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db)
     return de, dc, db
 
 
@@ -154,9 +152,7 @@ def _grad_loss_array(xp, grad_loss, call: _Call, name: str = "grad_loss"):
             )
         return g.reshape(-1)
     if g.ndim != 0:
-        raise ValueError(
-            f"{name} must be a scalar for reduction={call.opts.reduction!r}, got shape {tuple(g.shape)}"
-        )
+        raise ValueError(f"{name} must be a scalar for reduction={call.opts.reduction!r}, got shape {tuple(g.shape)}")
     return g
 
 
@@ -310,9 +306,7 @@ def cross_entropy(
         if kind.module in ("jax", "jaxlib"):
             raise TypeError("logits: inplace_backward=True needs a mutable array; JAX arrays are immutable")
         if not x.flags.c_contiguous or kind.name == "host":
-            raise ValueError(
-                "logits: inplace_backward=True needs a C-contiguous NumPy/CuPy/GPU array to write into"
-            )
+            raise ValueError("logits: inplace_backward=True needs a C-contiguous NumPy/CuPy/GPU array to write into")
     t = _flat_targets(xp, t, opts)
     x2 = x.reshape(p.n, p.v)
     if not inplace_backward:

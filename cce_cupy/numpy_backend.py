@@ -206,9 +206,7 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=N
             e_blk = e[r0:r1].astype(acc)
             for v0, v1 in cols:
                 z = _raw_logits(e_blk, c, bias, v0, v1, acc)
-                g = logit_grad(
-                    z, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats
-                )
+                g = logit_grad(z, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats)
                 de[r0:r1] += g @ c[v0:v1].astype(acc, copy=False)
                 dc[v0:v1] += g.T @ e_blk
                 if db is not None:

@@ -95,18 +95,12 @@ class CCEOptions:
                 f"got {self.softcap!r}"
             )
         if not (_is_real(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
-            raise ValueError(
-                f"label_smoothing must be a float in [0, 1), got {self.label_smoothing!r}"
-            )
+            raise ValueError(f"label_smoothing must be a float in [0, 1), got {self.label_smoothing!r}")
         if not (_is_real(self.z_loss) and 0.0 <= self.z_loss <= _FP32_MAX):
             raise ValueError(f"z_loss must be a finite float in [0, {_FP32_MAX:.3g}] (fp32), got {self.z_loss!r}")
         if self.filter_eps is not None:
-            if self.filter_eps != "auto" and not (
-                _is_real(self.filter_eps) and 0.0 < self.filter_eps < 1.0
-            ):
-                raise ValueError(
-                    f"filter_eps must be None, 'auto' or a float in (0, 1), got {self.filter_eps!r}"
-                )
+            if self.filter_eps != "auto" and not (_is_real(self.filter_eps) and 0.0 < self.filter_eps < 1.0):
+                raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 1), got {self.filter_eps!r}")
             if self.label_smoothing > 0.0:
                 raise ValueError(
                     "filter_eps needs label_smoothing=0: smoothing puts mass on every column, "

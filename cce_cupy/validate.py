@@ -96,9 +96,7 @@ def _check_targets_dtype(targets: Any) -> np.dtype:
     )
 
 
-def check_linear_ce_args(
-    e: Any, c: Any, targets: Any, bias: Any = None, *, allow_float64: bool = False
-) -> Problem:
+def check_linear_ce_args(e: Any, c: Any, targets: Any, bias: Any = None, *, allow_float64: bool = False) -> Problem:
     """Validate the arguments of the fused linear cross-entropy; return the problem's sizes.
 
     e: (..., D) float32/float16/bfloat16; c: (V, D) same dtype; targets: e.shape[:-1], int32 or
@@ -114,9 +112,7 @@ def check_linear_ce_args(
         raise ValueError(f"c must be 2-D with shape (V, D), got shape {cs}")
     v, d = cs
     if es[-1] != d:
-        raise ValueError(
-            f"e has D={es[-1]} (shape {es}) but c has D={d} (shape {cs}): the last dims must match"
-        )
+        raise ValueError(f"e has D={es[-1]} (shape {es}) but c has D={d} (shape {cs}): the last dims must match")
     if ts != es[:-1]:
         raise ValueError(
             f"targets has shape {ts} but e has shape {es}: targets must have shape e.shape[:-1] = {es[:-1]}"
@@ -152,8 +148,7 @@ def check_cross_entropy_args(logits: Any, targets: Any, *, allow_float64: bool =
         raise ValueError("logits must have shape (..., V) with at least one dimension, got a 0-d array")
     if ts != ls[:-1]:
         raise ValueError(
-            f"targets has shape {ts} but logits has shape {ls}: "
-            f"targets must have shape logits.shape[:-1] = {ls[:-1]}"
+            f"targets has shape {ts} but logits has shape {ls}: targets must have shape logits.shape[:-1] = {ls[:-1]}"
         )
     allowed = REFERENCE_DTYPES if allow_float64 else SUPPORTED_DTYPES
     ldt = _check_float_dtype(logits, "logits", allowed)

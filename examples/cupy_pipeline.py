@@ -124,8 +124,12 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=1024 if gpu else 32, help="hidden width")
     ap.add_argument("--v", type=int, default=131072 if gpu else 8192, help="vocabulary")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=None,
-                    help="SGD learning rate (default N / (2 D): a target logit moves by about 0.5 per step)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD learning rate (default N / (2 D): a target logit moves by about 0.5 per step)",
+    )
     ap.add_argument("--cpu", action="store_true", help="use the NumPy backend even with a GPU")
     args = ap.parse_args(argv)
     gpu = gpu and not args.cpu
@@ -152,8 +156,10 @@ def main(argv=None) -> int:
         # The NumPy backend visits the logits in blocks of numpy_backend.BLOCK_BYTES (16 MiB); lowered
         # here so that this tiny shape still takes many blocks, as a large one would.
         numpy_backend.BLOCK_BYTES = 1 << 20
-        print("no CUDA device found: NumPy backend (blocked, never N x V) at a tiny shape, float32, "
-              "tracemalloc instead of CuPy's memory pool")
+        print(
+            "no CUDA device found: NumPy backend (blocked, never N x V) at a tiny shape, float32, "
+            "tracemalloc instead of CuPy's memory pool"
+        )
         to16 = to32 = lambda a: a  # noqa: E731
         sync = lambda: None  # noqa: E731
         tracker = TraceMallocPeak()
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
     t = xp.asarray(rng.integers(0, v, n).astype(np.int32))
 
     def step(measure_loss_call):
-        e = to16(x @ w)                      # (N, D), the hidden states handed to the loss
+        e = to16(x @ w)  # (N, D), the hidden states handed to the loss
         c16 = to16(c)
         if measure_loss_call:
             sync()
@@ -178,11 +184,11 @@ def main(argv=None) -> int:
             sync()
             inside = tracker.report()
         del e, c16
-        dw = x.T @ to32(de)                  # the chain rule through e = x @ W, by hand
+        dw = x.T @ to32(de)  # the chain rule through e = x @ W, by hand
         del de
         dc = to32(dc)
         dc *= lr
-        c[...] -= dc                         # SGD, in place
+        c[...] -= dc  # SGD, in place
         dw *= lr
         w[...] -= dw
         return float(loss), (inside if measure_loss_call else None)
@@ -211,14 +217,20 @@ def main(argv=None) -> int:
         after = pool.used_bytes() if pool is not None else tracemalloc.get_traced_memory()[0]
         if pool is not None:
             print(f"memory pool after:  used {fmt(pool.used_bytes())}, held {fmt(pool.total_bytes())}")
-    print(f"{args.steps} SGD steps in {elapsed:.2f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f} "
-          f"(log V = {np.log(v):.4f}); one more step: {loss:.4f}")
+    print(
+        f"{args.steps} SGD steps in {elapsed:.2f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+        f"(log V = {np.log(v):.4f}); one more step: {loss:.4f}"
+    )
     in_peak, in_largest = inside
     outputs = n * d * 2 + v * d * 2 if gpu else n * d * 4 + v * d * 4
-    print(f"inside linear_cross_entropy_with_grad: peak {fmt(in_peak)} above what was in use before the call "
-          f"(its outputs dE and dC alone: {fmt(outputs)}); largest single allocation {fmt(in_largest)}")
-    print(f"whole step (projection, loss, chain rule, SGD): peak {fmt(whole_peak)} above the weights and data; "
-          f"largest single allocation {fmt(whole_largest)}")
+    print(
+        f"inside linear_cross_entropy_with_grad: peak {fmt(in_peak)} above what was in use before the call "
+        f"(its outputs dE and dC alone: {fmt(outputs)}); largest single allocation {fmt(in_largest)}"
+    )
+    print(
+        f"whole step (projection, loss, chain rule, SGD): peak {fmt(whole_peak)} above the weights and data; "
+        f"largest single allocation {fmt(whole_largest)}"
+    )
     print(f"in use before {fmt(before)}, after {fmt(after)} (the step returns what it allocates)")
     print(f"N x V x 4 bytes = {fmt(nv4)}")
     limit = n * v * 2
@@ -226,8 +238,7 @@ def main(argv=None) -> int:
     if worst >= limit:
         print(f"FAIL: {fmt(worst)} >= N x V x 2 bytes: something N x V-sized was allocated")
         return 1
-    print(f"OK: no allocation, and no peak, reached even N x V x 2 bytes ({fmt(limit)}): "
-          "nothing N x V was allocated")
+    print(f"OK: no allocation, and no peak, reached even N x V x 2 bytes ({fmt(limit)}): nothing N x V was allocated")
     if gpu:
         cce.check_targets()
     return 0

@@ -46,10 +46,7 @@ def main() -> None:
     else:
         sync = lambda: None  # noqa: E731
         where = "CPU (no CUDA device found), float32, NumPy backend"
-    print(
-        f"running on {where}: N={n} D={d} V={v} "
-        f"(the N x V logits would take {n * v * 4 / 2**20:.0f} MiB in fp32)"
-    )
+    print(f"running on {where}: N={n} D={d} V={v} (the N x V logits would take {n * v * 4 / 2**20:.0f} MiB in fp32)")
 
     cce.linear_cross_entropy_with_grad(e, c, t)  # warm-up (compiles the kernels on first GPU use)
     sync()
@@ -65,8 +62,10 @@ def main() -> None:
     print(f"de {tuple(de.shape)} {de.dtype}, dc {tuple(dc.shape)} {dc.dtype}")
     cce.check_targets()
     if gpu:
-        print("next: the loss in a JAX training loop, against optax on materialized logits:\n"
-              "  python examples/train_lm.py --loss cce   (and --loss optax; results: examples/results/)")
+        print(
+            "next: the loss in a JAX training loop, against optax on materialized logits:\n"
+            "  python examples/train_lm.py --loss cce   (and --loss optax; results: examples/results/)"
+        )
 
 
 if __name__ == "__main__":

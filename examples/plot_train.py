@@ -44,9 +44,15 @@ def loss_gap(runs: dict) -> dict:
     i = int(np.argmax(np.abs(d)))
     w = max(1, min(20, n // 10))
     dm = moving_average(a[:n], w) - moving_average(b[:n], w)
-    return {"max_abs": float(abs(d[i])), "step": i + 1, "rel": float(abs(d[i]) / max(abs(b[i]), 1e-12)),
-            "mean_abs": float(np.mean(np.abs(d))), "smooth_w": w, "smooth_max_abs": float(np.max(np.abs(dm))),
-            "diff": d}
+    return {
+        "max_abs": float(abs(d[i])),
+        "step": i + 1,
+        "rel": float(abs(d[i]) / max(abs(b[i]), 1e-12)),
+        "mean_abs": float(np.mean(np.abs(d))),
+        "smooth_w": w,
+        "smooth_max_abs": float(np.max(np.abs(dm))),
+        "diff": d,
+    }
 
 
 def plot_losses(runs: dict, path: Path) -> dict:
@@ -57,14 +63,23 @@ def plot_losses(runs: dict, path: Path) -> dict:
     fig, (ax, axd) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
     for name in ("optax", "cce"):
         y = np.asarray(runs[name]["losses"])
-        ax.plot(np.arange(1, y.size + 1), y, color=COLORS[name], lw=1.0 if name == "cce" else 2.2,
-                alpha=0.95 if name == "cce" else 0.6, label=f"{name}: {LABELS[name]} (final {y[-1]:.3f})")
+        ax.plot(
+            np.arange(1, y.size + 1),
+            y,
+            color=COLORS[name],
+            lw=1.0 if name == "cce" else 2.2,
+            alpha=0.95 if name == "cce" else 0.6,
+            label=f"{name}: {LABELS[name]} (final {y[-1]:.3f})",
+        )
     ax.set_ylabel("training loss (nats / token)")
-    ax.set_title(f"Same model, init and batches: D={cfg['d_model']}, {cfg['layers']} layers, {cfg['dtype']}, "
-                 f"V={cfg['vocab']:,}, {cfg['batch']}x{cfg['seq']} tokens/step\n"
-                 f"largest per-step gap |cce - optax| = {gap['max_abs']:.3g} at step {gap['step']} "
-                 f"({100 * gap['rel']:.2f}% of the loss)\n{gap['smooth_w']}-step moving averages within "
-                 f"{gap['smooth_max_abs']:.3g}; mean per-step gap {gap['mean_abs']:.3g}", fontsize=10)
+    ax.set_title(
+        f"Same model, init and batches: D={cfg['d_model']}, {cfg['layers']} layers, {cfg['dtype']}, "
+        f"V={cfg['vocab']:,}, {cfg['batch']}x{cfg['seq']} tokens/step\n"
+        f"largest per-step gap |cce - optax| = {gap['max_abs']:.3g} at step {gap['step']} "
+        f"({100 * gap['rel']:.2f}% of the loss)\n{gap['smooth_w']}-step moving averages within "
+        f"{gap['smooth_max_abs']:.3g}; mean per-step gap {gap['mean_abs']:.3g}",
+        fontsize=10,
+    )
     ax.legend(loc="upper right", fontsize=9)
     ax.grid(alpha=0.3)
     axd.plot(np.arange(1, gap["diff"].size + 1), gap["diff"], color="tab:gray", lw=0.8)
@@ -93,8 +108,9 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     sizes = sorted({p["V"] for p in sweep["points"]})
     limits = [p.get("bytes_limit") for p in sweep["points"] if p.get("bytes_limit")]
     limit = max(limits) / GIB if limits else None
-    ok_mem = [(p.get("peak_bytes") or p.get("xla_estimate_bytes") or 0) / GIB
-              for p in sweep["points"] if p["status"] == "ok"]
+    ok_mem = [
+        (p.get("peak_bytes") or p.get("xla_estimate_bytes") or 0) / GIB for p in sweep["points"] if p["status"] == "ok"
+    ]
     top_mem = max([limit or 0, *ok_mem, 1e-3]) * 1.2
     ok_ms = [p["step_ms"] for p in sweep["points"] if p["status"] == "ok"]
     top_ms = max([*ok_ms, 1e-3]) * 1.25
@@ -108,8 +124,13 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         if good and all(m is not None for m in mem):
             axm.plot(good, [m / GIB for m in mem], "o-", color=COLORS[name], label=LABELS[name])
         elif good and all(m is not None for m in est_ok):  # no memory_stats (CPU): XLA's own accounting
-            axm.plot(good, [m / GIB for m in est_ok], "o--", color=COLORS[name],
-                     label=f"{LABELS[name]} (XLA's estimate: no memory_stats here)")
+            axm.plot(
+                good,
+                [m / GIB for m in est_ok],
+                "o--",
+                color=COLORS[name],
+                label=f"{LABELS[name]} (XLA's estimate: no memory_stats here)",
+            )
         axt.plot(good, [pts[v]["step_ms"] for v in good], "o-", color=COLORS[name], label=LABELS[name])
         for ax, top in ((axm, top_mem), (axt, top_ms)):
             for v in bad:
@@ -119,8 +140,16 @@ def plot_sweep(sweep: dict, path: Path) -> None:
                     text += f"\nXLA: needs {p['xla_estimate_bytes'] / GIB:.0f} GiB"
                 ax.plot([v], [top * 0.88], "X", color=COLORS[name], ms=12, mec="black")
                 below = name == "cce"
-                ax.annotate(text, (v, top * 0.88), textcoords="offset points", xytext=(0, -12 if below else 9),
-                            ha="center", va="top" if below else "bottom", fontsize=7, color=COLORS[name])
+                ax.annotate(
+                    text,
+                    (v, top * 0.88),
+                    textcoords="offset points",
+                    xytext=(0, -12 if below else 9),
+                    ha="center",
+                    va="top" if below else "bottom",
+                    fontsize=7,
+                    color=COLORS[name],
+                )
     if limit:
         axm.axhline(limit, color="red", ls="--", lw=1, label=f"device memory limit ({limit:.0f} GiB)")
     c = sweep["config"]
@@ -135,9 +164,12 @@ def plot_sweep(sweep: dict, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left")
     device = next((p["env"]["device"] for p in sweep["points"] if p.get("env")), "?")
-    fig.suptitle(f"One training step of the D={c['d_model']}, {c['layers']}-layer LM, {c['batch']}x{c['seq']} tokens, "
-                 f"{c['dtype']}, on {device} (X: did not fit)\ntokenizer vocabulary {c['vocab']:,}: larger V "
-                 "padded with unused ids, smaller V maps rare words to <unk>", fontsize=10)
+    fig.suptitle(
+        f"One training step of the D={c['d_model']}, {c['layers']}-layer LM, {c['batch']}x{c['seq']} tokens, "
+        f"{c['dtype']}, on {device} (X: did not fit)\ntokenizer vocabulary {c['vocab']:,}: larger V "
+        "padded with unused ids, smaller V maps rare words to <unk>",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -152,34 +184,46 @@ def summary_md(runs: dict, gap: dict | None, sweep: dict | None) -> str:
     if runs:
         any_run = next(iter(runs.values()))
         c, env = any_run["config"], any_run["env"]
-        lines += [f"Training: {c['steps']} steps, {c['batch']}x{c['seq']} tokens/step, V={c['vocab']:,}, "
-                  f"D={c['d_model']}, {c['layers']} layers, {c['heads']} heads, {c['dtype']}, "
-                  f"{any_run['params'] / 1e6:.1f}M parameters, on {env['device']} (jax {env['jax']}).", "",
-                  "| loss | final loss | last-10 mean | median step (ms) | tokens/s | peak memory (GiB) "
-                  "| compile (s) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Training: {c['steps']} steps, {c['batch']}x{c['seq']} tokens/step, V={c['vocab']:,}, "
+            f"D={c['d_model']}, {c['layers']} layers, {c['heads']} heads, {c['dtype']}, "
+            f"{any_run['params'] / 1e6:.1f}M parameters, on {env['device']} (jax {env['jax']}).",
+            "",
+            "| loss | final loss | last-10 mean | median step (ms) | tokens/s | peak memory (GiB) | compile (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, r in runs.items():
-            lines.append(f"| {name} | {r['final_loss']:.4f} | {r['final_loss_avg10']:.4f} | "
-                         f"{r['median_step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {fmt_gib(r['peak_bytes'])} | "
-                         f"{r['compile_s']:.1f} |")
+            lines.append(
+                f"| {name} | {r['final_loss']:.4f} | {r['final_loss_avg10']:.4f} | "
+                f"{r['median_step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {fmt_gib(r['peak_bytes'])} | "
+                f"{r['compile_s']:.1f} |"
+            )
         if gap:
-            lines += ["", f"Largest per-step gap |cce - optax|: {gap['max_abs']:.3g} at step {gap['step']} "
-                      f"({100 * gap['rel']:.2f}% of the loss); mean gap {gap['mean_abs']:.3g}; "
-                      f"{gap['smooth_w']}-step moving averages within {gap['smooth_max_abs']:.3g}."]
+            lines += [
+                "",
+                f"Largest per-step gap |cce - optax|: {gap['max_abs']:.3g} at step {gap['step']} "
+                f"({100 * gap['rel']:.2f}% of the loss); mean gap {gap['mean_abs']:.3g}; "
+                f"{gap['smooth_w']}-step moving averages within {gap['smooth_max_abs']:.3g}.",
+            ]
         lines.append("")
     if sweep:
         c = sweep["config"]
-        lines += [f"Vocabulary sweep: {c['batch']}x{c['seq']} tokens/step, D={c['d_model']}, {c['layers']} layers, "
-                  f"{c['dtype']}, {c['sweep_steps']} steps per point (the first untimed), one process per point. "
-                  + sweep["note"] + ".", "",
-                  "| V | loss | status | peak memory (GiB) | XLA estimate (GiB) | median step (ms) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"Vocabulary sweep: {c['batch']}x{c['seq']} tokens/step, D={c['d_model']}, {c['layers']} layers, "
+            f"{c['dtype']}, {c['sweep_steps']} steps per point (the first untimed), one process per point. "
+            + sweep["note"]
+            + ".",
+            "",
+            "| V | loss | status | peak memory (GiB) | XLA estimate (GiB) | median step (ms) |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in sorted(sweep["points"], key=lambda p: (p["V"], p["loss_impl"])):
             status = p["status"] + (" (not run: smaller V already OOM)" if p.get("inferred") else "")
             peak = fmt_gib(p.get("peak_bytes")) if p["status"] == "ok" else "-"
             ms = f"{p['step_ms']:.1f}" if p["status"] == "ok" else "-"
-            lines.append(f"| {p['V']:,} | {p['loss_impl']} | {status} | {peak} | "
-                         f"{fmt_gib(p.get('xla_estimate_bytes'))} | {ms} |")
+            lines.append(
+                f"| {p['V']:,} | {p['loss_impl']} | {status} | {peak} | {fmt_gib(p.get('xla_estimate_bytes'))} | {ms} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -66,10 +66,32 @@ import optax  # noqa: E402
 from jax_bindings import linear_cross_entropy  # noqa: E402
 
 # ------------------------------------------------------------------------------ settings
-FULL = dict(steps=300, batch=16, seq=1024, d_model=1024, layers=8, heads=16, vocab=65536,
-            dtype="bfloat16", corpus_mb=0.0, lr=6e-4, loss="cce")
-SMOKE = dict(steps=20, batch=4, seq=32, d_model=32, layers=2, heads=2, vocab=512,
-             dtype="float32", corpus_mb=0.25, lr=3e-3, loss="both")
+FULL = dict(
+    steps=300,
+    batch=16,
+    seq=1024,
+    d_model=1024,
+    layers=8,
+    heads=16,
+    vocab=65536,
+    dtype="bfloat16",
+    corpus_mb=0.0,
+    lr=6e-4,
+    loss="cce",
+)
+SMOKE = dict(
+    steps=20,
+    batch=4,
+    seq=32,
+    d_model=32,
+    layers=2,
+    heads=2,
+    vocab=512,
+    dtype="float32",
+    corpus_mb=0.25,
+    lr=3e-3,
+    loss="both",
+)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
@@ -84,8 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, help=f"attention heads (default {FULL['heads']})")
     ap.add_argument("--vocab", type=int, help=f"tokenizer vocabulary size (default {FULL['vocab']})")
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype (default bfloat16)")
-    ap.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
-                    help="jax.nn.dot_product_attention implementation (cudnn: flash attention on NVIDIA GPUs)")
+    ap.add_argument(
+        "--attention",
+        choices=("xla", "cudnn"),
+        default="xla",
+        help="jax.nn.dot_product_attention implementation (cudnn: flash attention on NVIDIA GPUs)",
+    )
     ap.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL['lr']})")
     ap.add_argument("--corpus-mb", type=float, help="use only the first MB of the corpus (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="init and batch order")
@@ -189,8 +215,17 @@ def load_corpus(vocab_size: int, corpus_mb: float, cache_dir: str, log=print) ->
     """(tokens int32, meta): from the cache, or tokenized now and cached (written atomically)."""
     root, files = stdlib_files()
     max_bytes = int(corpus_mb * 2**20)
-    sig = hashlib.sha1(repr((TOKENIZER_VERSION, vocab_size, max_bytes, str(root),
-                             [(str(f.relative_to(root)), f.stat().st_size) for f in files])).encode())
+    sig = hashlib.sha1(
+        repr(
+            (
+                TOKENIZER_VERSION,
+                vocab_size,
+                max_bytes,
+                str(root),
+                [(str(f.relative_to(root)), f.stat().st_size) for f in files],
+            )
+        ).encode()
+    )
     stem = Path(cache_dir) / f"corpus-v{vocab_size}-{sig.hexdigest()[:12]}"
     if stem.with_suffix(".npy").exists() and stem.with_suffix(".json").exists():
         meta = json.loads(stem.with_suffix(".json").read_text())
@@ -200,9 +235,14 @@ def load_corpus(vocab_size: int, corpus_mb: float, cache_dir: str, log=print) ->
     words = build_vocab(files, vocab_size, max_bytes)
     tokens, seen, missed = encode(files, words, max_bytes)
     meta = {
-        "root": str(root), "python": platform.python_version(), "files": int((tokens == EOF_ID).sum()),
-        "corpus_mb_limit": corpus_mb, "tokens": int(tokens.size), "vocab_built": FIRST_WORD + len(words),
-        "word_coverage": 1 - missed / max(1, seen), "tokenize_s": time.perf_counter() - t0,
+        "root": str(root),
+        "python": platform.python_version(),
+        "files": int((tokens == EOF_ID).sum()),
+        "corpus_mb_limit": corpus_mb,
+        "tokens": int(tokens.size),
+        "vocab_built": FIRST_WORD + len(words),
+        "word_coverage": 1 - missed / max(1, seen),
+        "tokenize_s": time.perf_counter() - t0,
         "tokenizer": "word-level (identifiers, numbers, space runs, symbols) + UTF-8 byte fallback",
     }
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -215,9 +255,11 @@ def load_corpus(vocab_size: int, corpus_mb: float, cache_dir: str, log=print) ->
             else:
                 np.save(fh, data)
         os.replace(tmp, f"{stem}{suffix}")
-    log(f"  {tokens.size:,} tokens; {100 * meta['word_coverage']:.2f}% of the words are in the vocabulary, "
+    log(
+        f"  {tokens.size:,} tokens; {100 * meta['word_coverage']:.2f}% of the words are in the vocabulary, "
         f"the others are spelled in bytes; "
-        f"{meta['tokenize_s']:.1f} s, cached at {stem}.npy")
+        f"{meta['tokenize_s']:.1f} s, cached at {stem}.npy"
+    )
     return tokens, meta
 
 
@@ -305,8 +347,7 @@ def make_optimizer(lr: float, steps: int, params):
     warmup = max(1, min(100, steps // 10))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
     mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAY, params)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask))
 
 
 def make_step(loss_name: str, heads: int, dtype, opt, attention: str = "xla"):
@@ -327,8 +368,13 @@ def make_step(loss_name: str, heads: int, dtype, opt, attention: str = "xla"):
 # ---------------------------------------------------------------------------- training
 def device_info() -> dict:
     d = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device": getattr(d, "device_kind", str(d)),
-            "jax": jax.__version__, "optax": optax.__version__, "python": platform.python_version()}
+    return {
+        "backend": jax.default_backend(),
+        "device": getattr(d, "device_kind", str(d)),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def memory_stat(key: str):
@@ -379,8 +425,9 @@ def xla_estimate(compiled) -> dict:
     return {"xla_temp_bytes": temp, "xla_estimate_bytes": total}
 
 
-def train(args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: bool = False,
-          info: dict | None = None) -> dict:
+def train(
+    args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: bool = False, info: dict | None = None
+) -> dict:
     """Compile, then run `args.steps` steps; returns the log record (per-step loss and time).
 
     `info` (if given) receives the compile time and XLA's memory estimate as soon as they are known,
@@ -423,8 +470,22 @@ def train(args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: boo
     return {
         "kind": "train",
         "loss_impl": loss_name,
-        "config": {k: getattr(args, k) for k in ("steps", "batch", "seq", "d_model", "layers", "heads",
-                                                 "dtype", "lr", "seed", "smoke", "attention")}
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "steps",
+                "batch",
+                "seq",
+                "d_model",
+                "layers",
+                "heads",
+                "dtype",
+                "lr",
+                "seed",
+                "smoke",
+                "attention",
+            )
+        }
         | {"vocab": model_vocab},
         "env": device_info(),
         "params": int(n_params),
@@ -449,13 +510,15 @@ def train(args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: boo
 
 def summary(rec: dict) -> str:
     c = rec["config"]
-    return (f"[{rec['loss_impl']}] {c['steps']} steps of {c['batch']}x{c['seq']} tokens, V={c['vocab']}, "
-            f"D={c['d_model']}, L={c['layers']}, {c['dtype']}, {rec['params'] / 1e6:.1f}M params on "
-            f"{rec['env']['device']}: compile {rec['compile_s']:.1f} s, median step "
-            f"{rec['median_step_ms']:.1f} ms, {rec['tokens_per_s']:,.0f} tok/s, final loss {rec['final_loss']:.4f} "
-            f"(last-10 mean {rec['final_loss_avg10']:.4f}), peak memory {fmt_bytes(rec['peak_bytes'])} "
-            f"(XLA's estimate {fmt_bytes(rec['xla_estimate_bytes'])}; fp32 logits alone would be "
-            f"{fmt_bytes(rec['logits_bytes_fp32'])})")
+    return (
+        f"[{rec['loss_impl']}] {c['steps']} steps of {c['batch']}x{c['seq']} tokens, V={c['vocab']}, "
+        f"D={c['d_model']}, L={c['layers']}, {c['dtype']}, {rec['params'] / 1e6:.1f}M params on "
+        f"{rec['env']['device']}: compile {rec['compile_s']:.1f} s, median step "
+        f"{rec['median_step_ms']:.1f} ms, {rec['tokens_per_s']:,.0f} tok/s, final loss {rec['final_loss']:.4f} "
+        f"(last-10 mean {rec['final_loss_avg10']:.4f}), peak memory {fmt_bytes(rec['peak_bytes'])} "
+        f"(XLA's estimate {fmt_bytes(rec['xla_estimate_bytes'])}; fp32 logits alone would be "
+        f"{fmt_bytes(rec['logits_bytes_fp32'])})"
+    )
 
 
 def write_json(path, obj) -> None:
@@ -502,17 +565,36 @@ def sweep_point(args, tokens: np.ndarray, meta: dict) -> dict:
     v = args.model_vocab
     if v < meta["vocab_built"]:  # frequency-ordered vocabulary: the rarer words become <unk>
         tokens = np.where(tokens < v, tokens, UNK_ID).astype(np.int32)
-    rec = {"kind": "sweep_point", "V": v, "loss_impl": args.loss, "vocab_built": meta["vocab_built"],
-           "padded": v > meta["vocab_built"], "unk_mapped": v < meta["vocab_built"],
-           "tokens_per_step": args.batch * args.seq, "env": device_info()}
+    rec = {
+        "kind": "sweep_point",
+        "V": v,
+        "loss_impl": args.loss,
+        "vocab_built": meta["vocab_built"],
+        "padded": v > meta["vocab_built"],
+        "unk_mapped": v < meta["vocab_built"],
+        "tokens_per_step": args.batch * args.seq,
+        "env": device_info(),
+    }
     info = {"compile_s": None, "xla_temp_bytes": None, "xla_estimate_bytes": None}
     try:
         r = train(args, args.loss, tokens, v, quiet=True, info=info)
-        rec.update(status="ok", step_ms=r["median_step_ms"], step_ms_all=r["step_ms"], peak_bytes=r["peak_bytes"],
-                   bytes_limit=r["bytes_limit"], loss_last=r["final_loss"], **info)
+        rec.update(
+            status="ok",
+            step_ms=r["median_step_ms"],
+            step_ms_all=r["step_ms"],
+            peak_bytes=r["peak_bytes"],
+            bytes_limit=r["bytes_limit"],
+            loss_last=r["final_loss"],
+            **info,
+        )
     except Exception as exc:  # every failure is recorded; OOM is the expected one
-        rec.update(status="OOM" if is_oom(exc) else "error", peak_bytes=peak_bytes(),
-                   bytes_limit=memory_stat("bytes_limit"), message=f"{type(exc).__name__}: {str(exc)[:600]}", **info)
+        rec.update(
+            status="OOM" if is_oom(exc) else "error",
+            peak_bytes=peak_bytes(),
+            bytes_limit=memory_stat("bytes_limit"),
+            message=f"{type(exc).__name__}: {str(exc)[:600]}",
+            **info,
+        )
     return rec
 
 
@@ -524,12 +606,30 @@ def run_sweep(args) -> list[dict]:
     for k in ("batch", "seq", "d_model", "layers", "heads", "vocab", "dtype", "lr", "corpus_mb", "seed", "attention"):
         base += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     base += ["--cache-dir", args.cache_dir]
-    out = {"kind": "sweep", "sizes": sizes, "losses": list(names),
-           "config": {k: getattr(args, k) for k in ("batch", "seq", "d_model", "layers", "heads", "dtype",
-                                                    "vocab", "sweep_steps", "seed", "smoke", "attention")},
-           "note": f"tokenizer vocabulary {args.vocab}: larger sizes are padded with unused ids, smaller "
-                   "ones map the rarer words to <unk>; one fresh process per point",
-           "points": []}
+    out = {
+        "kind": "sweep",
+        "sizes": sizes,
+        "losses": list(names),
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "batch",
+                "seq",
+                "d_model",
+                "layers",
+                "heads",
+                "dtype",
+                "vocab",
+                "sweep_steps",
+                "seed",
+                "smoke",
+                "attention",
+            )
+        },
+        "note": f"tokenizer vocabulary {args.vocab}: larger sizes are padded with unused ids, smaller "
+        "ones map the rarer words to <unk>; one fresh process per point",
+        "points": [],
+    }
     done: dict = {}
     if args.resume and args.out and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
@@ -550,12 +650,22 @@ def run_sweep(args) -> list[dict]:
                     oom_at.setdefault(name, v)
                 continue
             if args.sweep_budget is not None and time.perf_counter() - t_sweep > args.sweep_budget:
-                print(f"  V={v:>7} {name:>5}: not run (--sweep-budget {args.sweep_budget:.0f} s spent; "
-                      "--resume runs the rest)", flush=True)
+                print(
+                    f"  V={v:>7} {name:>5}: not run (--sweep-budget {args.sweep_budget:.0f} s spent; "
+                    "--resume runs the rest)",
+                    flush=True,
+                )
                 continue
             if name in oom_at:  # memory only grows with V: not run again
-                rec = {"kind": "sweep_point", "V": v, "loss_impl": name, "status": "OOM", "inferred": True,
-                       "message": f"not run: already out of memory at V={oom_at[name]}", "wall_s": 0.0}
+                rec = {
+                    "kind": "sweep_point",
+                    "V": v,
+                    "loss_impl": name,
+                    "status": "OOM",
+                    "inferred": True,
+                    "message": f"not run: already out of memory at V={oom_at[name]}",
+                    "wall_s": 0.0,
+                }
                 out["points"].append(rec)
                 print(f"  V={v:>7} {name:>5}: OOM (not run: out of memory at V={oom_at[name]} already)", flush=True)
                 continue
@@ -570,11 +680,21 @@ def run_sweep(args) -> list[dict]:
                         rec = json.loads(rec_path.read_text())
                     else:  # died without a record (killed by the OS, a crash in XLA, ...)
                         oom = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
-                        rec = {"kind": "sweep_point", "V": v, "loss_impl": name,
-                               "status": "OOM" if oom else "error", "message": f"rc={proc.returncode}: {tail}"}
+                        rec = {
+                            "kind": "sweep_point",
+                            "V": v,
+                            "loss_impl": name,
+                            "status": "OOM" if oom else "error",
+                            "message": f"rc={proc.returncode}: {tail}",
+                        }
                 except subprocess.TimeoutExpired:
-                    rec = {"kind": "sweep_point", "V": v, "loss_impl": name, "status": "timeout",
-                           "message": f"no result within {args.sweep_timeout:.0f} s"}
+                    rec = {
+                        "kind": "sweep_point",
+                        "V": v,
+                        "loss_impl": name,
+                        "status": "timeout",
+                        "message": f"no result within {args.sweep_timeout:.0f} s",
+                    }
             rec["wall_s"] = time.perf_counter() - t0
             out["points"].append(rec)
             if rec["status"] == "OOM":
@@ -600,12 +720,17 @@ def main(argv=None) -> int:
     if args.sweep_vocab:  # the parent leaves the GPU alone: each point runs in a fresh process
         run_sweep(args)
         return 0
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({device_info()['device']}); "
-          f"XLA_PYTHON_CLIENT_PREALLOCATE={os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')}, "
-          f"allocator cap {fmt_bytes(memory_stat('bytes_limit'))}", flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({device_info()['device']}); "
+        f"XLA_PYTHON_CLIENT_PREALLOCATE={os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')}, "
+        f"allocator cap {fmt_bytes(memory_stat('bytes_limit'))}",
+        flush=True,
+    )
     tokens, meta = load_corpus(args.vocab, args.corpus_mb, args.cache_dir)
-    print(f"corpus: {meta['files']} files of Python {meta['python']}'s standard library, {meta['tokens']:,} "
-          f"tokens, vocabulary {meta['vocab_built']} ({100 * meta['word_coverage']:.2f}% word coverage)")
+    print(
+        f"corpus: {meta['files']} files of Python {meta['python']}'s standard library, {meta['tokens']:,} "
+        f"tokens, vocabulary {meta['vocab_built']} ({100 * meta['word_coverage']:.2f}% word coverage)"
+    )
     if args.vocab > meta["vocab_built"]:
         print(f"  the tokenizer found only {meta['vocab_built']} tokens: ids up to {args.vocab} are padding")
     run_training(args, tokens, meta)

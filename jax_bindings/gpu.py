@@ -126,9 +126,16 @@ def _forward_callback(opts: CCEOptions, has_bias: bool):
                 flag = bad[idx]
                 flag.fill(0)
                 BRIDGE.launch_forward(
-                    _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1), opts,
-                    lse_out[idx], tgt_out[idx], scratch=scratch, bad_target=flag, tune=False,
+                    _pick(e, idx, 2),
+                    _pick(c, idx, 2),
+                    _pick(targets, idx, 1),
+                    None if bias is None else _pick(bias, idx, 1),
+                    opts,
+                    lse_out[idx],
+                    tgt_out[idx],
+                    scratch=scratch,
+                    bad_target=flag,
+                    tune=False,
                 )
 
     return callback
@@ -146,11 +153,20 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
             scratch = scratch[(0,) * len(batch)]
             for idx in np.ndindex(*batch):
                 BRIDGE.launch_backward(
-                    _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1), opts,
-                    _pick(lse, idx, 1), _pick(coef_p, idx, 1), _pick(coef_q, idx, 1),
-                    de[idx], dc[idx], None if dbias is None else dbias[idx], scratch=scratch,
-                    use_cublas=not captured, host_sync=False,
+                    _pick(e, idx, 2),
+                    _pick(c, idx, 2),
+                    _pick(targets, idx, 1),
+                    None if bias is None else _pick(bias, idx, 1),
+                    opts,
+                    _pick(lse, idx, 1),
+                    _pick(coef_p, idx, 1),
+                    _pick(coef_q, idx, 1),
+                    de[idx],
+                    dc[idx],
+                    None if dbias is None else dbias[idx],
+                    scratch=scratch,
+                    use_cublas=not captured,
+                    host_sync=False,
                 )
 
     return callback
@@ -169,16 +185,19 @@ def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_
         jax.ShapeDtypeStruct((1,), jnp.int32),  # bad-target flag
     )
     call = buffer_callback(
-        _forward_callback(opts, bias is not None), result,
-        vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible,
+        _forward_callback(opts, bias is not None),
+        result,
+        vmap_method=vmap_method,
+        command_buffer_compatible=command_buffer_compatible,
     )
     args = (e, c, targets) if bias is None else (e, c, targets, bias)
     lse, tgt, _, _ = call(*args)
     return lse, tgt
 
 
-def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str,
-             command_buffer_compatible: bool):
+def backward(
+    e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str, command_buffer_compatible: bool
+):
     """(dE, dC, dbias) in `cce_cupy.options.grad_dtype(e.dtype, opts)`; dbias is None without bias."""
     _warm(e, targets)
     n, d = e.shape
@@ -190,8 +209,10 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap
         result.append(jax.ShapeDtypeStruct((v,), gdt))
     result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
     call = buffer_callback(
-        _backward_callback(opts, bias is not None, command_buffer_compatible), tuple(result),
-        vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible,
+        _backward_callback(opts, bias is not None, command_buffer_compatible),
+        tuple(result),
+        vmap_method=vmap_method,
+        command_buffer_compatible=command_buffer_compatible,
     )
     f32 = jnp.float32
     args = (e, c, targets) + (() if bias is None else (bias,))

@@ -56,8 +56,9 @@ def _forward(e, c, t, bias, cfg: _Config):
 
     def gpu_fn(*a):
         e_, c_, t_, b_ = _split_bias(a)
-        return gpu.forward(e_, c_, t_, b_, opts, vmap_method=cfg.vmap_method,
-                           command_buffer_compatible=cfg.command_buffer_compatible)
+        return gpu.forward(
+            e_, c_, t_, b_, opts, vmap_method=cfg.vmap_method, command_buffer_compatible=cfg.command_buffer_compatible
+        )
 
     args = (e, c, t) if bias is None else (e, c, t, bias)
     return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
@@ -69,7 +70,7 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
     has_bias = bias is not None
 
     def unpack(a):
-        return (a[0], a[1], a[2], a[3] if has_bias else None, *a[3 + has_bias:])
+        return (a[0], a[1], a[2], a[3] if has_bias else None, *a[3 + has_bias :])
 
     # Both branches of platform_dependent must return the same types: the kernels' gradient dtype
     # (e's dtype, or float32 with grad_dtype="float32"), so the GPU branch adds no conversion.
@@ -82,8 +83,18 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
 
     def gpu_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = unpack(a)
-        return gpu.backward(e_, c_, t_, b_, opts, lse_, p_, q_, vmap_method=cfg.vmap_method,
-                            command_buffer_compatible=cfg.command_buffer_compatible)
+        return gpu.backward(
+            e_,
+            c_,
+            t_,
+            b_,
+            opts,
+            lse_,
+            p_,
+            q_,
+            vmap_method=cfg.vmap_method,
+            command_buffer_compatible=cfg.command_buffer_compatible,
+        )
 
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
     if cfg.backward_impl == "reference":
@@ -220,10 +231,20 @@ def linear_cross_entropy(
         from jax_bindings.sharded import vocab_parallel_linear_cross_entropy  # lazy: sharded builds on jax_bindings
 
         return vocab_parallel_linear_cross_entropy(
-            e, c, targets, bias, axis_name=vocab_parallel_axis, vocab_size=vocab_size,
-            data_parallel_axis=data_parallel_axis, options=options, backward_impl=backward_impl,
-            vmap_method=vmap_method, command_buffer_compatible=command_buffer_compatible, block_v=block_v,
-            **option_kwargs)
+            e,
+            c,
+            targets,
+            bias,
+            axis_name=vocab_parallel_axis,
+            vocab_size=vocab_size,
+            data_parallel_axis=data_parallel_axis,
+            options=options,
+            backward_impl=backward_impl,
+            vmap_method=vmap_method,
+            command_buffer_compatible=command_buffer_compatible,
+            block_v=block_v,
+            **option_kwargs,
+        )
     if vocab_size is not None or data_parallel_axis is not None:
         raise ValueError("vocab_size and data_parallel_axis go with vocab_parallel_axis (sharded vocabulary)")
     opts = make_options(options, **option_kwargs)
@@ -241,8 +262,9 @@ def linear_cross_entropy(
     check_ignore_index(opts.ignore_index, t.dtype)
     t = shifted_targets(jnp, t, opts)
     e2 = jnp.reshape(e, (prob.n, prob.d))
-    loss, zl, lse = _lce(e2, jnp.asarray(c), jnp.reshape(t, (prob.n,)),
-                         None if bias is None else jnp.asarray(bias), cfg)
+    loss, zl, lse = _lce(
+        e2, jnp.asarray(c), jnp.reshape(t, (prob.n,)), None if bias is None else jnp.asarray(bias), cfg
+    )
     if opts.reduction == "none":
         loss, zl = loss.reshape(prob.batch_shape), zl.reshape(prob.batch_shape)
     out = [loss]

@@ -97,8 +97,7 @@ def _reference_forward(e, c, targets, bias, opts: CCEOptions, block_v: int | Non
 def _reference_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, block_v: int | None = None):
     """`jax_reference.backward` that runs inside shard_map: (dE, dC, dbias) in the accumulation type."""
     vma = _vma_union(e, c, targets, bias, lse, coef_p, coef_q)
-    return jax_reference.backward(e, c, targets, bias, opts, lse, coef_p, coef_q, block_v,
-                              vary=lambda x: _vary(x, vma))
+    return jax_reference.backward(e, c, targets, bias, opts, lse, coef_p, coef_q, block_v, vary=lambda x: _vary(x, vma))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -140,9 +139,16 @@ class _ShardConfig:
             ls_k, scale = r / (1.0 + r), (1.0 - ls) * (1.0 + r)
         else:
             ls_k, scale = 0.0, 1.0
-        kopts = self.opts.replace(ignore_index=_NOT_HERE, label_smoothing=ls_k, z_loss=0.0, shift=False,
-                                  reduction="sum", return_lse=False, return_z_loss=False,
-                                  grad_dtype="float32" if self.fp32_grads() else self.opts.grad_dtype)
+        kopts = self.opts.replace(
+            ignore_index=_NOT_HERE,
+            label_smoothing=ls_k,
+            z_loss=0.0,
+            shift=False,
+            reduction="sum",
+            return_lse=False,
+            return_z_loss=False,
+            grad_dtype="float32" if self.fp32_grads() else self.opts.grad_dtype,
+        )
         return kopts, scale
 
 
@@ -163,8 +169,9 @@ def _kernel_forward(e, c, t, bias, opts: CCEOptions, cfg: _ShardConfig):
 
     def gpu_fn(*a):
         e_, c_, t_, b_ = _with_bias(a, bias is not None, 3)
-        lse, tgt = gpu.forward(e_, c_, t_, b_, opts, vmap_method=cfg.vmap_method,
-                               command_buffer_compatible=cfg.command_buffer_compatible)
+        lse, tgt = gpu.forward(
+            e_, c_, t_, b_, opts, vmap_method=cfg.vmap_method, command_buffer_compatible=cfg.command_buffer_compatible
+        )
         # buffer_callback outputs are not typed as varying over the mesh axes: say so.
         return _vary(lse, vma), _vary(tgt, vma)
 
@@ -185,8 +192,18 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
 
     def gpu_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = _with_bias(a, has_bias, 3)
-        de, dc, db = gpu.backward(e_, c_, t_, b_, opts, lse_, p_, q_, vmap_method=cfg.vmap_method,
-                                  command_buffer_compatible=cfg.command_buffer_compatible)
+        de, dc, db = gpu.backward(
+            e_,
+            c_,
+            t_,
+            b_,
+            opts,
+            lse_,
+            p_,
+            q_,
+            vmap_method=cfg.vmap_method,
+            command_buffer_compatible=cfg.command_buffer_compatible,
+        )
         return _vary(de, vma), _vary(dc, vma), (None if db is None else _vary(db, vma))
 
     args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q)
@@ -199,8 +216,9 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
 def _column0_logit(cfg: _ShardConfig, e, c, bias):
     """(y0, dy0/dz0): each row's (softcapped) logit of local column 0, in the accumulation type."""
     acc = jax_reference.acc_dtype(e.dtype)
-    z0 = lax.dot_general(e, c[0], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=acc).astype(acc)
+    z0 = lax.dot_general(
+        e, c[0], (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=acc
+    ).astype(acc)
     if bias is not None:
         z0 = z0 + bias[0].astype(acc)
     if cfg.opts.softcap is None:
@@ -246,8 +264,9 @@ def _grads_cols(n: int, cfg: _ShardConfig, e, c, t, owned, bias, lse, g_lse, g_t
         f32 = jnp.float32 if cfg.kernels else jax_reference.acc_dtype(e.dtype)
         # d tgt / d y_ij = scale * ((1 - ls_k) [j == t_i] + ls_k / n): the kernels' coef_q pattern.
         coef_q = jnp.where(t == _NOT_HERE, 0.0, -g_tgt * scale).astype(f32)
-        de, dc, db = _kernel_backward(e, c[:n], t, None if bias is None else bias[:n], lse.astype(f32),
-                                      g_lse.astype(f32), coef_q, kopts, cfg)
+        de, dc, db = _kernel_backward(
+            e, c[:n], t, None if bias is None else bias[:n], lse.astype(f32), g_lse.astype(f32), coef_q, kopts, cfg
+        )
         ls = float(cfg.opts.label_smoothing)
         if ls:  # the gradient of the column-0 correction of _stats_cols, added before any rounding
             _, dy0 = _column0_logit(cfg, e, c, bias)
@@ -356,8 +375,9 @@ def vocab_parallel_linear_cross_entropy(
     if vocab_size is None:
         vocab_size = padded
     if not (isinstance(vocab_size, (int, np.integer)) and 1 <= vocab_size <= padded):
-        raise ValueError(f"vocab_size must be an int in [1, {padded}] (V_local={v_local} x {shards} shards), "
-                         f"got {vocab_size!r}")
+        raise ValueError(
+            f"vocab_size must be an int in [1, {padded}] (V_local={v_local} x {shards} shards), got {vocab_size!r}"
+        )
     vocab_size = int(vocab_size)
     cols_of_shard = [min(max(vocab_size - k * v_local, 0), v_local) for k in range(shards)]
     branch_cols = tuple(sorted(set(cols_of_shard), reverse=True))
@@ -453,8 +473,9 @@ class VocabShards(NamedTuple):
     vocab_size: int  # the true V
 
 
-def make_vocab_parallel_mesh(tp: int | None = None, dp: int | None = None, *, devices=None,
-                             tp_axis: str = "tp", dp_axis: str = "dp") -> Mesh:
+def make_vocab_parallel_mesh(
+    tp: int | None = None, dp: int | None = None, *, devices=None, tp_axis: str = "tp", dp_axis: str = "dp"
+) -> Mesh:
     """A mesh for vocab parallelism: 1-D `(tp_axis,)` when dp is None, else 2-D `(dp_axis, tp_axis)`.
 
     tp defaults to all the devices (divided by dp); devices defaults to `jax.devices()`.
@@ -490,8 +511,15 @@ def shard_classifier(c, mesh: Mesh, axis: str = "tp", bias=None) -> VocabShards:
     return VocabShards(c_sh, b_sh, vocab_size)
 
 
-def make_vocab_parallel_loss(mesh: Mesh, *, vocab_size: int, tp_axis: str = "tp", dp_axis: str | None = None,
-                             check_vma: bool = True, **kwargs: Any):
+def make_vocab_parallel_loss(
+    mesh: Mesh,
+    *,
+    vocab_size: int,
+    tp_axis: str = "tp",
+    dp_axis: str | None = None,
+    check_vma: bool = True,
+    **kwargs: Any,
+):
     """`fn(e, c, targets, bias=None)`: the loss over global arrays, run under `jax.shard_map`.
 
     c (and bias) are the padded classifier (`shard_classifier(...).c`), split along V over
@@ -501,8 +529,10 @@ def make_vocab_parallel_loss(mesh: Mesh, *, vocab_size: int, tp_axis: str = "tp"
     result matches `jax_bindings.linear_cross_entropy(e, c[:vocab_size], targets, ...)`, gradients
     included (dC of the padded rows is 0). Differentiable, and jittable.
     """
-    opts = make_options(kwargs.pop("options", None), **{k: kwargs.pop(k) for k in list(kwargs)
-                                                        if k in {f.name for f in dataclasses.fields(CCEOptions)}})
+    opts = make_options(
+        kwargs.pop("options", None),
+        **{k: kwargs.pop(k) for k in list(kwargs) if k in {f.name for f in dataclasses.fields(CCEOptions)}},
+    )
     tok = P(dp_axis)
     per_token = P(dp_axis)
     red = per_token if opts.reduction == "none" else P()
@@ -515,8 +545,16 @@ def make_vocab_parallel_loss(mesh: Mesh, *, vocab_size: int, tp_axis: str = "tp"
 
     def body(e, c, t, *b):
         return vocab_parallel_linear_cross_entropy(
-            e, c, t, b[0] if b else None, axis_name=tp_axis, vocab_size=vocab_size,
-            data_parallel_axis=dp_axis, options=opts, **kwargs)
+            e,
+            c,
+            t,
+            b[0] if b else None,
+            axis_name=tp_axis,
+            vocab_size=vocab_size,
+            data_parallel_axis=dp_axis,
+            options=opts,
+            **kwargs,
+        )
 
     def fn(e, c, targets, bias=None):
         in_specs = (tok, P(tp_axis, None), tok) + (() if bias is None else (P(tp_axis),))

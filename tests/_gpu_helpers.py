@@ -54,9 +54,8 @@ def _assert_no_nan(out):
         if out[k] is not None:
             a = to_f64(out[k])
             bad = np.argwhere(np.isnan(a))
-            assert bad.size == 0, (
-                f"{k}: {len(bad)} elements never written (still NaN), first at {bad[0].tolist()}"
-            )
+            assert bad.size == 0, f"{k}: {len(bad)} elements never written (still NaN), first at {bad[0].tolist()}"
+
 
 def _skip_unless_hopper(cp):
     if cp.cuda.Device().compute_capability != "90" or device.KERNELS != "auto":

@@ -237,8 +237,7 @@ class NumpyBridge:
             z = z + bias
         return opts.softcap * np.tanh(z / opts.softcap) if opts.softcap else z
 
-    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None,
-                       tune=True):
+    def launch_forward(self, e, c, targets, bias, opts, lse_out, tgt_out, scratch=None, bad_target=None, tune=True):
         n, d = e.shape
         v = c.shape[0]
         assert scratch.nbytes >= plan.forward_scratch_nbytes(n, v, d, e.dtype)
@@ -253,8 +252,23 @@ class NumpyBridge:
         lse_out[...] = lse
         tgt_out[...] = tgt
 
-    def launch_backward(self, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                        scratch=None, use_cublas=True, host_sync=True):
+    def launch_backward(
+        self,
+        e,
+        c,
+        targets,
+        bias,
+        opts,
+        lse,
+        coef_p,
+        coef_q,
+        de_out,
+        dc_out,
+        dbias_out=None,
+        scratch=None,
+        use_cublas=True,
+        host_sync=True,
+    ):
         assert not host_sync, "JAX callbacks must not synchronize the host"
         n, d = e.shape
         v = c.shape[0]

@@ -193,10 +193,7 @@ def test_validate_on_shape_dtype_structs():
     assert (p.n, p.d, p.v) == (0, 0, 7)
     with pytest.raises(TypeError, match="e is bfloat16 but c is float32"):
         check_linear_ce_args(s((3, 4), ml_dtypes.bfloat16), s((5, 4), np.float32), s((3,), np.int32))
-    assert (
-        check_linear_ce_args(np.zeros((2, 3)), np.zeros((4, 3)), np.zeros(2, np.int64), allow_float64=True).v
-        == 4
-    )
+    assert check_linear_ce_args(np.zeros((2, 3)), np.zeros((4, 3)), np.zeros(2, np.int64), allow_float64=True).v == 4
 
 
 @pytest.mark.parametrize("where", ["e", "c"])

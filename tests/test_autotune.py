@@ -60,10 +60,12 @@ def test_key_has_gpu_dtype_shape_class_and_version():
     k = autotune.tuning_key("NVIDIA H100 80GB HBM3", "bfloat16", 8192, 2304, 256000)
     assert k.startswith("NVIDIA H100 80GB HBM3|bfloat16|N8192|D2304|V262144|")
     assert k.endswith(autotune.kernel_version())
-    assert autotune.tuning_key("g", "bfloat16", 5000, 2304, 200000) == autotune.tuning_key("g", "bfloat16", 8192,
-                                                                                             2304, 262144)
-    assert autotune.tuning_key("g", "bfloat16", 8192, 2304, 256000) != autotune.tuning_key("g", "float16", 8192,
-                                                                                             2304, 256000)
+    assert autotune.tuning_key("g", "bfloat16", 5000, 2304, 200000) == autotune.tuning_key(
+        "g", "bfloat16", 8192, 2304, 262144
+    )
+    assert autotune.tuning_key("g", "bfloat16", 8192, 2304, 256000) != autotune.tuning_key(
+        "g", "float16", 8192, 2304, 256000
+    )
 
 
 def test_hopper_cluster_forced_cached_default(tmp_path, monkeypatch):
@@ -87,8 +89,18 @@ def test_hopper_cluster_forced_cached_default(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "text",
     [
-        '{"k": null}', '{"k": [2]}', '{"k": {"a": 1}}', '{"other": null, "k": 2}', '{"k": Infinity}',
-        '{"k": 7}', '{"k": 0}', '{"k": true}', '{"k": "2"}', '{"k": 2.5}', "[1, 2]", "[" * 100000,
+        '{"k": null}',
+        '{"k": [2]}',
+        '{"k": {"a": 1}}',
+        '{"other": null, "k": 2}',
+        '{"k": Infinity}',
+        '{"k": 7}',
+        '{"k": 0}',
+        '{"k": true}',
+        '{"k": "2"}',
+        '{"k": 2.5}',
+        "[1, 2]",
+        "[" * 100000,
         "\udcff",
     ],
 )

@@ -45,9 +45,7 @@ def test_api_cupy_batch_shift_all_options(dtype):
 def test_api_n0_and_v1():
     cp = _cp()
     e, c, t, b = make_problem(0, 8, 10, bias=True)
-    loss, de, dc, db = cce.linear_cross_entropy_with_grad(
-        cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b)
-    )
+    loss, de, dc, db = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b))
     assert float(loss) == 0.0 and de.shape == (0, 8) and not cp.any(dc) and not cp.any(db)
     e, c, t, _ = make_problem(5, 8, 1, ignore_frac=0.0)
     loss, de, dc = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t))
@@ -65,8 +63,9 @@ def test_allow_tf32_forward(data, monkeypatch):
     names = []
     for mod in (cuda_forward, cuda_backward, cuda_sparse, cuda_logits):  # every launcher's get_kernel
         real_get = mod.get_kernel
-        monkeypatch.setattr(mod, "get_kernel",
-                            lambda f, name, real_get=real_get: (names.append(name), real_get(f, name))[1])
+        monkeypatch.setattr(
+            mod, "get_kernel", lambda f, name, real_get=real_get: (names.append(name), real_get(f, name))[1]
+        )
     e, c, t, _ = make_problem(300, 136, 1000, "float32", peaked=(data == "peaked"), seed=14)
     ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
     o = CCEOptions(allow_tf32=True)

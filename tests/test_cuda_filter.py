@@ -81,8 +81,7 @@ def test_sparse_filtered_backward(dtype, case, host_sync, monkeypatch):
     kw = dict(SPARSE_CASES[case])
     has_bias = kw.pop("bias", False)
     o = CCEOptions(filter_eps=1e-3, **kw)
-    e, c, t, b = make_problem(300, 136, 1000, dtype, peaked=True, bias=has_bias, seed=11,
-                              ignore_index=o.ignore_index)
+    e, c, t, b = make_problem(300, 136, 1000, dtype, peaked=True, bias=has_bias, seed=11, ignore_index=o.ignore_index)
     spy = _PathSpy(monkeypatch)
     grad_loss = np.random.default_rng(3).standard_normal(300) if o.reduction == "none" else 0.7
     out = _run_launchers(e, c, t, b, o, grad_loss, host_sync=host_sync)

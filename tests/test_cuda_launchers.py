@@ -149,8 +149,15 @@ def test_tiled_filter_keeps_z_loss_and_grad_lse(kernels, monkeypatch):
     assert float(cp.abs(exact).max()) > 3e-3
     assert_rel_close(filtered, exact, 1e-2, "de(filtered, z_loss)")
     lse, _ = cce.forward(ge, gc, gt)
-    de = cce.backward(ge, gc, gt, lse, 0.0, grad_lse=cp.ones(4, cp.float32),
-                      options=CCEOptions(reduction="sum", grad_dtype="float32", filter_eps="auto"))[0]
+    de = cce.backward(
+        ge,
+        gc,
+        gt,
+        lse,
+        0.0,
+        grad_lse=cp.ones(4, cp.float32),
+        options=CCEOptions(reduction="sum", grad_dtype="float32", filter_eps="auto"),
+    )[0]
     assert_rel_close(de, np.eye(16)[[3] * 4], 1e-2, "de(grad_lse, filtered)")
     # A larger peaked problem with z_loss against the float64 tile rule (and the NumPy backend).
     o = CCEOptions(z_loss=1e-2, filter_eps=1e-3)

@@ -29,8 +29,7 @@ def _module(name: str):
 
 def _run(*args, timeout=120):
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr, time.perf_counter() - t0
 
@@ -39,8 +38,9 @@ def _run(*args, timeout=120):
 def smoke(tmp_path_factory):
     """`train_lm.py --smoke` once for the module: both losses, a few steps on CPU."""
     tmp = tmp_path_factory.mktemp("train_lm")
-    out, wall = _run(EXAMPLES / "train_lm.py", "--smoke", "--out", tmp / "train.json", "--cache-dir", tmp / "cache",
-                     timeout=300)
+    out, wall = _run(
+        EXAMPLES / "train_lm.py", "--smoke", "--out", tmp / "train.json", "--cache-dir", tmp / "cache", timeout=300
+    )
     return tmp, out, wall
 
 
@@ -62,8 +62,19 @@ def test_train_smoke_both_losses_agree(smoke):
 def test_sweep_and_plots(smoke, tmp_path):
     tmp, _, _ = smoke
     sweep = tmp_path / "sweep.json"
-    out, _ = _run(EXAMPLES / "train_lm.py", "--smoke", "--sweep-vocab", "1024", "--sweep-steps", "3",
-                  "--out", sweep, "--cache-dir", tmp / "cache", timeout=300)  # 2 fresh processes
+    out, _ = _run(
+        EXAMPLES / "train_lm.py",
+        "--smoke",
+        "--sweep-vocab",
+        "1024",
+        "--sweep-steps",
+        "3",
+        "--out",
+        sweep,
+        "--cache-dir",
+        tmp / "cache",
+        timeout=300,
+    )  # 2 fresh processes
     rec = json.loads(sweep.read_text())
     got = [(p["V"], p["loss_impl"], p["status"]) for p in rec["points"]]
     assert got == [(1024, "cce", "ok"), (1024, "optax", "ok")], rec["points"]

@@ -165,4 +165,3 @@ def test_license_matches_pyproject():
     assert _pyproject()["project"]["license"] == {"text": "MIT"}
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "Copyright (c) 2026 the cce-cupy authors" in text
-

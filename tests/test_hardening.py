@@ -52,8 +52,10 @@ def test_jax_masked_leading_block_is_finite():
     # Against the float64 reference on a larger problem, with blocks of 128 columns.
     e, c, t, b = _masked_problem(64, 512)
     o = CCEOptions(reduction="sum")
-    g = jax.grad(lambda e_, c_: jb.linear_cross_entropy(e_, c_, jnp.asarray(t), jnp.asarray(b), options=o,
-                                                        block_v=128), argnums=(0, 1))
+    g = jax.grad(
+        lambda e_, c_: jb.linear_cross_entropy(e_, c_, jnp.asarray(t), jnp.asarray(b), options=o, block_v=128),
+        argnums=(0, 1),
+    )
     de, dc = g(jnp.asarray(e), jnp.asarray(c))
     ref = dense_reference(e, c, t, b, o)
     assert_rel_close(de, ref["de"], 2e-5, "de")
@@ -200,8 +202,9 @@ def test_non_finite_options_are_rejected(kw, match):
 
 # --------------------------------------------------------------------- 9. clearer errors
 def test_numpy_scalars_are_accepted_as_numbers():
-    o = CCEOptions(softcap=np.float32(30), z_loss=np.float64(1e-4), label_smoothing=np.float16(0.125),
-                   ignore_index=np.int64(-1))
+    o = CCEOptions(
+        softcap=np.float32(30), z_loss=np.float64(1e-4), label_smoothing=np.float16(0.125), ignore_index=np.int64(-1)
+    )
     assert o == CCEOptions(softcap=30.0, z_loss=1e-4, label_smoothing=0.125, ignore_index=-1)
     assert CCEOptions(filter_eps=np.float32(0.5)).filter_eps == 0.5
     assert type(o.ignore_index) is int and type(o.softcap) is float

@@ -93,10 +93,23 @@ OPTION_CASES = {
     # problem's gradient by ~2e-3, 100x the tolerance. (grad_dtype and deterministic act in the
     # kernels only: tests/test_cuda_*.py, tests/test_jax_gpu.py.)
     "filter_eps_ignored": {"filter_eps": 1e-3},
-    "all": {"reduction": "none", "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 0.05, "shift": True,
-            "return_lse": True, "return_z_loss": True},
-    "all_mean": {"softcap": 3.0, "label_smoothing": 0.1, "z_loss": 0.05, "shift": True, "return_lse": True,
-                 "return_z_loss": True},
+    "all": {
+        "reduction": "none",
+        "softcap": 3.0,
+        "label_smoothing": 0.1,
+        "z_loss": 0.05,
+        "shift": True,
+        "return_lse": True,
+        "return_z_loss": True,
+    },
+    "all_mean": {
+        "softcap": 3.0,
+        "label_smoothing": 0.1,
+        "z_loss": 0.05,
+        "shift": True,
+        "return_lse": True,
+        "return_z_loss": True,
+    },
 }
 
 
@@ -132,8 +145,7 @@ def _compare(e, c, t, b, o, tol, block_v=None, grad_tol=None):
 def test_options_match_optax(case, block_v):
     kw = dict(OPTION_CASES[case])
     o = make_options(**kw)
-    e, c, t, _ = make_problem(14, 13, 129, "float32", peaked=True, ignore_index=o.ignore_index,
-                              batch_shape=(2, 7))
+    e, c, t, _ = make_problem(14, 13, 129, "float32", peaked=True, ignore_index=o.ignore_index, batch_shape=(2, 7))
     e, c = e * 1.5, c * 1.5  # logits large enough that softcap bends them
     _compare(e, c, t, None, o, 2e-5, block_v)
 
@@ -146,8 +158,10 @@ def test_bias_matches_optax(case):
 
 
 @pytest.mark.parametrize("n,d,v", [(7, 13, 129), (3, 5, 1), (1, 1, 2), (5, 4, 256)])
-@pytest.mark.parametrize("dtype,tol,grad_tol", [("float64", 1e-12, 1e-12), ("float32", 2e-5, 2e-5),
-                                                ("bfloat16", 2e-5, 8e-3), ("float16", 2e-5, 1e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol,grad_tol",
+    [("float64", 1e-12, 1e-12), ("float32", 2e-5, 2e-5), ("bfloat16", 2e-5, 8e-3), ("float16", 2e-5, 1e-3)],
+)
 def test_shapes_and_dtypes(n, d, v, dtype, tol, grad_tol):
     # 16-bit inputs are compared with float64 logits of the *same rounded inputs*: the path
     # accumulates in float32 (values within float32 error); gradients are rounded once to the
@@ -163,7 +177,10 @@ def test_empty_batch():
         o = make_options(reduction=red, return_lse=True)
         (loss, lse), (de, dc, db) = _vjp(
             lambda e_, c_, b_, o=o: linear_cross_entropy(e_, c_, jnp.asarray(t), b_, options=o),
-            jnp.asarray(e), jnp.asarray(c), jnp.asarray(b))
+            jnp.asarray(e),
+            jnp.asarray(c),
+            jnp.asarray(b),
+        )
         assert lse.shape == (2, 0) and de.shape == e.shape
         assert loss.shape == ((2, 0) if red == "none" else ())
         if red != "none":
@@ -179,8 +196,9 @@ def test_all_ignored_mean_is_zero():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_check_grads_float64(reduction):
-    o = make_options(reduction=reduction, softcap=3.0, label_smoothing=0.1, z_loss=0.05, return_lse=True,
-                     return_z_loss=True)
+    o = make_options(
+        reduction=reduction, softcap=3.0, label_smoothing=0.1, z_loss=0.05, return_lse=True, return_z_loss=True
+    )
     e, c, t, b = make_problem(6, 4, 19, "float64", bias=True, batch_shape=(2, 3))
     tj = jnp.asarray(t)
 
@@ -246,8 +264,11 @@ def test_backward_impl_reference_equals_kernel_path(numpy_bridge):
     grads, calls = [], []
     for impl in ("kernel", "reference"):
         numpy_bridge.calls.clear()
-        grads.append(jax.grad(lambda e_, c_, b_, impl=impl: linear_cross_entropy(e_, c_, t, b_, backward_impl=impl),
-                              argnums=(0, 1, 2))(e, c, b))
+        grads.append(
+            jax.grad(
+                lambda e_, c_, b_, impl=impl: linear_cross_entropy(e_, c_, t, b_, backward_impl=impl), argnums=(0, 1, 2)
+            )(e, c, b)
+        )
         calls.append(list(numpy_bridge.calls))
     assert calls == [["forward", "backward"], ["forward"]]
     for a, r in zip(*grads):
@@ -273,14 +294,17 @@ def test_out_of_range_target_gives_nan():
 
 
 # ------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("mutate,exc,match", [
-    (lambda e, c, t: (e, c[:, :-1], t), ValueError, "D="),
-    (lambda e, c, t: (e, c, t[:-1]), ValueError, "targets has shape"),
-    (lambda e, c, t: (e, c, t.astype(jnp.float32)), TypeError, "targets"),
-    (lambda e, c, t: (e, c.astype(jnp.float16), t), TypeError, "c is"),
-    (lambda e, c, t: (e.astype(jnp.int32), c, t), TypeError, "e has unsupported dtype"),
-    (lambda e, c, t: (e, c[:0], t), ValueError, "V=0"),
-])
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda e, c, t: (e, c[:, :-1], t), ValueError, "D="),
+        (lambda e, c, t: (e, c, t[:-1]), ValueError, "targets has shape"),
+        (lambda e, c, t: (e, c, t.astype(jnp.float32)), TypeError, "targets"),
+        (lambda e, c, t: (e, c.astype(jnp.float16), t), TypeError, "c is"),
+        (lambda e, c, t: (e.astype(jnp.int32), c, t), TypeError, "e has unsupported dtype"),
+        (lambda e, c, t: (e, c[:0], t), ValueError, "V=0"),
+    ],
+)
 def test_bad_inputs_raise_at_trace_time(mutate, exc, match):
     e, c, t, _ = _jax_args(*make_problem(6, 5, 40, "float32"))
     args = mutate(e, c, t)
@@ -311,7 +335,7 @@ def _avals(jaxpr):
         for var in eqn.outvars:
             yield var.aval
         for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from _avals(inner)
@@ -388,8 +412,9 @@ def test_softcap_gradient_where_tanh_saturates():
     e, c = (e * 2).astype(np.float32), c.astype(np.float32)
     o = CCEOptions(softcap=3.0)
     truth = dense_reference(e, c, t, None, o)
-    loss, (de, dc) = jax.value_and_grad(lambda a, b: linear_cross_entropy(a, b, jnp.asarray(t), softcap=3.0),
-                                        argnums=(0, 1))(jnp.asarray(e), jnp.asarray(c))
+    loss, (de, dc) = jax.value_and_grad(
+        lambda a, b: linear_cross_entropy(a, b, jnp.asarray(t), softcap=3.0), argnums=(0, 1)
+    )(jnp.asarray(e), jnp.asarray(c))
     assert_rel_close(loss, truth["loss"], 1e-5, "loss")
     assert_rel_close(de, truth["de"], 1e-5, "dE")
     assert_rel_close(dc, truth["dc"], 1e-5, "dC")
@@ -400,8 +425,9 @@ def test_allow_tf32_only_where_not_differentiated(numpy_bridge, monkeypatch):
     differentiation the forward runs exact (the backward needs the lse of exact logits)."""
     seen = []
     real = numpy_bridge.launch_forward
-    monkeypatch.setattr(numpy_bridge, "launch_forward",
-                        lambda *a, **k: (seen.append(a[4].allow_tf32), real(*a, **k))[1])
+    monkeypatch.setattr(
+        numpy_bridge, "launch_forward", lambda *a, **k: (seen.append(a[4].allow_tf32), real(*a, **k))[1]
+    )
     e, c, t, _ = make_problem(8, 6, 37, "float32")
     f = jax.jit(lambda e_, c_: linear_cross_entropy(e_, c_, t, allow_tf32=True))
     f(e, c)

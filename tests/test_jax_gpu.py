@@ -40,8 +40,15 @@ CASES = {
     "z_loss": {"z_loss": 1e-3, "return_z_loss": True},
     "shift_lse": {"shift": True, "return_lse": True},
     "grad_fp32": {"grad_dtype": "float32"},
-    "all": {"reduction": "none", "softcap": 30.0, "label_smoothing": 0.1, "z_loss": 1e-3, "shift": True,
-            "return_lse": True, "return_z_loss": True},
+    "all": {
+        "reduction": "none",
+        "softcap": 30.0,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "shift": True,
+        "return_lse": True,
+        "return_z_loss": True,
+    },
 }
 SHAPES = [(7, 13, 129), (252, 507, 123), (256, 512, 1000)]
 
@@ -102,15 +109,19 @@ def _naive(e, c, t, b, **kw):
 
 def _check(ours, ref, tol, naive=None):
     """rel-norm err <= tol, plus the naive same-dtype error when `naive` is given (STYLE.md)."""
+
     def bound(i, j):
         if naive is None:
             return tol
         leaves = jax.tree.leaves(naive[0]) if i == 0 else naive[1]
-        return tol + rel_err(np.asarray(leaves[j], np.float64), np.asarray(
-            (jax.tree.leaves(ref[0]) if i == 0 else ref[1])[j], np.float64))
+        return tol + rel_err(
+            np.asarray(leaves[j], np.float64),
+            np.asarray((jax.tree.leaves(ref[0]) if i == 0 else ref[1])[j], np.float64),
+        )
 
-    for j, (name, a, r) in enumerate(zip(("loss", "extra1", "extra2"), jax.tree.leaves(ours[0]),
-                                         jax.tree.leaves(ref[0]))):
+    for j, (name, a, r) in enumerate(
+        zip(("loss", "extra1", "extra2"), jax.tree.leaves(ours[0]), jax.tree.leaves(ref[0]))
+    ):
         assert_rel_close(a, r, bound(0, j), name)
     for j, (name, a, r) in enumerate(zip(("de", "dc", "db"), ours[1], ref[1])):
         assert_rel_close(a, r, bound(1, j), name)
@@ -130,8 +141,9 @@ def test_matches_reference(dtype, case, cbc, shape):
     # 1.4e-5 and 1.9e-5 off; the fp32 forward now takes tgt from the same logit tile as the lse.
     n, d, v = shape
     kw = dict(CASES[case])
-    e, c, t, b = make_problem(n, d, v, dtype, peaked=True, bias=case == "default", batch_shape=(n,),
-                              ignore_index=kw.get("ignore_index", -100))
+    e, c, t, b = make_problem(
+        n, d, v, dtype, peaked=True, bias=case == "default", batch_shape=(n,), ignore_index=kw.get("ignore_index", -100)
+    )
     ours = _run(e, c, t, b, command_buffer_compatible=cbc, **kw)
     _check(ours, _truth(e, c, t, b, **kw), TOL[dtype], naive=_naive(e, c, t, b, **kw))
 
@@ -176,8 +188,11 @@ def test_backward_impl_reference_on_gpu():
 @pytest.mark.parametrize("cbc", [False, True], ids=["nocmdbuf", "cmdbuf"])
 def test_repeated_calls_see_new_inputs(cbc):
     """A recorded command buffer must not replay stale buffer addresses."""
-    f = jax.jit(jax.value_and_grad(
-        lambda e_, c_, t_: linear_cross_entropy(e_, c_, t_, command_buffer_compatible=cbc), argnums=(0, 1)))
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda e_, c_, t_: linear_cross_entropy(e_, c_, t_, command_buffer_compatible=cbc), argnums=(0, 1)
+        )
+    )
     for seed in range(4):
         e, c, t, _ = make_problem(300, 128, 1001, "float32", peaked=True, seed=seed)
         loss, (de, dc) = f(jnp.asarray(e), jnp.asarray(c), jnp.asarray(t))
@@ -230,8 +245,9 @@ def test_callback_path_runs(monkeypatch):
     monkeypatch.setattr(gpu.BRIDGE, "launch_forward", lambda *a, **k: (calls.append("f"), fwd(*a, **k))[1])
     monkeypatch.setattr(gpu.BRIDGE, "launch_backward", lambda *a, **k: (calls.append("b"), bwd(*a, **k))[1])
     e, c, t, _ = make_problem(64, 32, 200, "float32")
-    jax.jit(jax.grad(lambda e_: linear_cross_entropy(e_, jnp.asarray(c), jnp.asarray(t),
-                                                     command_buffer_compatible=False)))(jnp.asarray(e))
+    jax.jit(
+        jax.grad(lambda e_: linear_cross_entropy(e_, jnp.asarray(c), jnp.asarray(t), command_buffer_compatible=False))
+    )(jnp.asarray(e))
     assert calls == ["f", "b"]
 
 
@@ -251,7 +267,8 @@ def test_xla_temp_memory(cbc):
     c = jax.ShapeDtypeStruct((v, d), jnp.bfloat16)
     t = jax.ShapeDtypeStruct((n,), jnp.int32)
     f = jax.value_and_grad(
-        lambda e_, c_, t_: linear_cross_entropy(e_, c_, t_, command_buffer_compatible=cbc), argnums=(0, 1))
+        lambda e_, c_, t_: linear_cross_entropy(e_, c_, t_, command_buffer_compatible=cbc), argnums=(0, 1)
+    )
     mem = jax.jit(f).lower(e, c, t).compile().memory_analysis()
     grads = (n * d + v * d) * 2
     limit = (64 << 20) + grads

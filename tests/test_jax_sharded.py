@@ -33,8 +33,15 @@ DEVICES = 4
 # from separate backward programs. GPUs issue collectives in program order: no such split is
 # needed in real use.
 MESHES = {"4": (None, 4), "2x2": (2, 2), "1x4": (1, 4)}
-ALL = {"reduction": "none", "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-2, "shift": True,
-       "return_lse": True, "return_z_loss": True}
+ALL = {
+    "reduction": "none",
+    "softcap": 3.0,
+    "label_smoothing": 0.1,
+    "z_loss": 1e-2,
+    "shift": True,
+    "return_lse": True,
+    "return_z_loss": True,
+}
 # name: (mesh, V, options, bias, variant)
 CASES = {
     **{f"all_bias_{m}": (m, 37, ALL, True, None) for m in MESHES},
@@ -83,8 +90,9 @@ def _sharded_fn(mesh, dp_axis, v, opts, variant):
     from jax_bindings import linear_cross_entropy, make_vocab_parallel_loss
 
     if variant != "inside":
-        return make_vocab_parallel_loss(mesh, vocab_size=v, tp_axis="tp", dp_axis=dp_axis,
-                                        check_vma=variant != "no_vma", **opts)
+        return make_vocab_parallel_loss(
+            mesh, vocab_size=v, tp_axis="tp", dp_axis=dp_axis, check_vma=variant != "no_vma", **opts
+        )
 
     # jax.grad inside the shard_map body (check_vma=True), through the public entry point's
     # vocab_parallel_axis: returns (loss, de, dc, db). dE (summed over tp) and dC, dbias (summed
@@ -92,21 +100,28 @@ def _sharded_fn(mesh, dp_axis, v, opts, variant):
     def body(argnums):
         def grads(e, c, t, b):
             def lf(e_, c_, b_):
-                return linear_cross_entropy(e_, c_, t, b_, vocab_parallel_axis="tp", vocab_size=v,
-                                            data_parallel_axis=dp_axis, **opts)
+                return linear_cross_entropy(
+                    e_, c_, t, b_, vocab_parallel_axis="tp", vocab_size=v, data_parallel_axis=dp_axis, **opts
+                )
 
             loss, g = jax.value_and_grad(lf, argnums=argnums)(e, c, b)
             return (loss, *g)
+
         return grads
 
     tok = P(dp_axis)
     specs = {0: tok, 1: P("tp", None), 2: P("tp")}
-    g_e, g_cb = (jax.shard_map(body(a), mesh=mesh, in_specs=(tok, P("tp", None), tok, P("tp")),
-                               out_specs=(P(), *(specs[i] for i in a))) for a in ((0,), (1, 2)))
+    g_e, g_cb = (
+        jax.shard_map(
+            body(a), mesh=mesh, in_specs=(tok, P("tp", None), tok, P("tp")), out_specs=(P(), *(specs[i] for i in a))
+        )
+        for a in ((0,), (1, 2))
+    )
 
     def fn(e, c, t, b):
         loss, de = g_e(e, c, t, b)
         return (loss, de, *g_cb(e, c, t, b)[1:])
+
     return fn
 
 
@@ -184,15 +199,19 @@ def _run_padded_target_case() -> dict:
     sh = shard_classifier(jnp.asarray(c), mesh, bias=jnp.asarray(b))
     fn = make_vocab_parallel_loss(mesh, vocab_size=v, reduction="none")
     out = np.asarray(jax.jit(fn)(jnp.asarray(e), sh.c, jnp.asarray(t), sh.bias))
-    ref = np.asarray(linear_cross_entropy(jnp.asarray(e), jnp.asarray(c), jnp.asarray(t), jnp.asarray(b),
-                                          reduction="none"))
+    ref = np.asarray(
+        linear_cross_entropy(jnp.asarray(e), jnp.asarray(c), jnp.asarray(t), jnp.asarray(b), reduction="none")
+    )
     bad = t >= v
     ok = ~bad
-    mean = float(jax.jit(make_vocab_parallel_loss(mesh, vocab_size=v))(jnp.asarray(e), sh.c, jnp.asarray(t),
-                                                                        sh.bias))
-    return {"bad_all_nan": bool(np.isnan(out[bad]).all()), "ref_bad_all_nan": bool(np.isnan(ref[bad]).all()),
-            "others": _rel(out[ok], ref[ok]), "others_finite": bool(np.isfinite(out[ok]).all()),
-            "mean_is_nan": bool(np.isnan(mean))}
+    mean = float(jax.jit(make_vocab_parallel_loss(mesh, vocab_size=v))(jnp.asarray(e), sh.c, jnp.asarray(t), sh.bias))
+    return {
+        "bad_all_nan": bool(np.isnan(out[bad]).all()),
+        "ref_bad_all_nan": bool(np.isnan(ref[bad]).all()),
+        "others": _rel(out[ok], ref[ok]),
+        "others_finite": bool(np.isfinite(out[ok]).all()),
+        "mean_is_nan": bool(np.isnan(mean)),
+    }
 
 
 def _worker(names: list[str]) -> None:
@@ -223,9 +242,11 @@ def _results() -> dict:
     # worker, six workers at most. Any other failure fails the tests at once. (On GPUs XLA
     # issues each device's collectives in program order on its own stream.) Single-threaded
     # Eigen keeps the device threads from oversubscribing the cores.
-    flags = (f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false"
-             " --xla_cpu_collective_call_warn_stuck_timeout_seconds=30"
-             " --xla_cpu_collective_call_terminate_timeout_seconds=60")
+    flags = (
+        f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false"
+        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=30"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=60"
+    )
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_ENABLE_X64", None)
@@ -233,8 +254,14 @@ def _results() -> dict:
     for attempt in range(1, 7):
         todo = [n for n in names if n not in results]
         code = f"import sys; sys.path.insert(0, {here!r}); import test_jax_sharded as m; m._worker({todo!r})"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(here),
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=os.path.dirname(here),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
                 results.update(json.loads(line))
@@ -242,8 +269,10 @@ def _results() -> dict:
             break
     missing = [n for n in names if n not in results]
     if proc.returncode != 0 or missing:
-        raise RuntimeError(f"sharded worker failed (rc {proc.returncode}, attempt {attempt}, missing {missing}):\n"
-                           f"{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"sharded worker failed (rc {proc.returncode}, attempt {attempt}, missing {missing}):\n"
+            f"{proc.stderr[-4000:]}"
+        )
     return results
 
 

@@ -85,8 +85,7 @@ def problems(draw):
     cot = {
         "loss": np.asarray(grad_loss, np.float32),
         "lse": rng.standard_normal(batch).astype(np.float32),
-        "z_loss": np.asarray(rng.standard_normal(batch) if reduction == "none" else rng.standard_normal(),
-                             np.float32),
+        "z_loss": np.asarray(rng.standard_normal(batch) if reduction == "none" else rng.standard_normal(), np.float32),
     }
     return arrays, opts, cot
 
@@ -162,7 +161,8 @@ def reference(e, c, t, bias, o: CCEOptions, grad_loss, grad_lse=None, grad_z_los
     }
     out["condition"] = max(
         np.linalg.norm(mags[k]) / np.linalg.norm(out[k]) if np.linalg.norm(out[k]) > 0 else 1.0
-        for k in mags if out[k] is not None
+        for k in mags
+        if out[k] is not None
     )
     return out
 
@@ -211,8 +211,7 @@ def _numpy_outputs(arrays, o: CCEOptions, cot, xp=np):
     with return_lse the gradients under an lse cotangent as well (`backward(grad_lse=...)`)."""
     e, c, t, b = (None if x is None else xp.asarray(x) for x in arrays)
     grad_loss = xp.asarray(cot["loss"])
-    named = _unpack(cce.linear_cross_entropy_with_grad(e, c, t, b, grad_loss=grad_loss, options=o), o,
-                    b is not None)
+    named = _unpack(cce.linear_cross_entropy_with_grad(e, c, t, b, grad_loss=grad_loss, options=o), o, b is not None)
     out = {"plain": named}
     if o.return_lse:
         grads = cce.backward(e, c, t, named["lse"], grad_loss, b, grad_lse=xp.asarray(cot["lse"]), options=o)
@@ -249,8 +248,13 @@ def test_jax_cpu_matches_float64_reference(problem, block_v):
 
     arrays, o, cot = problem
     dtype = np.dtype(arrays[0].dtype).name
-    ref = reference(*arrays, o, cot["loss"], grad_lse=cot["lse"] if o.return_lse else None,
-                    grad_z_loss=cot["z_loss"] if o.return_z_loss else None)
+    ref = reference(
+        *arrays,
+        o,
+        cot["loss"],
+        grad_lse=cot["lse"] if o.return_lse else None,
+        grad_z_loss=cot["z_loss"] if o.return_z_loss else None,
+    )
     assume(_well_conditioned(ref, dtype))
     e, c, t, b = (None if x is None else jnp.asarray(x) for x in arrays)
 

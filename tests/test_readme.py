@@ -73,7 +73,7 @@ def parse(text: str, source: str = "README.md") -> list[Program]:
             elif clause.startswith("replace"):
                 old_new = re.fullmatch(r'replace "([^"]+)" "([^"]*)"', clause)
                 if not old_new or old_new.group(1) not in code:
-                    raise ValueError(f"{where}: {clause!r} must be replace \"OLD\" \"NEW\" with OLD in the block")
+                    raise ValueError(f'{where}: {clause!r} must be replace "OLD" "NEW" with OLD in the block')
                 code = code.replace(old_new.group(1), old_new.group(2))
             else:
                 raise ValueError(f"{where}: unknown readme-test directive {clause!r}")
@@ -97,8 +97,9 @@ def test_readme_block_runs(doc, prog, tmp_path):
         pytest.skip(prog.skip)
     env = dict(os.environ, JAX_PLATFORMS="cpu", **prog.env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", prog.code], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", prog.code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"{doc}:{prog.lines} failed:\n{prog.code}\n{proc.stderr[-3000:]}"
 
 

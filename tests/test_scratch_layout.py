@@ -14,8 +14,9 @@ FILTER = CCEOptions(filter_eps="auto")
 
 
 @pytest.mark.parametrize("shape", [GEMMA2, LLAMA3, (65536, 4096, 256000), (7, 13, 129)])
-@pytest.mark.parametrize("opts", [CCEOptions(), FILTER, FILTER.replace(deterministic=True)],
-                         ids=["exact", "filter", "filter_deterministic"])
+@pytest.mark.parametrize(
+    "opts", [CCEOptions(), FILTER, FILTER.replace(deterministic=True)], ids=["exact", "filter", "filter_deterministic"]
+)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_scratch_bounded_and_counters_not_overlapped(shape, opts, dtype):
     n, d, v = shape
@@ -48,8 +49,20 @@ def test_sparse_slots_rules():
     assert cuda_plan.sparse_slots(1 << 20, 2304, np.dtype("float16"), FILTER) == 0  # < SPARSE_MIN_SLOTS a row
 
 
-@pytest.mark.parametrize("n,v", [(8192, 256000), (8192, 128256), (2048, 8192), (1408, 11776), (65536, 256000),
-                                 (1, 1), (7, 129), (128, 257), (300000, 32000)])
+@pytest.mark.parametrize(
+    "n,v",
+    [
+        (8192, 256000),
+        (8192, 128256),
+        (2048, 8192),
+        (1408, 11776),
+        (65536, 256000),
+        (1, 1),
+        (7, 129),
+        (128, 257),
+        (300000, 32000),
+    ],
+)
 def test_hopper_forward_splits_cover_v_within_limits(n, v):
     """Every column in exactly one split, whole 256-column tiles, at most HOPPER_MAX_BLOCK_TILES of
     them a block where the partials fit FORWARD_PARTIALS_BYTES, and no empty split."""
@@ -79,8 +92,9 @@ def test_hopper_schedule_length_model():
     assert 4 <= per_split // cuda_plan.HOPPER_TILE_N <= 12
 
 
-@pytest.mark.parametrize("shape,plan", [(GEMMA2, (2048, 8192)), (LLAMA3, (2048, 6144)),
-                                        ((6500, 2304, 256000), (2176, 7680))])
+@pytest.mark.parametrize(
+    "shape,plan", [(GEMMA2, (2048, 8192)), (LLAMA3, (2048, 6144)), ((6500, 2304, 256000), (2176, 7680))]
+)
 def test_backward_blocking_keeps_the_measured_plans(shape, plan):
     """The (rows a part, chunk columns) that measured fastest on the H100 (NOTES.md, b1): the
     blocking rule must keep producing them for 16-bit inputs."""

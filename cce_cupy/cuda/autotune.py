@@ -85,8 +85,9 @@ class TuningCache:
         if not isinstance(data, dict):
             return {}
         # bool is an int: reject it; Infinity, null, lists, dicts and other ints are not choices.
-        return {k: v for k, v in data.items()
-                if isinstance(v, int) and not isinstance(v, bool) and v in HOPPER_CLUSTERS}
+        return {
+            k: v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool) and v in HOPPER_CLUSTERS
+        }
 
     def _load(self) -> dict[str, int]:
         if self._mem is None:
@@ -160,16 +161,18 @@ def _cache(path: str) -> TuningCache:
 _FOUND: dict[tuple, int] = {}
 
 
-def hopper_cluster(gpu: str, dtype: str, n: int, d: int, v: int,
-                   time_candidate: Callable[[int], float] | None = None) -> int:
+def hopper_cluster(
+    gpu: str, dtype: str, n: int, d: int, v: int, time_candidate: Callable[[int], float] | None = None
+) -> int:
     """CLUSTER for the Hopper kernels of this call: forced, cached, tuned (when time_candidate is
     given) or DEFAULT_CLUSTER."""
     forced = os.environ.get("CCE_CUPY_HOPPER_CLUSTER", "").strip()
     if forced:  # empty is unset
         allowed = [str(cl) for cl in HOPPER_CLUSTERS]
         if forced not in allowed:
-            raise ValueError(f"CCE_CUPY_HOPPER_CLUSTER must be one of {', '.join(allowed)} (or unset, to tune), "
-                             f"got {forced!r}")
+            raise ValueError(
+                f"CCE_CUPY_HOPPER_CLUSTER must be one of {', '.join(allowed)} (or unset, to tune), got {forced!r}"
+            )
         return int(forced)
     memo = (os.environ.get("CCE_CUPY_AUTOTUNE_CACHE"), os.environ.get("XDG_CACHE_HOME"), gpu, dtype, n, d, v)
     found = _FOUND.get(memo)

@@ -41,8 +41,22 @@ from cce_cupy.cuda.sparse import _sparse_backward
 from cce_cupy.options import CCEOptions, dtype_eps
 
 
-def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, de_out, dc_out, dbias_out=None,
-                    scratch=None, use_cublas: bool = True, host_sync: bool = True):
+def launch_backward(
+    e,
+    c,
+    targets,
+    bias,
+    opts: CCEOptions,
+    lse,
+    coef_p,
+    coef_q,
+    de_out,
+    dc_out,
+    dbias_out=None,
+    scratch=None,
+    use_cublas: bool = True,
+    host_sync: bool = True,
+):
     """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
 
     Exact gradients: a recompute kernel writes the logit gradient of one (row part, vocabulary
@@ -87,23 +101,55 @@ def launch_backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, 
     if slots and hopper and _aligned(de_out, dc_out, ld=d):
         counts = buf("counts", np.int32, (1 + n + v,))
         lists = {name: buf(name, np.int32, (-1,)) for name in ("col_start", "entries", "by_col")}
-        overflow = _sparse_backward(e, c, targets, bias, opts, eps, lse, coef_p, coef_q, de_out, dc_out, dbias_out,
-                                    counts, lists, slots, cluster)
+        overflow = _sparse_backward(
+            e,
+            c,
+            targets,
+            bias,
+            opts,
+            eps,
+            lse,
+            coef_p,
+            coef_q,
+            de_out,
+            dc_out,
+            dbias_out,
+            counts,
+            lists,
+            slots,
+            cluster,
+        )
         if not host_sync:
             run_if = overflow  # the tiled kernels below run only if the sparse lists overflowed
         elif not int(overflow.get()[0]):
             return
     plan = _BackwardPlan(
-        opts=opts, eps=eps, vc_max=vc_max,
+        opts=opts,
+        eps=eps,
+        vc_max=vc_max,
         G=buf("G", e.dtype, (rows, vc_max)),
         flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
         de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
-        hopper=hopper, use_cublas=use_cublas and eps is None, cluster=cluster, run_if=run_if,
+        hopper=hopper,
+        use_cublas=use_cublas and eps is None,
+        cluster=cluster,
+        run_if=run_if,
     )
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        plan.run_part(e[r0:r1], c, targets[r0:r1], bias, lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], de_out[r0:r1],
-                      dc_out, dbias_out, first_part=(r0 == 0))
+        plan.run_part(
+            e[r0:r1],
+            c,
+            targets[r0:r1],
+            bias,
+            lse[r0:r1],
+            coef_p[r0:r1],
+            coef_q[r0:r1],
+            de_out[r0:r1],
+            dc_out,
+            dbias_out,
+            first_part=(r0 == 0),
+        )
 
 
 class _BackwardPlan:
@@ -111,7 +157,14 @@ class _BackwardPlan:
 
     def __init__(self, opts, eps, vc_max, G, flags, de_acc, hopper, use_cublas, cluster, run_if=None):
         self.opts, self.eps, self.vc_max, self.G, self.flags, self.de_acc, self.hopper = (
-            opts, eps, vc_max, G, flags, de_acc, hopper)
+            opts,
+            eps,
+            vc_max,
+            G,
+            flags,
+            de_acc,
+            hopper,
+        )
         self.use_cublas = use_cublas
         self.cluster = cluster  # of the Hopper recompute kernel
         # None, or a device flag: every kernel does nothing unless it is set (the sparse path's fallback).
@@ -124,14 +177,33 @@ class _BackwardPlan:
         G = self.G[:n]
         use_filter = self.eps is not None
         if self.hopper:
-            grad_logits = get_kernel("lce_hopper.cu", template_name(
-                "lce_grad_logits_sm90", self.cluster, e.dtype, e.dtype, bias is not None, opts.softcap is not None,
-                use_filter, targets.dtype))
+            grad_logits = get_kernel(
+                "lce_hopper.cu",
+                template_name(
+                    "lce_grad_logits_sm90",
+                    self.cluster,
+                    e.dtype,
+                    e.dtype,
+                    bias is not None,
+                    opts.softcap is not None,
+                    use_filter,
+                    targets.dtype,
+                ),
+            )
             grad_smem, grad_threads = HOPPER_SMEM_BYTES, HOPPER_THREADS
         else:
-            grad_logits = get_kernel("lce_backward.cu", template_name(
-                "lce_grad_logits", e.dtype, e.dtype, bias is not None, opts.softcap is not None, use_filter,
-                targets.dtype))
+            grad_logits = get_kernel(
+                "lce_backward.cu",
+                template_name(
+                    "lce_grad_logits",
+                    e.dtype,
+                    e.dtype,
+                    bias is not None,
+                    opts.softcap is not None,
+                    use_filter,
+                    targets.dtype,
+                ),
+            )
             grad_smem, grad_threads = GEMM_SMEM_BYTES, THREADS
         g_aligned = _aligned(G, ld=vc_max)
         if self.hopper and not g_aligned:  # its 16-byte stores; the scratch layout guarantees this
@@ -153,10 +225,29 @@ class _BackwardPlan:
             else:
                 operands, grid, tail = (e, c), (_cdiv(n, TILE_M), _cdiv(vc, TILE_N)), (aligned_in,)
             grad_logits(
-                grid, (grad_threads,),
-                (*operands, _ptr(bias), targets, lse, coef_p, coef_q, G, _ptr(flags), np.int32(n), np.int32(v),
-                 np.int32(d), np.int32(v0), np.int32(vc), np.int64(vc_max), np.float32(opts.softcap or 0.0),
-                 np.float32(opts.label_smoothing), np.float32(self.eps or 0.0), *tail, self.run_if),
+                grid,
+                (grad_threads,),
+                (
+                    *operands,
+                    _ptr(bias),
+                    targets,
+                    lse,
+                    coef_p,
+                    coef_q,
+                    G,
+                    _ptr(flags),
+                    np.int32(n),
+                    np.int32(v),
+                    np.int32(d),
+                    np.int32(v0),
+                    np.int32(vc),
+                    np.int64(vc_max),
+                    np.float32(opts.softcap or 0.0),
+                    np.float32(opts.label_smoothing),
+                    np.float32(self.eps or 0.0),
+                    *tail,
+                    self.run_if,
+                ),
                 shared_mem=grad_smem,
             )
             Gc = G[:, :vc]
@@ -174,19 +265,31 @@ class _BackwardPlan:
                 if de_final is not None:
                     de_final[...] = de_target
             else:
-                self._gemms_tiled(Gc, e, c[v0 : v0 + vc], dc_chunk, de_target, de_accumulate, de_final, flag_cols,
-                                     first_part, aligned_g)
+                self._gemms_tiled(
+                    Gc,
+                    e,
+                    c[v0 : v0 + vc],
+                    dc_chunk,
+                    de_target,
+                    de_accumulate,
+                    de_final,
+                    flag_cols,
+                    first_part,
+                    aligned_g,
+                )
             if dbias_out is not None:
-                bias_grad = get_kernel("reductions.cu", template_name(
-                    "lce_bias_grad", e.dtype, dbias_out.dtype, not first_part))
+                bias_grad = get_kernel(
+                    "reductions.cu", template_name("lce_bias_grad", e.dtype, dbias_out.dtype, not first_part)
+                )
                 bias_grad(
-                    (_cdiv(vc, 32),), (32, 32),
-                    (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0),
-                     self.run_if),
+                    (_cdiv(vc, 32),),
+                    (32, 32),
+                    (G, _ptr(flags), dbias_out, np.int32(n), np.int32(vc), np.int64(vc_max), np.int32(v0), self.run_if),
                 )
 
-    def _gemms_tiled(self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part,
-                        aligned_g):
+    def _gemms_tiled(
+        self, Gc, e, c_chunk, dc_chunk, de_target, de_accumulate, de_final, flag_cols, first_part, aligned_g
+    ):
         """dC and dE of one chunk with our tiled GEMMs (skipping the K-blocks of dead tiles when filtering)."""
         n, d = e.shape
         vc = c_chunk.shape[0]
@@ -198,9 +301,25 @@ class _BackwardPlan:
 
         # dC = G^T @ E   (M = vc, N = d, K = n); later row parts add to it (mode 1)
         gemm(dc_chunk, False, 0 if first_part else 1)(
-            (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
-            (Gc, e, dc_chunk, _null(), _ptr(self.flags), flag_ld, np.int32(2), np.int32(vc), np.int32(d),
-             np.int32(n), ld_g, np.int64(d), np.int64(d), aligned_g, self.run_if),
+            (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)),
+            (THREADS,),
+            (
+                Gc,
+                e,
+                dc_chunk,
+                _null(),
+                _ptr(self.flags),
+                flag_ld,
+                np.int32(2),
+                np.int32(vc),
+                np.int32(d),
+                np.int32(n),
+                ld_g,
+                np.int64(d),
+                np.int64(d),
+                aligned_g,
+                self.run_if,
+            ),
             shared_mem=GEMM_SMEM_BYTES,
         )
         # dE = G @ C_chunk   (M = n, N = d, K = vc); the last chunk of a 16-bit dE folds the
@@ -210,9 +329,25 @@ class _BackwardPlan:
         else:
             target, mode, acc_in = de_target, (1 if de_accumulate else 0), _null()
         gemm(target, True, mode)(
-            (_cdiv(n, TILE_M), _cdiv(d, TILE_N)), (THREADS,),
-            (Gc, c_chunk, target, acc_in, _ptr(self.flags), flag_ld, np.int32(1), np.int32(n), np.int32(d),
-             np.int32(vc), ld_g, np.int64(d), np.int64(d), aligned_g, self.run_if),
+            (_cdiv(n, TILE_M), _cdiv(d, TILE_N)),
+            (THREADS,),
+            (
+                Gc,
+                c_chunk,
+                target,
+                acc_in,
+                _ptr(self.flags),
+                flag_ld,
+                np.int32(1),
+                np.int32(n),
+                np.int32(d),
+                np.int32(vc),
+                ld_g,
+                np.int64(d),
+                np.int64(d),
+                aligned_g,
+                self.run_if,
+            ),
             shared_mem=GEMM_SMEM_BYTES,
         )
 

@@ -24,8 +24,9 @@ def kernels_from_env() -> str:
     if not value:
         return "auto"
     if value not in KERNEL_FAMILIES:
-        raise ValueError(f"CCE_CUPY_KERNELS must be one of {', '.join(KERNEL_FAMILIES)} (or unset: auto), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"CCE_CUPY_KERNELS must be one of {', '.join(KERNEL_FAMILIES)} (or unset: auto), got {value!r}"
+        )
     return value
 
 
@@ -70,8 +71,11 @@ def tma_desc(a, box_rows: int) -> np.ndarray:
         "float32": driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
     }
     err, tmap = driver.cuTensorMapEncodeTiled(
-        dtypes[a.dtype.name], 2, a.data.ptr,
-        [driver.cuuint64_t(d), driver.cuuint64_t(max(rows, 1))], [driver.cuuint64_t(a.strides[0])],
+        dtypes[a.dtype.name],
+        2,
+        a.data.ptr,
+        [driver.cuuint64_t(d), driver.cuuint64_t(max(rows, 1))],
+        [driver.cuuint64_t(a.strides[0])],
         [driver.cuuint32_t(128 // a.itemsize), driver.cuuint32_t(box_rows)],
         [driver.cuuint32_t(1), driver.cuuint32_t(1)],
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -148,11 +152,25 @@ def _gemm_rowmajor(a, b, out, *, trans_a: bool, accumulate: bool) -> None:
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     cublas.gemmEx(
-        handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N if not trans_a else cublas.CUBLAS_OP_T, n, m, k,
-        alpha.ctypes.data, b.data.ptr, _CUDA_DTYPES[b.dtype.name], b.strides[0] // b.itemsize,
-        a.data.ptr, _CUDA_DTYPES[a.dtype.name], a.strides[0] // a.itemsize,
-        beta.ctypes.data, out.data.ptr, _CUDA_DTYPES[out.dtype.name], out.strides[0] // out.itemsize,
-        _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT,
+        handle,
+        cublas.CUBLAS_OP_N,
+        cublas.CUBLAS_OP_N if not trans_a else cublas.CUBLAS_OP_T,
+        n,
+        m,
+        k,
+        alpha.ctypes.data,
+        b.data.ptr,
+        _CUDA_DTYPES[b.dtype.name],
+        b.strides[0] // b.itemsize,
+        a.data.ptr,
+        _CUDA_DTYPES[a.dtype.name],
+        a.strides[0] // a.itemsize,
+        beta.ctypes.data,
+        out.data.ptr,
+        _CUDA_DTYPES[out.dtype.name],
+        out.strides[0] // out.itemsize,
+        _CUBLAS_COMPUTE_32F,
+        _CUBLAS_GEMM_DEFAULT,
     )
 
 

@@ -33,8 +33,9 @@ from cce_cupy.cuda.sources import (
 from cce_cupy.options import CCEOptions
 
 
-def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None,
-                   tune: bool = True):
+def launch_forward(
+    e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None, tune: bool = True
+):
     """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
 
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
@@ -63,35 +64,74 @@ def launch_forward(e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scra
     if hopper:
 
         def run_partials(cluster: int) -> None:
-            partials = get_kernel("lce_hopper.cu",
-                                  template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
+            partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
             partials(
-                (hopper_row_blocks(n, cluster), splits), (HOPPER_THREADS,),
-                (*hopper_operands(e, c, cluster), _ptr(bias), part, np.int32(n),
-                 np.int32(v), np.int32(d), np.int32(per_split), softcap),
+                (hopper_row_blocks(n, cluster), splits),
+                (HOPPER_THREADS,),
+                (
+                    *hopper_operands(e, c, cluster),
+                    _ptr(bias),
+                    part,
+                    np.int32(n),
+                    np.int32(v),
+                    np.int32(d),
+                    np.int32(per_split),
+                    softcap,
+                ),
                 shared_mem=HOPPER_SMEM_BYTES,
             )
 
         def time_candidate(cluster: int) -> float:
             return autotune.time_on_stream(lambda: run_partials(cluster))
 
-        run_partials(autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v,
-                                             time_candidate if tune else None))
+        run_partials(
+            autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v, time_candidate if tune else None)
+        )
     else:
         partials = get_kernel("lce_forward.cu", template_name("lce_forward_partials", e.dtype, *flags, targets.dtype))
         partials(
-            (_cdiv(n, TILE_M), splits), (THREADS,),
-            (e, c, _ptr(bias), targets, part, y_target, np.int32(n), np.int32(v), np.int32(d), np.int32(per_split),
-             softcap, np.int32(_aligned(e, c, ld=d))),
+            (_cdiv(n, TILE_M), splits),
+            (THREADS,),
+            (
+                e,
+                c,
+                _ptr(bias),
+                targets,
+                part,
+                y_target,
+                np.int32(n),
+                np.int32(v),
+                np.int32(d),
+                np.int32(per_split),
+                softcap,
+                np.int32(_aligned(e, c, ld=d)),
+            ),
             shared_mem=GEMM_SMEM_BYTES,
         )
     finish = get_kernel("lce_forward.cu", template_name("lce_forward_finish", e.dtype, *flags, targets.dtype))
     rows_per_block = THREADS // 32
     finish(
-        (_cdiv(n, rows_per_block),), (THREADS,),
-        (e, c, _ptr(bias), targets, part, _ptr(y_target), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
-         np.int32(d), np.int32(splits), softcap, np.float32(opts.label_smoothing), np.int64(opts.ignore_index),
-         np.int32(hopper and e.dtype == np.float32)),
+        (_cdiv(n, rows_per_block),),
+        (THREADS,),
+        (
+            e,
+            c,
+            _ptr(bias),
+            targets,
+            part,
+            _ptr(y_target),
+            lse_out,
+            tgt_out,
+            bad_target,
+            np.int32(n),
+            np.int32(v),
+            np.int32(d),
+            np.int32(splits),
+            softcap,
+            np.float32(opts.label_smoothing),
+            np.int64(opts.ignore_index),
+            np.int32(hopper and e.dtype == np.float32),
+        ),
     )
 
 

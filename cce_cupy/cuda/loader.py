@@ -26,10 +26,15 @@ from cce_cupy.cuda.sources import (
 )
 
 # Kernels that need more than 48 KiB of dynamic shared memory, and how much at most.
-_TILED_KERNELS = {"lce_forward_partials": GEMM_SMEM_BYTES, "lce_grad_logits": GEMM_SMEM_BYTES,
-                  "lce_gemm": GEMM_SMEM_BYTES, "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
-                  "lce_grad_logits_sm90": HOPPER_SMEM_BYTES, "lce_grad_sparse_sm90": HOPPER_SMEM_BYTES,
-                  "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX}
+_TILED_KERNELS = {
+    "lce_forward_partials": GEMM_SMEM_BYTES,
+    "lce_grad_logits": GEMM_SMEM_BYTES,
+    "lce_gemm": GEMM_SMEM_BYTES,
+    "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
+    "lce_grad_logits_sm90": HOPPER_SMEM_BYTES,
+    "lce_grad_sparse_sm90": HOPPER_SMEM_BYTES,
+    "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX,
+}
 
 log = logging.getLogger("cce_cupy")
 # Loaded modules and functions are per device (a CUDA function handle belongs to one context), so
@@ -79,8 +84,7 @@ def _prebuilt_module(device: int, filename: str, group: str):
 def _runtime_module(filename: str, names):
     import cupy
 
-    return cupy.RawModule(code=kernel_source(filename), options=compile_options(filename),
-                          name_expressions=list(names))
+    return cupy.RawModule(code=kernel_source(filename), options=compile_options(filename), name_expressions=list(names))
 
 
 def _load_function(device: int, filename: str, name_expression: str, whole_group: bool = False):
@@ -107,7 +111,8 @@ def _load_function(device: int, filename: str, name_expression: str, whole_group
         smem = _TILED_KERNELS.get(name_expression.split("<")[0])
         if smem:
             cupy.cuda.driver.funcSetAttribute(
-                fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                fn.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem
+            )
         return fn
 
 
@@ -169,8 +174,9 @@ def preload(devices=None, dtypes=None) -> int:
 def _compile_group(filename: str, group: str) -> None:
     import cupy
 
-    cupy.RawModule(code=kernel_source(filename), options=compile_options(filename),
-                   name_expressions=module_groups(filename)[group]).get_function(module_groups(filename)[group][0])
+    cupy.RawModule(
+        code=kernel_source(filename), options=compile_options(filename), name_expressions=module_groups(filename)[group]
+    ).get_function(module_groups(filename)[group][0])
 
 
 def precompile(workers: int | None = None) -> int:

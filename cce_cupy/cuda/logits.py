@@ -32,18 +32,32 @@ def launch_cross_entropy(logits, targets, opts: CCEOptions, lse_out, tgt_out, ro
     flags = (opts.softcap is not None, opts.label_smoothing > 0.0)
     cluster = ce_cluster_size(logits) if row_grad is not None else None
     if cluster is None:
-        kernel = get_kernel("reductions.cu", template_name("ce_logits", logits.dtype, targets.dtype, *flags,
-                                                           row_grad is not None))
+        kernel = get_kernel(
+            "reductions.cu", template_name("ce_logits", logits.dtype, targets.dtype, *flags, row_grad is not None)
+        )
         grid, smem = (n,), 0
     else:
-        kernel = get_kernel("reductions.cu", template_name("ce_logits_inplace_cluster", logits.dtype, targets.dtype,
-                                                           *flags, cluster))
+        kernel = get_kernel(
+            "reductions.cu", template_name("ce_logits_inplace_cluster", logits.dtype, targets.dtype, *flags, cluster)
+        )
         grid, smem = (n * cluster,), _ce_slice_bytes(v, logits.itemsize, cluster)
     kernel(
-        grid, (THREADS,),
-        (logits, targets, _ptr(row_grad), lse_out, tgt_out, bad_target, np.int32(n), np.int32(v),
-         np.float32(opts.softcap or 0.0), np.float32(opts.label_smoothing), np.float32(opts.z_loss),
-         np.int64(opts.ignore_index)),
+        grid,
+        (THREADS,),
+        (
+            logits,
+            targets,
+            _ptr(row_grad),
+            lse_out,
+            tgt_out,
+            bad_target,
+            np.int32(n),
+            np.int32(v),
+            np.float32(opts.softcap or 0.0),
+            np.float32(opts.label_smoothing),
+            np.float32(opts.z_loss),
+            np.int64(opts.ignore_index),
+        ),
         shared_mem=smem,
     )
 

@@ -73,8 +73,9 @@ def forward_splits(n: int, v: int, tile_n: int = TILE_N) -> tuple[int, int]:
         # HOPPER_MAX_BLOCK_TILES tiles a block (NOTES.md v10: 500-tile blocks were 10-15% slower),
         # and at most FORWARD_PARTIALS_BYTES of partials.
         max_splits = max(1, FORWARD_PARTIALS_BYTES // (12 * n))
-        candidates = [t for t in range(1, min(col_tiles, HOPPER_MAX_BLOCK_TILES) + 1)
-                      if _cdiv(col_tiles, t) <= max_splits] or [_cdiv(col_tiles, max_splits)]
+        candidates = [
+            t for t in range(1, min(col_tiles, HOPPER_MAX_BLOCK_TILES) + 1) if _cdiv(col_tiles, t) <= max_splits
+        ] or [_cdiv(col_tiles, max_splits)]
         per_tiles = min(candidates, key=lambda t: (_hopper_schedule_length(row_blocks, col_tiles, t), -t))
         splits = _cdiv(col_tiles, per_tiles)
     else:

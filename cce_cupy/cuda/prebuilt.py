@@ -64,8 +64,13 @@ def module_id(arch: str, filename: str, group: str) -> str:
 def module_key(arch: str, filename: str, group: str) -> str:
     """Hash of everything the module's cubin is compiled from (not the machine's include paths)."""
     h = hashlib.sha256()
-    for part in (sources.kernel_source(filename), *sources.compile_options(filename),
-                 *CUPY_ADDED_OPTIONS, arch, *sources.module_groups(filename)[group]):
+    for part in (
+        sources.kernel_source(filename),
+        *sources.compile_options(filename),
+        *CUPY_ADDED_OPTIONS,
+        arch,
+        *sources.module_groups(filename)[group],
+    ):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -73,8 +78,7 @@ def module_key(arch: str, filename: str, group: str) -> str:
 
 def all_modules() -> list[tuple[str, str, str]]:
     """(arch, file, group) of every module the prebuilt set holds."""
-    return [(arch, f, g) for f in sources.KERNEL_FILES for arch in file_archs(f)
-            for g in sources.module_groups(f)]
+    return [(arch, f, g) for f in sources.KERNEL_FILES for arch in file_archs(f) for g in sources.module_groups(f)]
 
 
 @functools.cache
@@ -114,7 +118,9 @@ def _build_one(arch: str, filename: str, group: str) -> tuple[str, dict]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return module_id(arch, filename, group), {
-        "key": module_key(arch, filename, group), "file": rel, "sha256": hashlib.sha256(data).hexdigest(),
+        "key": module_key(arch, filename, group),
+        "file": rel,
+        "sha256": hashlib.sha256(data).hexdigest(),
         "lowered": lowered,
     }
 
@@ -174,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     n = build(args.jobs)
     total = sum(p.stat().st_size for p in PREBUILT_DIR.glob("*/*.cubin.xz"))
-    print(f"compiled {n} of {len(all_modules())} modules in {time.time() - t0:.0f} s; "
-          f"prebuilt set {total / 2**20:.1f} MiB")
+    print(
+        f"compiled {n} of {len(all_modules())} modules in {time.time() - t0:.0f} s; "
+        f"prebuilt set {total / 2**20:.1f} MiB"
+    )
     return 0
 
 

@@ -49,7 +49,11 @@ CE_SLICE_BYTES_SHARED_SM = 112 * 1024
 CE_SLICE_BYTES_MAX = 200 * 1024
 
 _CXX_TYPES = {
-    "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int", "int64": "long long",
+    "float32": "float",
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "int32": "int",
+    "int64": "long long",
 }
 
 
@@ -97,37 +101,63 @@ def all_instances() -> dict[str, list[str]]:
     floats = ("float32", "float16", "bfloat16")
     idx = ("int32", "int64")
     b = (False, True)
-    fwd = [template_name("lce_forward_partials", t, *f, i) for t in floats for f in itertools.product(b, b, b)
-           for i in idx]
+    fwd = [
+        template_name("lce_forward_partials", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx
+    ]
     fwd += [
         template_name("lce_forward_finish", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx
     ]
     bwd = [
         template_name("lce_grad_logits", t, grad_chunk_dtype(t), *f, i)
-        for t in floats for f in itertools.product(b, b, b) for i in idx
+        for t in floats
+        for f in itertools.product(b, b, b)
+        for i in idx
     ]
     for t in floats:
         for out, a_kmajor, mode in gemm_variants(t):
             bwd.append(template_name("lce_gemm", t, out, a_kmajor, False, mode))
-    red = [template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc)
-           for t in floats for o in {t, "float32"} for acc in b]
+    red = [
+        template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc) for t in floats for o in {t, "float32"} for acc in b
+    ]
     red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
-    red += [template_name("ce_logits_inplace_cluster", t, i, *f, cl)
-            for t in floats for i in idx for f in itertools.product(b, b) for cl in CE_CLUSTER_SIZES]
-    hop = [template_name("lce_forward_partials_sm90", cl, t, *f)
-           for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES + ("float32",) for f in itertools.product(b, b, b)]
+    red += [
+        template_name("ce_logits_inplace_cluster", t, i, *f, cl)
+        for t in floats
+        for i in idx
+        for f in itertools.product(b, b)
+        for cl in CE_CLUSTER_SIZES
+    ]
+    hop = [
+        template_name("lce_forward_partials_sm90", cl, t, *f)
+        for cl in HOPPER_CLUSTERS
+        for t in HOPPER_DTYPES + ("float32",)
+        for f in itertools.product(b, b, b)
+    ]
     hop += [
         template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
-        for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b, b) for i in idx
+        for cl in HOPPER_CLUSTERS
+        for t in HOPPER_DTYPES
+        for f in itertools.product(b, b, b)
+        for i in idx
     ]
-    hop += [template_name("lce_grad_sparse_sm90", cl, t, *f, i)
-            for cl in HOPPER_CLUSTERS for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx]
+    hop += [
+        template_name("lce_grad_sparse_sm90", cl, t, *f, i)
+        for cl in HOPPER_CLUSTERS
+        for t in HOPPER_DTYPES
+        for f in itertools.product(b, b)
+        for i in idx
+    ]
     # The sparse backward runs after lce_grad_sparse_sm90, so only for the Hopper input types.
     sparse = ["sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
-    return {"lce_forward.cu": fwd, "lce_backward.cu": bwd, "reductions.cu": red, "lce_hopper.cu": hop,
-            "lce_sparse.cu": sparse}
+    return {
+        "lce_forward.cu": fwd,
+        "lce_backward.cu": bwd,
+        "reductions.cu": red,
+        "lce_hopper.cu": hop,
+        "lce_sparse.cu": sparse,
+    }
 
 
 def compile_options(filename: str) -> tuple[str, ...]:
