@@ -44,15 +44,15 @@ for step in "$@"; do
              --batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16 \
              --out "$OUT/train_first_step.json" 2>&1 | tail -3 | tee "$OUT/first_step.log" || rc=1
            python3 -c "import json; r = json.load(open('$OUT/train_first_step.json')); print('first step', r['first_step_s'], 's; compile', r['compile_s'], 's')" ;;
-    readme_shard) # the README's shard_map example, exactly as written, on this machine's GPUs
+    readme_shard) # the shard_map example of docs/sharding.md, exactly as written, on this machine's GPUs
            python3 -c "
 import re, pathlib
-blocks = re.findall(r'\\\`\\\`\\\`python\\n(.*?)\\\`\\\`\\\`', pathlib.Path('README.md').read_text(), re.S)
+blocks = re.findall(r'\\\`\\\`\\\`python\\n(.*?)\\\`\\\`\\\`', pathlib.Path('docs/sharding.md').read_text(), re.S)
 code = next(b for b in blocks if 'make_vocab_parallel_mesh(tp=2' in b)
 ns = {}
-exec(compile(code, 'README.md shard_map example', 'exec'), ns)
+exec(compile(code, 'docs/sharding.md shard_map example', 'exec'), ns)
 import jax
-print('README shard_map example on', jax.devices(), 'loss', float(ns['loss']), 'dc', ns['dc'].shape)
+print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['loss']), 'dc', ns['dc'].shape)
 " 2>&1 | tee "$OUT/readme_shard.log" || rc=1 ;;
     compare) # before/after: the CuPy calls of commit COMPARE_BEFORE (default a3f3ec5) against this checkout
            { rm -rf /tmp/old && mkdir -p /tmp/old && git archive "${COMPARE_BEFORE:-a3f3ec5}" | tar -x -C /tmp/old \
