@@ -183,7 +183,7 @@ def _kernel_backward(e, c, t, bias, lse, coef_p, coef_q, opts: CCEOptions, cfg: 
     """(dE, dC, dbias) of the single-device kernels (or reference), in the kernels' gradient dtype."""
     has_bias = bias is not None
     vma = _vma_union(e, c, t, bias, lse, coef_p, coef_q)
-    gdt = jax_reference.acc_dtype(e.dtype) if not cfg.kernels else grad_dtype(np.dtype(e.dtype), opts)
+    gdt = cfg.grad_dtype(e.dtype)  # what the kernels write under opts (cfg.kernel_options)
 
     def ref_fn(*a):
         e_, c_, t_, b_, lse_, p_, q_ = _with_bias(a, has_bias, 3)

@@ -172,11 +172,8 @@ def preload(devices=None, dtypes=None) -> int:
 
 
 def _compile_group(filename: str, group: str) -> None:
-    import cupy
-
-    cupy.RawModule(
-        code=kernel_source(filename), options=compile_options(filename), name_expressions=module_groups(filename)[group]
-    ).get_function(module_groups(filename)[group][0])
+    names = module_groups(filename)[group]
+    _runtime_module(filename, names).get_function(names[0])
 
 
 def precompile(workers: int | None = None) -> int:

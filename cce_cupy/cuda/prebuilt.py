@@ -61,6 +61,7 @@ def module_id(arch: str, filename: str, group: str) -> str:
     return f"{arch}/{filename}/{group}"
 
 
+@functools.cache  # every module load checks its key: hash each module's ~100 KB of source once
 def module_key(arch: str, filename: str, group: str) -> str:
     """Hash of everything the module's cubin is compiled from (not the machine's include paths)."""
     h = hashlib.sha256()
