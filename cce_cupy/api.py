@@ -35,6 +35,7 @@ from cce_cupy import numpy_backend
 from cce_cupy._arrays import _Kind, _take
 from cce_cupy._targets import _WATCH, _check_targets_now
 from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import budget as cuda_budget
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import logits as cuda_logits
 from cce_cupy.options import (
@@ -139,6 +140,34 @@ def _backward(call: _Call, lse, coef_p, coef_q):
     return de, dc, db
 
 
+def _fused_budgeted(call: _Call, g):
+    """(lse, tgt, de, dc, db) by the memory-budgeted path (cce_cupy.cuda.budget), or None where
+    it does not apply (no budget, NumPy, not the Hopper forward's inputs, a budget below one chunk)."""
+    xp = call.kind.xp
+    if call.opts.memory_budget == "lean" or xp is np or not cuda_budget.budget_applies(call.e, call.c, call.opts):
+        return None
+    n, d = call.e.shape
+    v = call.c.shape[0]
+    plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts)
+    if plan is None:
+        return None
+    gdt = grad_dtype(call.e.dtype, call.opts)
+    lse = xp.empty(n, dtype=xp.float32)
+    tgt = xp.empty(n, dtype=xp.float32)
+    de = xp.empty((n, d), dtype=gdt)
+    dc = xp.empty((v, d), dtype=gdt)
+    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    scratch = xp.empty(plan.nbytes, dtype=xp.uint8)
+    # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
+    _, row_grad = row_coefficients(xp, call.opts, call.valid, xp.zeros(n, dtype=xp.float32), g)
+    row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (n,)), dtype=xp.float32)
+    cuda_budget.launch_fused_budgeted(
+        call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad, lse, tgt, de, dc, db, scratch
+    )
+    _WATCH.after_launch(xp)
+    return lse, tgt, de, dc, db
+
+
 def _grad_loss_array(xp, grad_loss, call: _Call, name: str = "grad_loss"):
     """grad_loss as a float32 scalar, or (N,) for reduction="none" (a scalar is broadcast)."""
     g = xp.asarray(grad_loss, dtype=xp.float32)
@@ -215,11 +244,15 @@ def linear_cross_entropy_with_grad(
     call, _ = _prepare(e, c, targets, bias, options, option_kwargs)
     xp = call.kind.xp
     with _device_ctx(call):
-        lse, tgt = _forward(call)
-        loss, extras = _loss_outputs(call, lse, tgt)
         g = _grad_loss_array(xp, grad_loss, call)
-        coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse, g)
-        de, dc, db = _backward(call, lse, coef_p, coef_q)
+        fused = _fused_budgeted(call, g)
+        if fused is not None:
+            lse, tgt, de, dc, db = fused
+        else:
+            lse, tgt = _forward(call)
+            coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse, g)
+            de, dc, db = _backward(call, lse, coef_p, coef_q)
+        loss, extras = _loss_outputs(call, lse, tgt)
     grads = [de.reshape(*call.batch_shape, de.shape[-1]), dc] + ([db] if db is not None else [])
     return tuple(call.kind.back(x) for x in [loss, *grads, *extras])
 

@@ -64,6 +64,13 @@ class CCEOptions:
         allow_tf32: fp32 inputs on Hopper: the forward's matmul runs on TF32 tensor cores (10-bit
             mantissa products, fp32 accumulation: ~5x faster, logits ~1e-3 relative off, so the
             loss no longer meets fp32 accuracy). The backward stays exact fp32.
+        memory_budget: extra device memory, in bytes, that a call computing gradients may use
+            (`linear_cross_entropy_with_grad`; under JAX the custom_vjp forward when differentiated).
+            "lean" (default): the recompute path (tens of MiB; four GEMMs' work). A number of bytes:
+            where it fits a chunk of rows (bf16/fp16 on Hopper), the forward keeps each chunk's
+            softmax (fp16, 2 bytes a logit) and the backward reads it instead of recomputing: three
+            GEMMs' work, still exact (docs/design.md, "Memory budget"). Elsewhere, or when the budget
+            is too small for a chunk, the lean path runs (it needs less than any budget it declines).
     """
 
     ignore_index: int = -100
@@ -78,6 +85,7 @@ class CCEOptions:
     grad_dtype: str | None = None
     deterministic: bool = False
     allow_tf32: bool = False
+    memory_budget: int | str = "lean"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ignore_index, numbers.Integral) and not _is_bool(self.ignore_index)):
@@ -110,6 +118,19 @@ class CCEOptions:
             value = getattr(self, name)
             if value is not None and value != "auto":
                 object.__setattr__(self, name, float(value))
+        if self.memory_budget != "lean":
+            if not (isinstance(self.memory_budget, numbers.Integral) and not _is_bool(self.memory_budget)):
+                raise TypeError(
+                    f"memory_budget must be 'lean' or a number of bytes (an int, e.g. 4 << 30), got {self.memory_budget!r}"
+                )
+            if self.memory_budget <= 0:
+                raise ValueError(f"memory_budget must be a positive number of bytes or 'lean', got {self.memory_budget!r}")
+            if self.filter_eps is not None:
+                raise ValueError(
+                    "memory_budget keeps the softmax for an exact backward and filter_eps drops gradient "
+                    "elements: pass one of them (memory_budget='lean' or filter_eps=None)"
+                )
+            object.__setattr__(self, "memory_budget", int(self.memory_budget))
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be None or 'float32', got {self.grad_dtype!r}")
         for flag in ("shift", "return_lse", "return_z_loss", "deterministic", "allow_tf32"):

@@ -34,13 +34,26 @@ from cce_cupy.options import CCEOptions
 
 
 def launch_forward(
-    e, c, targets, bias, opts: CCEOptions, lse_out, tgt_out, scratch=None, bad_target=None, tune: bool = True
+    e,
+    c,
+    targets,
+    bias,
+    opts: CCEOptions,
+    lse_out,
+    tgt_out,
+    scratch=None,
+    bad_target=None,
+    tune: bool = True,
+    store=None,
 ):
     """Per-row lse and target term of softcap(e @ c.T + bias); see CONTRACT.md.
 
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
     (cce_cupy.cuda.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice
     or default.
+    store: None, or (s, scales) for the memory-budgeted backward (cce_cupy.cuda.budget; Hopper,
+    16-bit inputs only): s (N, lds) fp16 and scales (N, ceil(V / 256)) fp32 receive each row's
+    softmax as the STORE contract of lce_forward_partials_sm90 says.
     """
     import cupy
 
@@ -49,6 +62,9 @@ def launch_forward(
     if n == 0:
         return
     hopper = use_hopper(e, c, ld=d, tf32=opts.allow_tf32)
+    if store is not None and not hopper:
+        raise ValueError("store= needs the Hopper forward (16-bit inputs on an sm_90 GPU, 16-byte aligned rows)")
+    s_out, scales = store if store is not None else (None, None)
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
@@ -64,7 +80,8 @@ def launch_forward(
     if hopper:
 
         def run_partials(cluster: int) -> None:
-            partials = get_kernel("lce_hopper.cu", template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags))
+            name = template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags, store is not None)
+            partials = get_kernel("lce_hopper.cu", name)
             partials(
                 (hopper_row_blocks(n, cluster), splits),
                 (HOPPER_THREADS,),
@@ -77,6 +94,10 @@ def launch_forward(
                     np.int32(d),
                     np.int32(per_split),
                     softcap,
+                    _ptr(s_out),
+                    np.int64(s_out.shape[1] if store is not None else 0),
+                    _ptr(scales),
+                    np.int32(scales.shape[1] if store is not None else 0),
                 ),
                 shared_mem=HOPPER_SMEM_BYTES,
             )

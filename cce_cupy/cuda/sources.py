@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_DIR = Path(__file__).parent.parent / "kernels"
-KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu", "lce_sparse.cu")
+KERNEL_FILES = ("lce_forward.cu", "lce_backward.cu", "reductions.cu", "lce_hopper.cu", "lce_sparse.cu", "lce_budget.cu")
 # CuPy adds -ftz=true and --device-as-default-execution-space itself; the CPU check adds them too.
 # No --use_fast_math: it turns tanhf (softcap) into the hardware approximation, ~1e-4 relative
 # error in the logits; the kernels call __expf explicitly where the fast exponential is wanted.
@@ -127,11 +127,13 @@ def all_instances() -> dict[str, list[str]]:
         for f in itertools.product(b, b)
         for cl in CE_CLUSTER_SIZES
     ]
+    # STORE (the memory-budgeted path's forward) only for the 16-bit types.
     hop = [
-        template_name("lce_forward_partials_sm90", cl, t, *f)
+        template_name("lce_forward_partials_sm90", cl, t, *f, store)
         for cl in HOPPER_CLUSTERS
         for t in HOPPER_DTYPES + ("float32",)
         for f in itertools.product(b, b, b)
+        for store in ((False, True) if t in HOPPER_DTYPES else (False,))
     ]
     hop += [
         template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
@@ -151,12 +153,15 @@ def all_instances() -> dict[str, list[str]]:
     sparse = ["sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
+    # The budgeted backward's gradient pass reads what the Hopper forward kept: 16-bit types only.
+    budget = [template_name("lce_budget_grad", t, *f, i) for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx]
     return {
         "lce_forward.cu": fwd,
         "lce_backward.cu": bwd,
         "reductions.cu": red,
         "lce_hopper.cu": hop,
         "lce_sparse.cu": sparse,
+        "lce_budget.cu": budget,
     }
 
 

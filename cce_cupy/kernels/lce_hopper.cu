@@ -252,25 +252,57 @@ __device__ __forceinline__ int hopper_row0() {
 }
 __device__ __forceinline__ int hopper_col0() { return (consumer_tid() & 3) * 2; }
 
+// Lane k of each 4-lane group gets word k of every lane's w: w[m] = (lane m's w[k]) afterwards.
+// `lanes`: the active lanes (whole groups of 4).
+__device__ __forceinline__ void quad_transpose(unsigned (&w)[4], unsigned lanes) {
+    const unsigned lane = threadIdx.x;
+#pragma unroll
+    for (int s = 2; s >= 1; s >>= 1) {
+        const bool upper = lane & s;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (i & s) continue;
+            // Keep the words whose bit s matches ours, swap the others with lane ^ s.
+            const unsigned got = __shfl_xor_sync(lanes, upper ? w[i] : w[i ^ s], s);
+            if (upper) w[i] = got;
+            else w[i ^ s] = got;
+        }
+    }
+}
+template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+    GT pair[2] = {from_f32<GT>(lo), from_f32<GT>(hi)};
+    return *reinterpret_cast<unsigned*>(pair);
+}
+
 // ---------------------------------------------------------------------------------------------
-// lce_forward_partials_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, SMOOTH>
+// lce_forward_partials_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, SMOOTH, STORE>
 //   The partials of lce_forward_partials (lce_forward.cu), with v_per_split a multiple of 256; no
 //   target logits (the finish kernel gathers them). T: bf16, fp16, or fp32 run as TF32 (the
 //   launcher uses it only with allow_tf32). Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, splits). Block: H_THREADS.
 //   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
+//   STORE (16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py) also keeps the softmax
+//   for the backward, so that no logit is recomputed. With m the row's max over the 256-column tile
+//   (see fold_and_store), each tile writes
+//     s[row * lds + col] = exp(y - m) as fp16 (<= 1; 11-bit mantissa where bf16 has 8),
+//     scales[row * ntiles + col / 256] = m        (so p_ij = s_ij exp(m - lse_i)).
+//   Rows >= N and columns >= v_end are not written. s: (N, lds) fp16, lds % 8 == 0, 16-byte aligned.
 // ---------------------------------------------------------------------------------------------
-template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEpilogue {
+template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> struct ForwardEpilogue {
     const T* bias;
     int v_end;
     float softcap;
+    __half* s_out;  // STORE only (null otherwise), as the four below
+    i64 lds;
+    float* scales;
+    int ntiles, N, m0;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
     __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
         if (!HAS_BIAS && !SOFTCAP && n0 + H_BN <= v_end) {
-            full_tile(acc);
+            full_tile(n0, acc);
             return;
         }
         const int col0 = n0 + hopper_col0();
@@ -288,6 +320,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
                 acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
+        if (STORE) {
+            fold_and_store(n0, tmax, acc);
+            return;
+        }
         raise_max(tmax);
 #pragma unroll
         for (int j = 0; j < 32; ++j)
@@ -301,12 +337,16 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
     // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
     // epilogue stalls the tensor cores (both warpgroups run it at once), so its instruction count is
     // forward time.
-    __device__ __forceinline__ void full_tile(const float (&acc)[128]) {
+    __device__ __forceinline__ void full_tile(int n0, float (&acc)[128]) {
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int i = 0; i < 128; ++i) {
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
+        }
+        if (STORE) {
+            fold_and_store(n0, tmax, acc);
+            return;
         }
         raise_max(tmax);
         const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
@@ -324,18 +364,77 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, typename T> struct ForwardEp
             run_max[h] = new_max;
         }
     }
+
+    // STORE: the tile's exps are taken against the tile's own row max m (one for the row's four
+    // threads), not the running max, so that each tile's fp16 values keep 11 bits relative to that
+    // tile's largest: against a running max, every tile after a peaked row's target would hold
+    // subnormals (absolute error 3e-8 each, ~1e-2 of a peaked row's gradient over 256k columns).
+    // The tile's sum then joins the running one like a split's partial in the finish kernel.
+    __device__ __forceinline__ void fold_and_store(int n0, float (&tmax)[2], float (&acc)[128]) {
+        float tsum[2] = {0.f, 0.f}, mb[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
+            tmax[h] = fmaxf(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
+            mb[h] = (tmax[h] == -INFINITY) ? 0.f : tmax[h] * H_LOG2E;  // a masked y = -inf then gives 0
+        }
+#pragma unroll
+        for (int i = 0; i < 128; ++i) {
+            const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
+            tsum[(i >> 1) & 1] += ex;
+            acc[i] = ex;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float new_max = fmaxf(run_max[h], tmax[h]);
+            run_sum[h] = (new_max == -INFINITY)
+                             ? 0.f
+                             : run_sum[h] * __expf(run_max[h] - new_max) + tsum[h] * __expf(tmax[h] - new_max);
+            run_max[h] = new_max;
+        }
+        store_tile(n0, tmax, acc);
+    }
+
+    // acc holds the tile's exp(y - m): to s (fp16), and m to `scales`.
+    __device__ __forceinline__ void store_tile(int n0, const float (&tmax)[2], const float (&acc)[128]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            const unsigned lanes = __ballot_sync(0xffffffffu, row < N);  // the 4 lanes of a row agree
+            if (row >= N) continue;
+            if ((threadIdx.x & 3) == 0) scales[(i64)row * ntiles + n0 / H_BN] = tmax[h];
+            __half* srow = s_out + (i64)row * lds;
+#pragma unroll
+            for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
+                unsigned w[4];
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) w[jj] = pack_pair<__half>(acc[16 * a + 4 * jj + 2 * h], acc[16 * a + 4 * jj + 2 * h + 1]);
+                quad_transpose(w, lanes);  // this thread now holds columns n0 + 32 a + 8 k .. + 7, k = lane % 4
+                const int col = n0 + 32 * a + 8 * (threadIdx.x & 3);
+                if (col + 8 <= v_end) {
+                    *reinterpret_cast<uint4*>(srow + col) = make_uint4(w[0], w[1], w[2], w[3]);
+                } else {  // the split's (or V's) last columns
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        if (col + e < v_end)
+                            reinterpret_cast<unsigned short*>(srow)[col + e] = (unsigned short)(w[e >> 1] >> (16 * (e & 1)));
+                }
+            }
+        }
+    }
 };
 
-template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH>
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                               const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
-                              int v_per_split, float softcap) {
+                              int v_per_split, float softcap, __half* __restrict__ s_out, long long lds,
+                              float* __restrict__ scales, int ntiles) {
     extern __shared__ __align__(16) char smem[];
     const int m0 = blockIdx.x * H_BM;
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
-    ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, T> epi{bias, v_end, softcap};
+    ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, STORE, T> epi{bias, v_end, softcap, s_out, (i64)lds, scales, ntiles, N, m0};
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
@@ -374,23 +473,6 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
 //   the pairs straight from the accumulator layout would write 16 bytes of 8 rows per instruction.
 //   With FILTER each tile writes the live flags of its two 128-column halves.
 // ---------------------------------------------------------------------------------------------
-// Lane k of each 4-lane group gets word k of every lane's w: w[m] = (lane m's w[k]) afterwards.
-// `lanes`: the active lanes (whole groups of 4).
-__device__ __forceinline__ void quad_transpose(unsigned (&w)[4], unsigned lanes) {
-    const unsigned lane = threadIdx.x;
-#pragma unroll
-    for (int s = 2; s >= 1; s >>= 1) {
-        const bool upper = lane & s;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            if (i & s) continue;
-            // Keep the words whose bit s matches ours, swap the others with lane ^ s.
-            const unsigned got = __shfl_xor_sync(lanes, upper ? w[i] : w[i ^ s], s);
-            if (upper) w[i] = got;
-            else w[i ^ s] = got;
-        }
-    }
-}
 // True on every consumer thread if `p` holds on any of the 256 (named barrier 1; consumers only).
 __device__ __forceinline__ bool consumers_any(bool p) {
     unsigned r;
@@ -398,11 +480,6 @@ __device__ __forceinline__ bool consumers_any(bool p) {
                  "selp.u32 %0, 1, 0, q;\n}\n" : "=r"(r) : "r"((unsigned)p) : "memory");
     return r != 0;
 }
-template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
-    GT pair[2] = {from_f32<GT>(lo), from_f32<GT>(hi)};
-    return *reinterpret_cast<unsigned*>(pair);
-}
-
 template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typename TI> struct GradEpilogue {
     const T* bias;
     const TI* targets;

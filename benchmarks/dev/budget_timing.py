@@ -1,0 +1,108 @@
+"""Development timing of the memory-budgeted path against the lean path and the cuBLAS floors, at
+the model shapes, in shuffled rounds (one call of every provider per round, median over rounds).
+
+    python benchmarks/dev/budget_timing.py [--rounds 7] [--budgets 4096,1024] [--out FILE]
+
+Floors: gemm3 = E @ C^T, G @ C, G^T @ E (what a loss keeping its logits runs); gemm4 adds the
+recompute. Budgets in MiB. Prints ms, ratio to gemm3, and the scratch bytes the budgeted path
+allocates (plan.nbytes). Also the budgeted result's difference from the lean one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import cupy as cp
+import numpy as np
+
+import cce_cupy as cce
+from cce_cupy.cuda import budget as cuda_budget
+from cce_cupy.options import CCEOptions
+
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+
+
+def timed(fn) -> float:
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--budgets", default="4096")
+    ap.add_argument("--shapes", default="gemma2,llama3")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    records = []
+    for shape in args.shapes.split(","):
+        n, d, v = SHAPES[shape]
+        rng = cp.random.default_rng(0)
+        e = (rng.standard_normal((n, d), dtype=cp.float32)).astype(bf16)
+        c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(bf16)
+        t = rng.integers(0, v, n).astype(cp.int32)
+        logits = cp.empty((n, v), bf16)
+        de = cp.empty((n, d), bf16)
+        dc = cp.empty((v, d), bf16)
+
+        def gemm3():
+            cp.matmul(e, c.T, out=logits)
+            cp.matmul(logits, c, out=de)
+            cp.matmul(logits.T, e, out=dc)
+
+        def gemm4():
+            gemm3()
+            cp.matmul(e, c.T, out=logits)
+
+        providers = {"gemm3": gemm3, "gemm4": gemm4, "lean": lambda: cce.linear_cross_entropy_with_grad(e, c, t)}
+        budgets = [int(b) << 20 for b in args.budgets.split(",")]
+        for b in budgets:
+            providers[f"budget_{b >> 20}MiB"] = lambda b=b: cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=b)
+        for fn in providers.values():
+            fn()
+        cp.cuda.Device().synchronize()
+        times = {k: [] for k in providers}
+        for _ in range(args.rounds):
+            order = list(providers)
+            random.shuffle(order)
+            for k in order:
+                times[k].append(timed(providers[k]))
+        loss_l, de_l, dc_l = cce.linear_cross_entropy_with_grad(e, c, t)
+        g3 = statistics.median(times["gemm3"])
+        for k, ts in times.items():
+            rec = {"shape": shape, "n": n, "d": d, "v": v, "provider": k, "ms": statistics.median(ts), "ratio_gemm3": statistics.median(ts) / g3}
+            if k.startswith("budget"):
+                mb = int(k.split("_")[1][:-3]) << 20
+                o = CCEOptions(memory_budget=mb)
+                plan = cuda_budget.budget_plan(n, v, d, e.dtype, o)
+                rec["memory_budget"] = mb
+                rec["scratch_mib"] = None if plan is None else plan.nbytes / 2**20
+                rec["rows_per_chunk"] = None if plan is None else plan.rows
+                loss_b, de_b, dc_b = cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=mb)
+
+                def rdiff(a, b):
+                    a, b = a.astype(cp.float32), b.astype(cp.float32)
+                    return float(cp.linalg.norm(a - b) / cp.linalg.norm(b))
+
+                rec.update(loss_diff=float(abs(loss_b - loss_l)), de_rel_vs_lean=rdiff(de_b, de_l), dc_rel_vs_lean=rdiff(dc_b, dc_l))
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+        del e, c, logits, de, dc, de_l, dc_l
+        cp.get_default_memory_pool().free_all_blocks()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The memory-budgeted path (cce_cupy.cuda.budget): every option against the float64 reference,
+several chunks with the fp32 dC accumulator, poisoned outputs, its accuracy against the lean path,
+and which path a call takes. Run on a GPU: pytest -m gpu -q -rs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _gpu_helpers import TOL, _assert_no_nan, _cp, _skip_unless_hopper
+from conftest import assert_rel_close, dense_reference, make_problem, rel_err
+
+import cce_cupy as cce
+from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import budget as cuda_budget
+from cce_cupy.options import CCEOptions, grad_dtype, row_coefficients
+
+pytestmark = pytest.mark.gpu
+
+BIG = 1 << 34  # 16 GiB: every test shape runs as one chunk
+
+
+def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
+    """The budgeted launcher with every output poisoned with NaN first."""
+    cp = _cp()
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    gb = None if b is None else cp.asarray(b)
+    n, d = ge.shape
+    v = gc.shape[0]
+    assert cuda_budget.budget_applies(ge, gc, o)
+    plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o)
+    assert plan is not None
+    gdt = grad_dtype(ge.dtype, o)
+    lse = cp.full(n, cp.nan, cp.float32)
+    tgt = cp.full(n, cp.nan, cp.float32)
+    de = cp.full((n, d), cp.nan, gdt)
+    dc = cp.full((v, d), cp.nan, gdt)
+    db = None if b is None else cp.full((v,), cp.nan, gdt)
+    scratch = cp.full(plan.nbytes, 0xFF, cp.uint8)  # NaN fp16 / fp32 everywhere: unwritten reads show
+    _, row_grad = row_coefficients(cp, o, gt != o.ignore_index, cp.zeros(n, cp.float32), cp.asarray(grad_loss, dtype=cp.float32))
+    row_grad = cp.ascontiguousarray(cp.broadcast_to(row_grad, (n,)), dtype=cp.float32)
+    cuda_budget.launch_fused_budgeted(ge, gc, gt, gb, o, plan, row_grad, lse, tgt, de, dc, db, scratch)
+    cp.cuda.Device().synchronize()
+    return plan, {"lse": lse, "tgt": tgt, "de": de, "dc": dc, "db": db}
+
+
+OPTION_CASES = {
+    "plain": {},
+    "softcap": {"softcap": 4.0},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "reduction_sum": {"reduction": "sum"},
+    "reduction_none": {"reduction": "none"},
+    "grad_fp32": {"grad_dtype": "float32"},
+    "deterministic": {"deterministic": True},
+    "all": {"softcap": 4.0, "label_smoothing": 0.1, "z_loss": 1e-3, "grad_dtype": "float32"},
+}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+@pytest.mark.parametrize("bias", [False, True])
+def test_budget_launcher_every_option(dtype, case, bias):
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    # V = 1000: a tile (256) and a split both end mid-tile; 20% ignored targets (make_problem).
+    e, c, t, b = make_problem(300, 64, 1000, dtype, bias=bias, peaked=True, seed=11)
+    o = CCEOptions(memory_budget=BIG, **OPTION_CASES[case])
+    grad_loss = np.linspace(0.5, 1.5, 300).astype(np.float32) if o.reduction == "none" else 1.0
+    plan, out = _run_budgeted(e, c, t, b, o, grad_loss)
+    assert plan.rows == 300 and not plan.dc_acc
+    _assert_no_nan(out)
+    truth = dense_reference(e, c, t, b, o, grad_loss=grad_loss)
+    tol = TOL[dtype]
+    valid = t != o.ignore_index
+    assert_rel_close(out["lse"].get()[valid], truth["lse"].reshape(-1)[valid], 1e-5, "lse")
+    for name in ("de", "dc") + (("db",) if bias else ()):
+        assert_rel_close(out[name], truth[name], tol, name)
+
+
+@pytest.mark.parametrize("grad_dtype_opt", [None, "float32"])
+def test_budget_several_chunks(grad_dtype_opt):
+    """A budget of about 2.5 chunks of 128 rows: 3 chunks, dC accumulated over them (in an fp32
+    buffer for bf16 gradients), through the public API with shift and a batch dimension."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 2 * 200, 64, 3000
+    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=True, peaked=True, batch_shape=(2, 200), seed=3)
+    base = CCEOptions(shift=True, z_loss=1e-4, label_smoothing=0.05, grad_dtype=grad_dtype_opt)
+    one = cuda_budget.budget_plan(n, v, d, e.dtype, base.replace(memory_budget=BIG))
+    per_row = one.lds * 2 + one.ntiles * 4
+    dc_acc = v * d * 4 if grad_dtype_opt is None else 0
+    budget = (13 << 20) + dc_acc + 320 * per_row  # forward scratch (<= 12 MiB) + the accumulator + 2.5 chunks
+    o = base.replace(memory_budget=budget)
+    plan = cuda_budget.budget_plan(n, v, d, e.dtype, o)
+    assert plan is not None and plan.rows < n and plan.nbytes <= budget, plan
+    assert plan.dc_acc == (grad_dtype_opt is None)
+    loss, de, dc, db = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o)
+    truth = dense_reference(e, c, t, b, o)
+    assert_rel_close(loss, truth["loss"], 1e-5, "loss")
+    for name, ours in (("de", de), ("dc", dc), ("db", db)):
+        assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
+
+
+@pytest.mark.parametrize("data", ["uniform", "peaked"])
+def test_budget_accuracy_against_lean(data):
+    """The kept softmax (fp16, one scale per 256-column tile) costs at most 1.5x the lean path's
+    error against float64 (issue 17's bar), on model-like sizes of V."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, _ = make_problem(512, 256, 20000, "bfloat16", peaked=data == "peaked", seed=21)
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    truth = dense_reference(e, c, t, None, CCEOptions())
+    _, de_lean, dc_lean = cce.linear_cross_entropy_with_grad(ge, gc, gt)
+    loss, de_b, dc_b = cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=BIG)
+    assert_rel_close(loss, truth["loss"], 1e-5, "loss")
+    for name, lean, ours in (("de", de_lean, de_b), ("dc", dc_lean, dc_b)):
+        e_lean, e_ours = rel_err(lean, truth[name]), rel_err(ours, truth[name])
+        assert e_ours <= 1.5 * e_lean, f"{name}: budgeted {e_ours:.3e} > 1.5 x lean {e_lean:.3e}"
+
+
+def test_budget_dispatch(monkeypatch):
+    """A budget that fits runs the budgeted launcher and not the recompute backward; a budget below
+    one chunk, fp32 inputs, and 'lean' run the recompute backward."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, _ = make_problem(256, 64, 1000, "bfloat16", seed=1)
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    calls = []
+    real_budgeted, real_backward = cuda_budget.launch_fused_budgeted, cuda_backward.launch_backward
+    monkeypatch.setattr(cuda_budget, "launch_fused_budgeted", lambda *a, **k: (calls.append("budget"), real_budgeted(*a, **k)))
+    monkeypatch.setattr(cuda_backward, "launch_backward", lambda *a, **k: (calls.append("lean"), real_backward(*a, **k)))
+    cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=BIG)
+    cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=1 << 20)  # below one chunk's forward scratch
+    cce.linear_cross_entropy_with_grad(ge, gc, gt)
+    cce.linear_cross_entropy_with_grad(ge.astype(cp.float32), gc.astype(cp.float32), gt, memory_budget=BIG)
+    assert calls == ["budget", "lean", "lean", "lean"]
