@@ -79,20 +79,18 @@ def test_budget_launcher_every_option(dtype, case, bias):
 
 @pytest.mark.parametrize("grad_dtype_opt", [None, "float32"])
 def test_budget_several_chunks(grad_dtype_opt):
-    """A budget of about 2.5 chunks of 128 rows: 3 chunks, dC accumulated over them (in an fp32
-    buffer for bf16 gradients), through the public API with shift and a batch dimension."""
+    """A budget just below one chunk of every row: several chunks, dC accumulated over them (in an
+    fp32 buffer for bf16 gradients), through the public API with shift and a batch dimension."""
     cp = _cp()
     _skip_unless_hopper(cp)
     n, d, v = 2 * 200, 64, 3000
     e, c, t, b = make_problem(n, d, v, "bfloat16", bias=True, peaked=True, batch_shape=(2, 200), seed=3)
     base = CCEOptions(shift=True, z_loss=1e-4, label_smoothing=0.05, grad_dtype=grad_dtype_opt)
     one = cuda_budget.budget_plan(n, v, d, e.dtype, base.replace(memory_budget=BIG))
-    per_row = one.lds * 2 + one.ntiles * 4
-    dc_acc = v * d * 4 if grad_dtype_opt is None else 0
-    budget = (13 << 20) + dc_acc + 320 * per_row  # forward scratch (<= 12 MiB) + the accumulator + 2.5 chunks
-    o = base.replace(memory_budget=budget)
+    assert one.rows == n
+    o = base.replace(memory_budget=one.nbytes - 1)
     plan = cuda_budget.budget_plan(n, v, d, e.dtype, o)
-    assert plan is not None and plan.rows < n and plan.nbytes <= budget, plan
+    assert plan is not None and plan.rows < n and plan.nbytes <= o.memory_budget, plan
     assert plan.dc_acc == (grad_dtype_opt is None)
     loss, de, dc, db = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o)
     truth = dense_reference(e, c, t, b, o)

@@ -71,7 +71,7 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions) -> BudgetPlan |
         return BudgetPlan(n, lds, ntiles, False, offsets, nbytes)
     dc_acc = grad_dtype(dtype, opts) != np.float32
     per_row = lds * 2 + ntiles * 4
-    fixed = layout(0, dc_acc)[1] + forward_scratch_nbytes(n, v, d, dtype) + 4 * _ALIGN
+    fixed = (v * d * 4 if dc_acc else 0) + forward_scratch_nbytes(n, v, d, dtype) + 4 * _ALIGN
     rows = (budget - fixed) // per_row // TILE_M * TILE_M if budget > fixed else 0
     if rows < TILE_M:
         return None
