@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="4096")
     ap.add_argument("--shapes", default="gemma2,llama3")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--breakdown", action="store_true", help="time each stage of the budgeted path")
     args = ap.parse_args()
     import ml_dtypes
 
@@ -99,9 +100,60 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
         del e, c, logits, de, dc, de_l, dc_l
         cp.get_default_memory_pool().free_all_blocks()
+    if args.breakdown:
+        records += breakdown(args.shapes.split(","), int(args.budgets.split(",")[0]) << 20)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "records": records}, f, indent=1)
+
+
+def breakdown(shapes, budget: int) -> list[dict]:
+    """Per-stage times of one budgeted call (events around the forward and the GEMMs; the gradient
+    pass and the bias reduction are the rest), median of 5 calls."""
+    import ml_dtypes
+
+    from cce_cupy.cuda import budget as mod
+
+    out = []
+    for shape in shapes:
+        n, d, v = SHAPES[shape]
+        rng = cp.random.default_rng(0)
+        e = rng.standard_normal((n, d), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+        c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(ml_dtypes.bfloat16)
+        t = rng.integers(0, v, n).astype(cp.int32)
+        marks = []
+        real_fwd, real_gemm = mod.launch_forward, mod._gemm_rowmajor
+
+        def mark(tag):
+            ev = cp.cuda.Event()
+            ev.record()
+            marks.append((tag, ev))
+
+        def fwd(*a, **k):
+            mark("start")
+            real_fwd(*a, **k)
+            mark("forward")
+
+        def gemm(a, b, o, **k):
+            mark("grad_pass" if not marks or marks[-1][0] == "forward" else "between")
+            real_gemm(a, b, o, **k)
+            mark("gemm_de" if not k["trans_a"] else "gemm_dc")
+
+        mod.launch_forward, mod._gemm_rowmajor = fwd, gemm
+        try:
+            stages = {}
+            for _ in range(6):
+                marks.clear()
+                cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=budget)
+                marks[-1][1].synchronize()
+                for (_, a), (tag, b) in zip(marks, marks[1:]):
+                    stages.setdefault(tag, []).append(cp.cuda.get_elapsed_time(a, b))
+        finally:
+            mod.launch_forward, mod._gemm_rowmajor = real_fwd, real_gemm
+        rec = {"shape": shape, "breakdown_ms": {k: statistics.median(x[1:]) for k, x in stages.items()}}
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
 
 
 if __name__ == "__main__":
