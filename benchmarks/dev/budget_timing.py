@@ -151,6 +151,10 @@ def breakdown(shapes, budget: int) -> list[dict]:
         finally:
             mod.launch_forward, mod._gemm_rowmajor = real_fwd, real_gemm
         rec = {"shape": shape, "breakdown_ms": {k: statistics.median(x[1:]) for k, x in stages.items()}}
+        rec["lean_forward_ms"] = statistics.median(timed(lambda: cce.linear_cross_entropy(e, c, t)) for _ in range(5))
+        logits = cp.empty((n, v), ml_dtypes.bfloat16)
+        rec["cublas_logits_ms"] = statistics.median(timed(lambda: cp.matmul(e, c.T, out=logits)) for _ in range(5))
+        del logits
         print(json.dumps(rec), flush=True)
         out.append(rec)
     return out
