@@ -26,9 +26,8 @@ from cce_cupy.cuda.plan import _cdiv, _round_up, forward_scratch_nbytes
 from cce_cupy.cuda.sources import HOPPER_TILE_N, TILE_M, template_name
 from cce_cupy.options import CCEOptions, grad_dtype
 
-_GRAD_THREADS = 256
-_GRAD_COLS_PER_BLOCK = _GRAD_THREADS * 8  # lce_budget_grad: 8 columns a thread
-_MAX_GRID_Y = 65535
+_GRAD_THREADS = 256  # lce_budget_grad: a block streams whole rows
+_MAX_GRID = 65535
 _ALIGN = 256  # bytes between the scratch buffers
 
 
@@ -140,7 +139,7 @@ def launch_fused_budgeted(
             store=(s, scales),
         )
         grad_pass(
-            (_cdiv(v, _GRAD_COLS_PER_BLOCK), min(rows, _MAX_GRID_Y)),
+            (min(rows, _MAX_GRID),),
             (_GRAD_THREADS,),
             (
                 s,

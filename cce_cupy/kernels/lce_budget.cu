@@ -13,37 +13,50 @@
 //     g_ij = (coef_p_i p_ij - coef_q_i ((1 - ls) [j == t_i] + ls / V)) * softcap'(z_ij)
 //     coef_q_i = row_grad_i,  coef_p_i = row_grad_i (1 + 2 z_loss lse_i)
 //   (options.py's formulas; coef_p's z-loss factor is options.z_loss_dlse, mirrored here so the
-//   pass needs no per-row array computed between the forward and it). The target column is recomputed from E and C (a gather-dot, as the
-//   forward's finish kernel does): from fp16 s, p_t - 1 would lose its accuracy on peaked rows,
-//   where the target carries the row's largest gradient. Elsewhere softcap' comes from
+//   pass needs no per-row array computed between the forward and it). The target column is
+//   recomputed from E and C (a gather-dot, as the forward's finish kernel does): from fp16 s,
+//   p_t - 1 would lose its accuracy on peaked rows, where the target carries the row's largest
+//   gradient. Elsewhere softcap' comes from
 //   y = m + log s, as 1 - (y / softcap)^2.
-//   Grid: (ceil(V / 2048), min(rows, 65535)), blocks stride over rows. Block: 256 threads, 8
-//   consecutive columns each (one 16-byte load and store: the pass is bandwidth-bound).
+//   Grid: min(rows, 65535) blocks, striding over rows: a block streams whole rows, B_UNROLL
+//   16-byte vectors a thread in flight (the pass is bandwidth-bound: 4 bytes a logit moved, read
+//   and written in place). Block: 256 threads.
 #include "common.cuh"
 
-#define B_COLS_PER_THREAD 8
 #define B_THREADS 256
+#define B_UNROLL 4
 #define B_TILE_N 256  // the forward's tile width: one scale per 256 columns
+
+template <typename T, bool SOFTCAP>
+__device__ __forceinline__ void grad8(const float (&s)[8], float m, float pscale, float cp, float cq, float smooth_q,
+                                      float softcap, float (&g)[8]) {
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        // s == 0: a column masked by a -inf bias (or 87+ nats under its tile's max): p = 0.
+        const float p = (s[q] == 0.f) ? 0.f : s[q] * pscale;
+        float gq = cp * p - cq * smooth_q;
+        if (SOFTCAP && s[q] != 0.f) {
+            const float r = (m + __logf(s[q])) / softcap;  // y / softcap
+            gq *= (1.f - r) * (1.f + r);
+        }
+        g[q] = gq;
+    }
+}
 
 template <typename T, bool HAS_BIAS, bool SOFTCAP, typename TI>
 __global__ void __launch_bounds__(B_THREADS)
     lce_budget_grad(__half* __restrict__ S, long long lds, const float* __restrict__ scales, int ntiles,
                     const float* __restrict__ lse, const float* __restrict__ row_grad, float z_loss,
-                    const TI* __restrict__ targets, const T* __restrict__ e,
-                    const T* __restrict__ c, const T* __restrict__ bias, int rows, int V, int D, float softcap,
-                    float smoothing) {
+                    const TI* __restrict__ targets, const T* __restrict__ e, const T* __restrict__ c,
+                    const T* __restrict__ bias, int rows, int V, int D, float softcap, float smoothing) {
     __shared__ float dot_part[B_THREADS / 32];
-    const int col = (blockIdx.x * B_THREADS + threadIdx.x) * B_COLS_PER_THREAD;
-    const int block_col0 = blockIdx.x * B_THREADS * B_COLS_PER_THREAD;
     const float smooth_q = smoothing / (float)V;
-    for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const float l = lse[row], cq = row_grad[row], cp = cq * (1.f + 2.f * z_loss * l);
         const long long t = (long long)targets[row];
-        // The target's gradient from its fp32 logit, by the block whose columns hold it (uniform
-        // over the block, so the barriers below are reached by all its threads or none).
+        // The target's gradient from its fp32 logit (a gather-dot by the whole block).
         float g_t = 0.f;
-        const bool has_t = t >= block_col0 && t < block_col0 + B_THREADS * B_COLS_PER_THREAD && t < V;
-        if (has_t) {
+        if (t >= 0 && t < V) {
             const T* er = e + (i64)row * D;
             const T* cr = c + t * (i64)D;
             float dot = 0.f;
@@ -60,35 +73,31 @@ __global__ void __launch_bounds__(B_THREADS)
             g_t = cp * __expf(y - l) - cq * (1.f - smoothing + smooth_q);
             if (SOFTCAP) g_t *= softcap_grad(z, softcap);
         }
-        if (col >= V) continue;
         __half* srow = S + (i64)row * lds;
-        const float m = scales[(i64)row * ntiles + col / B_TILE_N];
-        const float pscale = __expf(m - l);
-        float s[8], g[8];
-        if (col + 8 <= V) {
-            load8(srow + col, s);
-        } else {
-#pragma unroll
-            for (int q = 0; q < 8; ++q) s[q] = (col + q < V) ? __half2float(srow[col + q]) : 0.f;
-        }
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            // s == 0: a column masked by a -inf bias (or 87+ nats under its tile's max): p = 0.
-            const float p = (s[q] == 0.f) ? 0.f : s[q] * pscale;
-            float gq = cp * p - cq * smooth_q;
-            if (SOFTCAP && s[q] != 0.f) {
-                const float r = (m + __logf(s[q])) / softcap;  // y / softcap
-                gq *= (1.f - r) * (1.f + r);
-            }
-            g[q] = (col + q == t) ? g_t : gq;
-        }
         T* grow = reinterpret_cast<T*>(srow);  // the same bytes: each thread reads its 8 before writing them
-        if (col + 8 <= V) {
-            store8(grow + col, g);
-        } else {
+        const float* srow_scales = scales + (i64)row * ntiles;
+        const int full = V / 8 * 8;  // columns in whole 16-byte vectors
+        for (int base = threadIdx.x * 8; base < full; base += B_THREADS * 8 * B_UNROLL) {
+            float s[B_UNROLL][8];
 #pragma unroll
-            for (int q = 0; q < 8; ++q)
-                if (col + q < V) grow[col + q] = from_f32<T>(g[q]);
+            for (int u = 0; u < B_UNROLL; ++u)  // all loads first: B_UNROLL vectors in flight
+                if (base + u * B_THREADS * 8 < full) load8(srow + base + u * B_THREADS * 8, s[u]);
+#pragma unroll
+            for (int u = 0; u < B_UNROLL; ++u) {
+                const int col = base + u * B_THREADS * 8;
+                if (col >= full) break;
+                const float m = srow_scales[col / B_TILE_N];
+                float g[8];
+                grad8<T, SOFTCAP>(s[u], m, __expf(m - l), cp, cq, smooth_q, softcap, g);
+                if (t >= col && t < col + 8) g[t - col] = g_t;
+                store8(grow + col, g);
+            }
+        }
+        for (int col = full + threadIdx.x; col < V; col += B_THREADS) {  // the last V % 8 columns
+            const float m = srow_scales[col / B_TILE_N];
+            float s1[8] = {__half2float(srow[col])}, g[8];
+            grad8<T, SOFTCAP>(s1, m, __expf(m - l), cp, cq, smooth_q, softcap, g);
+            grow[col] = from_f32<T>(col == t ? g_t : g[0]);
         }
     }
 }
