@@ -121,10 +121,13 @@ class CCEOptions:
         if self.memory_budget != "lean":
             if not (isinstance(self.memory_budget, numbers.Integral) and not _is_bool(self.memory_budget)):
                 raise TypeError(
-                    f"memory_budget must be 'lean' or a number of bytes (an int, e.g. 4 << 30), got {self.memory_budget!r}"
+                    "memory_budget must be 'lean' or a number of bytes (an int, e.g. 4 << 30), "
+                    f"got {self.memory_budget!r}"
                 )
             if self.memory_budget <= 0:
-                raise ValueError(f"memory_budget must be a positive number of bytes or 'lean', got {self.memory_budget!r}")
+                raise ValueError(
+                    f"memory_budget must be a positive number of bytes or 'lean', got {self.memory_budget!r}"
+                )
             if self.filter_eps is not None:
                 raise ValueError(
                     "memory_budget keeps the softmax for an exact backward and filter_eps drops gradient "

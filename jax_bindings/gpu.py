@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from cce_cupy.cuda import backward as cuda_backward
+from cce_cupy.cuda import budget as cuda_budget
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions, grad_dtype
@@ -71,6 +72,7 @@ class _Bridge:
     context: Callable[..., Any] = staticmethod(_cupy_bridge)
     launch_forward: Callable[..., None] = staticmethod(cuda_forward.launch_forward)
     launch_backward: Callable[..., None] = staticmethod(cuda_backward.launch_backward)
+    launch_fused_budgeted: Callable[..., None] = staticmethod(cuda_budget.launch_fused_budgeted)
 
 
 BRIDGE = _Bridge()
@@ -172,6 +174,90 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
     return callback
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_budgeted_callback(opts: CCEOptions, has_bias: bool, budget_plan):
+    def callback(ctx, out, *args) -> None:
+        with BRIDGE.context(ctx, out[0]) as wrap:
+            lse_out, tgt_out, de, dc, *rest_out = (wrap(b) for b in out)
+            dbias, scratch, bad = rest_out if has_bias else (None, *rest_out)
+            e, c, targets, *rest = (wrap(a) for a in args)
+            bias, row_grad = rest if has_bias else (None, *rest)
+            batch = lse_out.shape[:-1]
+            scratch = scratch[(0,) * len(batch)]
+            for idx in np.ndindex(*batch):
+                flag = bad[idx]
+                flag.fill(0)
+                BRIDGE.launch_fused_budgeted(
+                    _pick(e, idx, 2),
+                    _pick(c, idx, 2),
+                    _pick(targets, idx, 1),
+                    None if bias is None else _pick(bias, idx, 1),
+                    opts,
+                    budget_plan,
+                    _pick(row_grad, idx, 1),
+                    lse_out[idx],
+                    tgt_out[idx],
+                    de[idx],
+                    dc[idx],
+                    None if dbias is None else dbias[idx],
+                    scratch,
+                    bad_target=flag,
+                    tune=False,
+                )
+
+    return callback
+
+
+def budget_plan(e, c, opts: CCEOptions):
+    """The memory-budgeted path's plan (cce_cupy.cuda.budget) for these abstract arrays on this
+    process's GPUs, or None where the lean path runs: no budget, no GPU, a GPU other than Hopper,
+    inputs other than bf16 / fp16, rows not a multiple of 16 bytes, or a budget below one chunk.
+    Decided at trace time, from shapes and dtypes (XLA's buffers are aligned)."""
+    if opts.memory_budget == "lean" or opts.filter_eps is not None:
+        return None
+    n, d = e.shape
+    dtype = np.dtype(e.dtype)
+    if dtype.name not in ("bfloat16", "float16") or (d * dtype.itemsize) % 16:
+        return None
+    devices = _gpu_devices()
+    try:
+        import cupy
+    except ImportError:
+        return None
+    if not devices or any(cupy.cuda.Device(i).compute_capability != "90" for i in devices):
+        return None
+    return cuda_budget.budget_plan(n, c.shape[0], d, dtype, opts)
+
+
+def fused_budgeted(e, c, targets, bias, row_grad, opts: CCEOptions, plan, *, vmap_method: str):
+    """(lse, tgt, dE, dC, dbias) of the memory-budgeted path: the loss terms and the gradients for
+    the per-row loss gradients `row_grad` (coef_q of cce_cupy.options.row_coefficients), in one
+    callback. dbias is None without bias. Never captured into a CUDA graph (it runs cuBLAS)."""
+    _warm(e, targets)
+    n, d = e.shape
+    v = c.shape[0]
+    gdt = grad_dtype(np.dtype(e.dtype), opts)
+    result = [
+        jax.ShapeDtypeStruct((n,), jnp.float32),  # lse
+        jax.ShapeDtypeStruct((n,), jnp.float32),  # tgt
+        jax.ShapeDtypeStruct((n, d), gdt),
+        jax.ShapeDtypeStruct((v, d), gdt),
+    ]
+    if bias is not None:
+        result.append(jax.ShapeDtypeStruct((v,), gdt))
+    result.append(jax.ShapeDtypeStruct((plan.nbytes,), jnp.uint8))  # scratch: the kept softmax
+    result.append(jax.ShapeDtypeStruct((1,), jnp.int32))  # bad-target flag
+    call = buffer_callback(
+        _fused_budgeted_callback(opts, bias is not None, plan),
+        tuple(result),
+        vmap_method=vmap_method,
+        command_buffer_compatible=False,
+    )
+    args = (e, c, targets) + (() if bias is None else (bias,))
+    outs = call(*args, row_grad.astype(jnp.float32))
+    return outs[0], outs[1], outs[2], outs[3], (outs[4] if bias is not None else None)
+
+
 def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_buffer_compatible: bool):
     """(lse, tgt), float32 (N,), of flattened e (N, D), c (V, D), shifted targets (N,), bias."""
     _warm(e, targets)
@@ -220,4 +306,13 @@ def backward(
     return outs[0], outs[1], (outs[2] if bias is not None else None)
 
 
-__all__ = ["BRIDGE", "COMMAND_BUFFER_COMPATIBLE", "VMAP_METHODS", "backward", "forward", "precompile"]
+__all__ = [
+    "BRIDGE",
+    "COMMAND_BUFFER_COMPATIBLE",
+    "VMAP_METHODS",
+    "backward",
+    "budget_plan",
+    "forward",
+    "fused_budgeted",
+    "precompile",
+]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,73 @@ def _backward(e, c, t, bias, lse, coef_p, coef_q, cfg: _Config):
     return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
 
 
+class _KeptGrads(NamedTuple):
+    """Residuals of the memory-budgeted forward: the gradients for a loss cotangent of 1, which the
+    backward only scales. e_dtype: a zero-size array of e's dtype (the cotangents' dtype)."""
+
+    de: Any
+    dc: Any
+    db: Any
+    e_dtype: Any
+
+
+def _budget_plan(e, c, cfg: _Config):
+    """The budgeted path's plan when the differentiated forward can take it, else None (lean).
+
+    Its residuals are the gradients for a loss cotangent of 1, which the backward scales: so the
+    loss must be a scalar ("mean"/"sum") and no other output may carry a cotangent (no returned
+    lse or z_loss). The backward_impl="reference" switch and CUDA-graph capture (cuBLAS) keep the
+    lean path."""
+    o = cfg.opts
+    if (
+        o.memory_budget == "lean"
+        or not cfg.kernels
+        or cfg.backward_impl != "kernel"
+        or cfg.command_buffer_compatible
+        or o.reduction == "none"
+        or o.return_lse
+        or o.return_z_loss
+        or e.shape[0] == 0
+    ):
+        return None
+    return gpu.budget_plan(e, c, o)
+
+
+def _fused_budgeted(e, c, t, bias, plan, cfg: _Config):
+    """(lse, tgt, dE, dC, dbias) for a loss cotangent of 1: one callback on CUDA, the pure-JAX
+    forward and backward elsewhere (same dtypes)."""
+    opts = cfg.opts
+    has_bias = bias is not None
+    gdt = grad_dtype(np.dtype(e.dtype), opts)
+    valid = t != opts.ignore_index
+    # coef_q (each row's loss gradient) needs no lse; coef_p is formed from it beside the lse.
+    _, row_grad = row_coefficients(jnp, opts, valid, jnp.zeros(t.shape, jnp.float32), 1.0)
+
+    def unpack(a):
+        return (a[0], a[1], a[2], a[3] if has_bias else None, a[-1])
+
+    def ref_fn(*a):
+        e_, c_, t_, b_, _ = unpack(a)
+        lse, tgt = jax_reference.forward(e_, c_, t_, b_, opts, cfg.block_v)
+        coef_p, coef_q = row_coefficients(jnp, opts, t_ != opts.ignore_index, lse, 1.0)
+        de, dc, db = jax_reference.backward(e_, c_, t_, b_, opts, lse, coef_p, coef_q, cfg.block_v)
+        f32 = jnp.float32
+        return (
+            lse.astype(f32),
+            tgt.astype(f32),
+            de.astype(gdt),
+            dc.astype(gdt),
+            (None if db is None else db.astype(gdt)),
+        )
+
+    def gpu_fn(*a):
+        e_, c_, t_, b_, rg = unpack(a)
+        return gpu.fused_budgeted(e_, c_, t_, b_, rg, opts, plan, vmap_method=cfg.vmap_method)
+
+    args = (e, c, t) + ((bias,) if has_bias else ()) + (row_grad,)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
+
+
 # ------------------------------------------------------------------------------ custom_vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _lce(e, c, t, bias, cfg: _Config):
@@ -114,7 +181,16 @@ def _lce_fwd(e, c, t, bias, cfg: _Config):
     # Differentiated: the backward's exact recompute needs an lse of the same exact logits.
     if cfg.opts.allow_tf32:
         cfg = dataclasses.replace(cfg, opts=cfg.opts.replace(allow_tf32=False))
-    return _lce_forward_pass(e, c, t, bias, cfg)
+    plan = _budget_plan(e, c, cfg)
+    if plan is None:
+        return _lce_forward_pass(e, c, t, bias, cfg)
+    # Memory budget: the gradients come out of the forward (three GEMMs' work, no recompute).
+    opts = cfg.opts
+    lse, tgt, de, dc, db = _fused_budgeted(e, c, t, bias, plan, cfg)
+    valid = t != opts.ignore_index
+    loss_tok, zl_tok = per_token_loss(jnp, opts, valid, lse, tgt)
+    out = (reduce_loss(jnp, opts, valid, loss_tok), reduce_loss(jnp, opts, valid, zl_tok), lse)
+    return out, _KeptGrads(de, dc, db, jnp.zeros((0,), e.dtype))
 
 
 def _lce_forward_pass(e, c, t, bias, cfg: _Config):
@@ -132,6 +208,12 @@ def _lce_forward_pass(e, c, t, bias, cfg: _Config):
 
 
 def _lce_bwd(cfg: _Config, res, cts):
+    if isinstance(res, _KeptGrads):  # the budgeted forward's gradients, for a loss cotangent of 1
+        g_loss = cts[0]  # lse and z_loss were not returned (see _budget_plan): their cotangents are 0
+        dtype = res.e_dtype.dtype
+        de, dc = ((x.astype(jnp.float32) * g_loss).astype(dtype) for x in (res.de, res.dc))
+        db = None if res.db is None else (res.db.astype(jnp.float32) * g_loss).astype(dtype)
+        return de, dc, None, db
     opts = cfg.opts
     e, c, t, bias, lse = res
     g_loss, g_zl, g_lse = cts

@@ -36,7 +36,9 @@ def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     dc = cp.full((v, d), cp.nan, gdt)
     db = None if b is None else cp.full((v,), cp.nan, gdt)
     scratch = cp.full(plan.nbytes, 0xFF, cp.uint8)  # NaN fp16 / fp32 everywhere: unwritten reads show
-    _, row_grad = row_coefficients(cp, o, gt != o.ignore_index, cp.zeros(n, cp.float32), cp.asarray(grad_loss, dtype=cp.float32))
+    _, row_grad = row_coefficients(
+        cp, o, gt != o.ignore_index, cp.zeros(n, cp.float32), cp.asarray(grad_loss, dtype=cp.float32)
+    )
     row_grad = cp.ascontiguousarray(cp.broadcast_to(row_grad, (n,)), dtype=cp.float32)
     cuda_budget.launch_fused_budgeted(ge, gc, gt, gb, o, plan, row_grad, lse, tgt, de, dc, db, scratch)
     cp.cuda.Device().synchronize()
@@ -92,7 +94,9 @@ def test_budget_several_chunks(grad_dtype_opt):
     plan = cuda_budget.budget_plan(n, v, d, e.dtype, o)
     assert plan is not None and plan.rows < n and plan.nbytes <= o.memory_budget, plan
     assert plan.dc_acc == (grad_dtype_opt is None)
-    loss, de, dc, db = cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o)
+    loss, de, dc, db = cce.linear_cross_entropy_with_grad(
+        cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o
+    )
     truth = dense_reference(e, c, t, b, o)
     assert_rel_close(loss, truth["loss"], 1e-5, "loss")
     for name, ours in (("de", de), ("dc", dc), ("db", db)):
@@ -128,8 +132,12 @@ def test_budget_dispatch(monkeypatch):
     ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
     calls = []
     real_budgeted, real_backward = cuda_budget.launch_fused_budgeted, cuda_backward.launch_backward
-    monkeypatch.setattr(cuda_budget, "launch_fused_budgeted", lambda *a, **k: (calls.append("budget"), real_budgeted(*a, **k)))
-    monkeypatch.setattr(cuda_backward, "launch_backward", lambda *a, **k: (calls.append("lean"), real_backward(*a, **k)))
+    monkeypatch.setattr(
+        cuda_budget, "launch_fused_budgeted", lambda *a, **k: (calls.append("budget"), real_budgeted(*a, **k))
+    )
+    monkeypatch.setattr(
+        cuda_backward, "launch_backward", lambda *a, **k: (calls.append("lean"), real_backward(*a, **k))
+    )
     cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=BIG)
     cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=4096)  # below one 128-row chunk
     cce.linear_cross_entropy_with_grad(ge, gc, gt)

@@ -81,7 +81,15 @@ def main() -> None:
         loss_l, de_l, dc_l = cce.linear_cross_entropy_with_grad(e, c, t)
         g3 = statistics.median(times["gemm3"])
         for k, ts in times.items():
-            rec = {"shape": shape, "n": n, "d": d, "v": v, "provider": k, "ms": statistics.median(ts), "ratio_gemm3": statistics.median(ts) / g3}
+            rec = {
+                "shape": shape,
+                "n": n,
+                "d": d,
+                "v": v,
+                "provider": k,
+                "ms": statistics.median(ts),
+                "ratio_gemm3": statistics.median(ts) / g3,
+            }
             if k.startswith("budget"):
                 mb = int(k.split("_")[1][:-3]) << 20
                 o = CCEOptions(memory_budget=mb)
@@ -95,10 +103,14 @@ def main() -> None:
                     a, b = a.astype(cp.float32), b.astype(cp.float32)
                     return float(cp.linalg.norm(a - b) / cp.linalg.norm(b))
 
-                rec.update(loss_diff=float(abs(loss_b - loss_l)), de_rel_vs_lean=rdiff(de_b, de_l), dc_rel_vs_lean=rdiff(dc_b, dc_l))
+                rec.update(
+                    loss_diff=float(abs(loss_b - loss_l)),
+                    de_rel_vs_lean=rdiff(de_b, de_l),
+                    dc_rel_vs_lean=rdiff(dc_b, dc_l),
+                )
             records.append(rec)
             print(json.dumps(rec), flush=True)
-        del e, c, logits, de, dc, de_l, dc_l
+        e = c = logits = de = dc = de_l = dc_l = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     if args.breakdown:
         records += breakdown(args.shapes.split(","), int(args.budgets.split(",")[0]) << 20)
@@ -154,7 +166,7 @@ def breakdown(shapes, budget: int) -> list[dict]:
         rec["lean_forward_ms"] = statistics.median(timed(lambda: cce.linear_cross_entropy(e, c, t)) for _ in range(5))
         logits = cp.empty((n, v), ml_dtypes.bfloat16)
         rec["cublas_logits_ms"] = statistics.median(timed(lambda: cp.matmul(e, c.T, out=logits)) for _ in range(5))
-        del logits
+        logits = None
         print(json.dumps(rec), flush=True)
         out.append(rec)
     return out

@@ -39,7 +39,7 @@ class BudgetPlan:
     lds: int  # row stride of the kept softmax, in elements (V rounded up to 8: 16-byte rows)
     ntiles: int  # scales per row
     dc_acc: bool  # an fp32 dC accumulator (several chunks, 16-bit gradients)
-    offsets: dict  # name -> (offset, size) in the scratch buffer
+    offsets: tuple  # (name, (offset, size)) of each buffer in the scratch (a tuple: plans are hashable)
     nbytes: int  # the scratch buffer: everything the path allocates beyond its outputs
 
 
@@ -52,18 +52,18 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions) -> BudgetPlan |
     lds = _round_up(v, 8)
     ntiles = _cdiv(v, HOPPER_TILE_N)
 
-    def layout(rows: int, dc_acc: bool) -> tuple[dict, int]:
+    def layout(rows: int, dc_acc: bool) -> tuple[tuple, int]:
         sizes = {
             "s": rows * lds * 2,
             "scales": rows * ntiles * 4,
             "forward": forward_scratch_nbytes(rows, v, d, dtype),
             "dc_acc": v * d * 4 if dc_acc else 0,
         }
-        offsets, off = {}, 0
+        offsets, off = [], 0
         for name, size in sizes.items():
-            offsets[name] = (off, size)
+            offsets.append((name, (off, size)))
             off = _round_up(off + size, _ALIGN)
-        return offsets, off
+        return tuple(offsets), off
 
     offsets, nbytes = layout(n, False)
     if nbytes <= budget:
@@ -111,8 +111,10 @@ def launch_fused_budgeted(
     n, d = e.shape
     v = c.shape[0]
 
+    offsets = dict(plan.offsets)
+
     def buf(name, dtype, shape):
-        off, size = plan.offsets[name]
+        off, size = offsets[name]
         return scratch[off : off + size].view(dtype).reshape(shape)
 
     fwd_scratch = buf("forward", np.uint8, (-1,))

@@ -154,7 +154,9 @@ def all_instances() -> dict[str, list[str]]:
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
     # The budgeted backward's gradient pass reads what the Hopper forward kept: 16-bit types only.
-    budget = [template_name("lce_budget_grad", t, *f, i) for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx]
+    budget = [
+        template_name("lce_budget_grad", t, *f, i) for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx
+    ]
     return {
         "lce_forward.cu": fwd,
         "lce_backward.cu": bwd,
