@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cce_cupy.cuda import plan
-from cce_cupy.options import CCEOptions
+from cce_cupy.options import CCEOptions, z_loss_dlse
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 GPU_SKIP_REASON = "no CUDA device: run `pytest -m gpu` on a GPU machine"
@@ -285,3 +285,49 @@ class NumpyBridge:
         dc_out[...] = dy.T @ e
         if dbias_out is not None:
             dbias_out[...] = dy.sum(0)
+
+    def launch_fused_budgeted(
+        self,
+        e,
+        c,
+        targets,
+        bias,
+        opts,
+        budget_plan,
+        row_grad,
+        lse_out,
+        tgt_out,
+        de_out,
+        dc_out,
+        dbias_out,
+        scratch,
+        bad_target=None,
+        tune=True,
+    ):
+        assert not tune, "JAX callbacks must not tune (it synchronizes)"
+        assert scratch.nbytes >= budget_plan.nbytes
+        n_calls = len(self.calls)
+        fwd_scratch = np.zeros(plan.forward_scratch_nbytes(*e.shape[:1], c.shape[0], e.shape[1], e.dtype), np.uint8)
+        self.launch_forward(e, c, targets, bias, opts, lse_out, tgt_out, fwd_scratch, bad_target, tune)
+        # The kernel's coefficients: coef_q = row_grad, coef_p = row_grad * (1 + 2 z_loss lse).
+        coef_p = row_grad * (1.0 + z_loss_dlse(opts.z_loss, lse_out))
+        bwd_scratch = np.zeros(
+            plan.backward_scratch_nbytes(*e.shape[:1], c.shape[0], e.shape[1], e.dtype, opts), np.uint8
+        )
+        self.launch_backward(
+            e,
+            c,
+            targets,
+            bias,
+            opts,
+            lse_out,
+            coef_p,
+            row_grad,
+            de_out,
+            dc_out,
+            dbias_out,
+            bwd_scratch,
+            host_sync=False,
+        )
+        del self.calls[n_calls:]
+        self.calls.append("fused")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import assert_rel_close, dense_reference
+from conftest import assert_rel_close, dense_reference, make_problem
 
 import cce_cupy as cce
 from cce_cupy import numpy_backend
@@ -396,3 +396,30 @@ def test_target_flag_creation_does_not_race(fake_cupy):
     assert device.target_error_flag() is mine
     assert _in_thread(lambda: device.target_error_flag()) is not mine
     assert got["first"] is not mine
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        ("4GiB", TypeError, r"memory_budget must be 'lean' or a number of bytes"),
+        (4.0e9, TypeError, r"memory_budget must be 'lean' or a number of bytes"),
+        (True, TypeError, r"memory_budget must be 'lean' or a number of bytes"),
+        (0, ValueError, r"memory_budget must be a positive number of bytes"),
+        (-1, ValueError, r"memory_budget must be a positive number of bytes"),
+    ],
+)
+def test_memory_budget_is_validated(value, error, match):
+    with pytest.raises(error, match=match):
+        CCEOptions(memory_budget=value)
+
+
+def test_memory_budget_excludes_filtering_and_is_ignored_by_numpy():
+    with pytest.raises(ValueError, match=r"memory_budget .* filter_eps .* pass one of them"):
+        CCEOptions(memory_budget=1 << 30, filter_eps="auto")
+    assert CCEOptions(memory_budget=np.int64(1 << 30)).memory_budget == 1 << 30
+    # The NumPy backend never keeps logits: a budget changes nothing there.
+    e, c, t, _ = make_problem(20, 8, 50, seed=2)
+    lean = cce.linear_cross_entropy_with_grad(e, c, t)
+    budgeted = cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=1 << 30)
+    for a, b in zip(lean, budgeted):
+        np.testing.assert_array_equal(a, b)

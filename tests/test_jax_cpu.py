@@ -402,6 +402,40 @@ def test_callback_plumbing_vmap(numpy_bridge, vmap_method, batch_c):
             assert_rel_close(vm[1][k][i], ref_g[k], 2e-5, name)
 
 
+@pytest.mark.parametrize("case", ["default", "all_mean"])
+def test_callback_plumbing_memory_budget(numpy_bridge, monkeypatch, case):
+    """With a memory budget the differentiated forward is one callback returning the gradients too
+    (no backward callback), and the backward only scales them by the loss cotangent."""
+    from cce_cupy.cuda import budget as cuda_budget
+
+    monkeypatch.setattr(
+        gpu, "budget_plan", lambda e, c, o: cuda_budget.budget_plan(e.shape[0], c.shape[0], e.shape[1], e.dtype, o)
+    )
+    o = make_options(**OPTION_CASES[case]).replace(memory_budget=1 << 30, return_lse=False, return_z_loss=False)
+    e, c, t, b = make_problem(10, 6, 37, "float32", bias=True, batch_shape=(2, 5))
+
+    def f(e_, c_, b_):
+        return 3.0 * linear_cross_entropy(e_, c_, jnp.asarray(t), b_, options=o)  # a loss cotangent of 3
+
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(jnp.asarray(e), jnp.asarray(c), jnp.asarray(b))
+    assert numpy_bridge.calls == ["fused"]
+    ref_l, ref_g = jax.value_and_grad(
+        lambda e_, c_, b_: 3.0 * optax_truth(e_, c_, np.asarray(t), b_, o), argnums=(0, 1, 2)
+    )(*(jnp.asarray(x, jnp.float64) for x in (e, c, b)))
+    assert_rel_close(loss, ref_l, 2e-5, "loss")
+    for k, name in enumerate(("de", "dc", "db")):
+        assert_rel_close(grads[k], ref_g[k], 2e-5, name)
+    # Not differentiated: the plain forward callback; reduction="none" keeps the lean backward.
+    numpy_bridge.calls.clear()
+    linear_cross_entropy(jnp.asarray(e), jnp.asarray(c), jnp.asarray(t), jnp.asarray(b), options=o)
+    assert numpy_bridge.calls == ["forward"]
+    numpy_bridge.calls.clear()
+    jax.grad(
+        lambda e_: linear_cross_entropy(e_, jnp.asarray(c), jnp.asarray(t), options=o.replace(reduction="none")).sum()
+    )(jnp.asarray(e))
+    assert numpy_bridge.calls == ["forward", "backward"]
+
+
 def test_softcap_gradient_where_tanh_saturates():
     """fp32 on the pure-JAX path, target logits at z/s ~ 7: the softcap derivative must keep its
     accuracy there (see cce_cupy.numpy_backend.softcap_grad)."""
