@@ -148,7 +148,7 @@ def _fused_budgeted(call: _Call, g):
         return None
     n, d = call.e.shape
     v = call.c.shape[0]
-    plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts)
+    plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts, call.bias is not None)
     if plan is None:
         return None
     gdt = grad_dtype(call.e.dtype, call.opts)

@@ -208,7 +208,7 @@ def _fused_budgeted_callback(opts: CCEOptions, has_bias: bool, budget_plan):
     return callback
 
 
-def budget_plan(e, c, opts: CCEOptions):
+def budget_plan(e, c, opts: CCEOptions, has_bias: bool):
     """The memory-budgeted path's plan (cce_cupy.cuda.budget) for these abstract arrays on this
     process's GPUs, or None where the lean path runs: no budget, no GPU, a GPU other than Hopper,
     inputs other than bf16 / fp16, rows not a multiple of 16 bytes, or a budget below one chunk.
@@ -226,7 +226,7 @@ def budget_plan(e, c, opts: CCEOptions):
         return None
     if not devices or any(cupy.cuda.Device(i).compute_capability != "90" for i in devices):
         return None
-    return cuda_budget.budget_plan(n, c.shape[0], d, dtype, opts)
+    return cuda_budget.budget_plan(n, c.shape[0], d, dtype, opts, has_bias)
 
 
 def fused_budgeted(e, c, targets, bias, row_grad, opts: CCEOptions, plan, *, vmap_method: str):

@@ -112,7 +112,7 @@ class _KeptGrads(NamedTuple):
     e_dtype: Any
 
 
-def _budget_plan(e, c, cfg: _Config):
+def _budget_plan(e, c, has_bias: bool, cfg: _Config):
     """The budgeted path's plan when the differentiated forward can take it, else None (lean).
 
     Its residuals are the gradients for a loss cotangent of 1, which the backward scales: so the
@@ -131,7 +131,7 @@ def _budget_plan(e, c, cfg: _Config):
         or e.shape[0] == 0
     ):
         return None
-    return gpu.budget_plan(e, c, o)
+    return gpu.budget_plan(e, c, o, has_bias)
 
 
 def _fused_budgeted(e, c, t, bias, plan, cfg: _Config):
@@ -181,7 +181,7 @@ def _lce_fwd(e, c, t, bias, cfg: _Config):
     # Differentiated: the backward's exact recompute needs an lse of the same exact logits.
     if cfg.opts.allow_tf32:
         cfg = dataclasses.replace(cfg, opts=cfg.opts.replace(allow_tf32=False))
-    plan = _budget_plan(e, c, cfg)
+    plan = _budget_plan(e, c, bias is not None, cfg)
     if plan is None:
         return _lce_forward_pass(e, c, t, bias, cfg)
     # Memory budget: the gradients come out of the forward (three GEMMs' work, no recompute).

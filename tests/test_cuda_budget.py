@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _gpu_helpers import TOL, _assert_no_nan, _cp, _skip_unless_hopper
-from conftest import assert_rel_close, dense_reference, make_problem, rel_err
+from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, rel_err
 
 import cce_cupy as cce
 from cce_cupy.cuda import backward as cuda_backward
@@ -19,6 +19,14 @@ pytestmark = pytest.mark.gpu
 BIG = 1 << 34  # 16 GiB: every test shape runs as one chunk
 
 
+@pytest.fixture(params=["row", "tile"])
+def mode(request, monkeypatch):
+    """Both ways of the budgeted backward (cce_cupy.cuda.budget): "tile" forced where "row" would run."""
+    if request.param == "tile":
+        monkeypatch.setattr(cuda_budget, "budget_mode", lambda *a: "tile")
+    return request.param
+
+
 def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     """The budgeted launcher with every output poisoned with NaN first."""
     cp = _cp()
@@ -27,7 +35,7 @@ def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     n, d = ge.shape
     v = gc.shape[0]
     assert cuda_budget.budget_applies(ge, gc, o)
-    plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o)
+    plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o, b is not None)
     assert plan is not None
     gdt = grad_dtype(ge.dtype, o)
     lse = cp.full(n, cp.nan, cp.float32)
@@ -61,7 +69,7 @@ OPTION_CASES = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 @pytest.mark.parametrize("bias", [False, True])
-def test_budget_launcher_every_option(dtype, case, bias):
+def test_budget_launcher_every_option(dtype, case, bias, mode):
     cp = _cp()
     _skip_unless_hopper(cp)
     # V = 1000: a tile (256) and a split both end mid-tile; 20% ignored targets (make_problem).
@@ -70,6 +78,10 @@ def test_budget_launcher_every_option(dtype, case, bias):
     grad_loss = np.linspace(0.5, 1.5, 300).astype(np.float32) if o.reduction == "none" else 1.0
     plan, out = _run_budgeted(e, c, t, b, o, grad_loss)
     assert plan.rows == 300 and not plan.dc_acc
+    expected = (
+        "row" if mode == "row" and dtype == "bfloat16" and not (o.label_smoothing and (bias or o.softcap)) else "tile"
+    )
+    assert plan.mode == expected
     _assert_no_nan(out)
     truth = dense_reference(e, c, t, b, o, grad_loss=grad_loss)
     tol = TOL[dtype]
@@ -80,31 +92,32 @@ def test_budget_launcher_every_option(dtype, case, bias):
 
 
 @pytest.mark.parametrize("grad_dtype_opt", [None, "float32"])
-def test_budget_several_chunks(grad_dtype_opt):
+@pytest.mark.parametrize("bias", [False, True])
+def test_budget_several_chunks(grad_dtype_opt, bias, mode):
     """A budget just below one chunk of every row: several chunks, dC accumulated over them (in an
     fp32 buffer for bf16 gradients), through the public API with shift and a batch dimension."""
     cp = _cp()
     _skip_unless_hopper(cp)
     n, d, v = 2 * 200, 64, 3000
-    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=True, peaked=True, batch_shape=(2, 200), seed=3)
+    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=bias, peaked=True, batch_shape=(2, 200), seed=3)
     base = CCEOptions(shift=True, z_loss=1e-4, label_smoothing=0.05, grad_dtype=grad_dtype_opt)
-    one = cuda_budget.budget_plan(n, v, d, e.dtype, base.replace(memory_budget=BIG))
+    one = cuda_budget.budget_plan(n, v, d, e.dtype, base.replace(memory_budget=BIG), bias)
     assert one.rows == n
     o = base.replace(memory_budget=one.nbytes - 1)
-    plan = cuda_budget.budget_plan(n, v, d, e.dtype, o)
+    plan = cuda_budget.budget_plan(n, v, d, e.dtype, o, bias)
     assert plan is not None and plan.rows < n and plan.nbytes <= o.memory_budget, plan
     assert plan.dc_acc == (grad_dtype_opt is None)
-    loss, de, dc, db = cce.linear_cross_entropy_with_grad(
-        cp.asarray(e), cp.asarray(c), cp.asarray(t), cp.asarray(b), options=o
+    out = cce.linear_cross_entropy_with_grad(
+        cp.asarray(e), cp.asarray(c), cp.asarray(t), None if b is None else cp.asarray(b), options=o
     )
     truth = dense_reference(e, c, t, b, o)
-    assert_rel_close(loss, truth["loss"], 1e-5, "loss")
-    for name, ours in (("de", de), ("dc", dc), ("db", db)):
+    assert_rel_close(out[0], truth["loss"], 1e-5, "loss")
+    for name, ours in zip(("de", "dc", "db"), out[1:]):
         assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
 
 
 @pytest.mark.parametrize("data", ["uniform", "peaked"])
-def test_budget_accuracy_against_lean(data):
+def test_budget_accuracy_against_lean(data, mode):
     """The kept softmax (fp16, one scale per 256-column tile) costs at most 1.5x the lean path's
     error against float64 (issue 17's bar), on model-like sizes of V."""
     cp = _cp()
@@ -143,3 +156,24 @@ def test_budget_dispatch(monkeypatch):
     cce.linear_cross_entropy_with_grad(ge, gc, gt)
     cce.linear_cross_entropy_with_grad(ge.astype(cp.float32), gc.astype(cp.float32), gt, memory_budget=BIG)
     assert calls == ["budget", "lean", "lean", "lean"]
+
+
+def test_budget_row_far_above_its_target(mode):
+    """Rows whose largest logit is ~100 nats over the target's (loss ~100): the row-shifted forward
+    marks them unsafe and lce_budget_recompute rewrites them; the result stays exact."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 256, 64, 2000
+    e, c, t, _ = make_problem(n, d, v, "float32", ignore_frac=0.0, seed=9)
+    rng = np.random.default_rng(9)
+    far = rng.choice(n, 16, replace=False)
+    other = (t[far] + 1) % v
+    e[far] = 100.0 * c[other] / (c[other] ** 2).sum(1, keepdims=True)  # z_other ~ 100, z_target ~ 0
+    e, c = e.astype(DTYPES["bfloat16"]), c.astype(DTYPES["bfloat16"])
+    o = CCEOptions(memory_budget=BIG)
+    plan, out = _run_budgeted(e, c, t, None, o)
+    _assert_no_nan(out)
+    truth = dense_reference(e, c, t, None, o)
+    assert float(np.min(truth["loss_tok"].reshape(-1)[far])) > 60.0
+    for name in ("de", "dc"):
+        assert_rel_close(out[name], truth[name], TOL["bfloat16"], name)

@@ -409,7 +409,9 @@ def test_callback_plumbing_memory_budget(numpy_bridge, monkeypatch, case):
     from cce_cupy.cuda import budget as cuda_budget
 
     monkeypatch.setattr(
-        gpu, "budget_plan", lambda e, c, o: cuda_budget.budget_plan(e.shape[0], c.shape[0], e.shape[1], e.dtype, o)
+        gpu,
+        "budget_plan",
+        lambda e, c, o, has_bias: cuda_budget.budget_plan(e.shape[0], c.shape[0], e.shape[1], e.dtype, o, has_bias),
     )
     o = make_options(**OPTION_CASES[case]).replace(memory_budget=1 << 30, return_lse=False, return_z_loss=False)
     e, c, t, b = make_problem(10, 6, 37, "float32", bias=True, batch_shape=(2, 5))

@@ -1,16 +1,23 @@
 """The memory-budgeted forward + backward: exact gradients for three GEMMs' work instead of four.
 
 The lean path (forward.py, backward.py) recomputes the logits in the backward. With a budget, rows
-are taken in chunks as large as it allows, and each chunk runs:
+are taken in chunks as large as it allows; the Hopper forward of each chunk also keeps its softmax
+(lce_hopper.cu, STORE), and the backward reads it instead of recomputing. Two ways, by `mode`:
 
-    1. the Hopper forward with STORE: lse and target term as always, and the chunk's softmax kept
-       as fp16 s = exp(y - m) with one m per (row, 256-column tile) (lce_hopper.cu);
-    2. lce_budget_grad (lce_budget.cu): s -> the logit gradient G, in place, in the input dtype;
-    3. cuBLAS: dE[chunk] = G @ C, and dC (+)= G^T @ E[chunk]; dbias (+)= column sums of G.
+"row" (bf16; not label smoothing together with softcap or bias):
+    the forward keeps s = exp(y - c) (times softcap') in bf16, with one shift c per row (the
+    target logit, from lce_budget_shift), and the GEMMs read s itself: the logit gradient is
+    a_i s'_ij - coef_q_i ls / V, with per-row factors a_i, s' = s but at the target column
+    (lce_budget_rows), so dE = a * (s' @ C) - ... (lce_budget_de), dC = s'^T @ (a E) onto the
+    smoothing term (lce_budget_dc_fill), dbias = s'^T @ a. No pass over s besides the GEMMs.
+"tile" (fp16, and the option pairs above):
+    the forward keeps fp16 s = exp(y - m) with one m per (row, 256-column tile); lce_budget_grad
+    turns it in place into the logit gradient G; cuBLAS runs dE = G @ C, dC = G^T @ E; dbias is
+    G's column sums.
 
-Bytes a row: 2 (fp16 s, later G) per column, 4 per 256-column tile (scales). With more than one
-chunk and 16-bit gradients, dC accumulates in an fp32 (V, D) buffer inside the budget (one rounding
-at the end, as the lean path's). Everything runs on CuPy's current stream, no host sync.
+With more than one chunk and 16-bit gradients, dC accumulates in an fp32 (V, D) buffer inside
+the budget (one rounding at the end, as the lean path's). Everything runs on CuPy's current
+stream without a host sync.
 """
 
 from __future__ import annotations
@@ -20,62 +27,82 @@ import dataclasses
 import numpy as np
 
 from cce_cupy.cuda.device import _gemm_rowmajor, _null, _ptr, use_hopper
-from cce_cupy.cuda.forward import launch_forward
+from cce_cupy.cuda.forward import ForwardStore, launch_forward
 from cce_cupy.cuda.loader import get_kernel
 from cce_cupy.cuda.plan import _cdiv, _round_up, forward_scratch_nbytes
-from cce_cupy.cuda.sources import HOPPER_TILE_N, TILE_M, template_name
+from cce_cupy.cuda.sources import HOPPER_TILE_N, STORE_ROW, STORE_TILE, TILE_M, dtype_name, template_name
 from cce_cupy.options import CCEOptions, grad_dtype
 
-_GRAD_THREADS = 256  # lce_budget_grad: a block streams whole rows
 _MAX_GRID = 65535
 _ALIGN = 256  # bytes between the scratch buffers
+_ROW_THREADS = 128  # lce_budget_rows
+_ELEMENTWISE_BLOCKS = 132 * 8  # grid-stride kernels (lce_budget_de, lce_budget_dc_fill)
 
 
 @dataclasses.dataclass(frozen=True)
 class BudgetPlan:
     """How one call runs under a memory budget (all sizes in bytes)."""
 
+    mode: str  # "row" or "tile" (see the module doc)
     rows: int  # per chunk
     lds: int  # row stride of the kept softmax, in elements (V rounded up to 8: 16-byte rows)
-    ntiles: int  # scales per row
     dc_acc: bool  # an fp32 dC accumulator (several chunks, 16-bit gradients)
     offsets: tuple  # (name, (offset, size)) of each buffer in the scratch (a tuple: plans are hashable)
     nbytes: int  # the scratch buffer: everything the path allocates beyond its outputs
 
 
-def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions) -> BudgetPlan | None:
+def budget_mode(dtype, opts: CCEOptions, has_bias: bool) -> str:
+    """ "row" where the GEMMs can read the kept softmax directly, else "tile" (module doc)."""
+    smoothing_not_rank1 = opts.label_smoothing > 0 and (opts.softcap is not None or has_bias)
+    return "row" if dtype_name(dtype) == "bfloat16" and not smoothing_not_rank1 else "tile"
+
+
+def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptions, dc_acc: bool) -> dict:
+    """Bytes of each scratch buffer of a plan with `rows` rows a chunk."""
+    lds = _round_up(v, 8)
+    sizes = {"s": rows * lds * 2, "forward": forward_scratch_nbytes(max(rows, 1), v, d, dtype)}
+    if mode == "tile":
+        sizes["scales"] = rows * _cdiv(v, HOPPER_TILE_N) * 4
+    else:
+        sizes.update(
+            shift=rows * 4, z_target=rows * 4, a_f=rows * 4, a_t=rows * 2, unsafe=rows * 4, e_scaled=rows * d * 2
+        )
+        sizes["x"] = rows * d * 4
+        if opts.label_smoothing:
+            sizes.update(ones=v * 2, colsum=d * 4, rg_t=n * 2, w=d * 4)
+    sizes["dc_acc"] = v * d * 4 if dc_acc else 0
+    return sizes
+
+
+def _layout(sizes: dict) -> tuple[tuple, int]:
+    offsets, off = [], 0
+    for name, size in sizes.items():
+        offsets.append((name, (off, size)))
+        off = _round_up(off + size, _ALIGN)
+    return tuple(offsets), off
+
+
+def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False) -> BudgetPlan | None:
     """The chunking for `opts.memory_budget`, or None where the lean path runs instead: no budget,
     an empty problem, or a budget too small for one 128-row chunk."""
     budget = opts.memory_budget
     if budget == "lean" or n == 0 or v == 0:
         return None
+    mode = budget_mode(dtype, opts, has_bias)
     lds = _round_up(v, 8)
-    ntiles = _cdiv(v, HOPPER_TILE_N)
-
-    def layout(rows: int, dc_acc: bool) -> tuple[tuple, int]:
-        sizes = {
-            "s": rows * lds * 2,
-            "scales": rows * ntiles * 4,
-            "forward": forward_scratch_nbytes(rows, v, d, dtype),
-            "dc_acc": v * d * 4 if dc_acc else 0,
-        }
-        offsets, off = [], 0
-        for name, size in sizes.items():
-            offsets.append((name, (off, size)))
-            off = _round_up(off + size, _ALIGN)
-        return tuple(offsets), off
-
-    offsets, nbytes = layout(n, False)
+    offsets, nbytes = _layout(_buffers(mode, n, n, v, d, dtype, opts, False))
     if nbytes <= budget:
-        return BudgetPlan(n, lds, ntiles, False, offsets, nbytes)
+        return BudgetPlan(mode, n, lds, False, offsets, nbytes)
     dc_acc = grad_dtype(dtype, opts) != np.float32
-    per_row = lds * 2 + ntiles * 4
-    fixed = (v * d * 4 if dc_acc else 0) + forward_scratch_nbytes(n, v, d, dtype) + 4 * _ALIGN
+    fixed = _layout(_buffers(mode, 0, n, v, d, dtype, opts, dc_acc))[1] + forward_scratch_nbytes(n, v, d, dtype)
+    per_row = _layout(_buffers(mode, 1, n, v, d, dtype, opts, False))[1]  # an upper bound (alignment)
     rows = (budget - fixed) // per_row // TILE_M * TILE_M if budget > fixed else 0
     if rows < TILE_M:
         return None
-    offsets, nbytes = layout(rows, dc_acc)
-    return BudgetPlan(rows, lds, ntiles, dc_acc, offsets, nbytes)
+    offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, dc_acc))
+    if nbytes > budget:  # the per-row bound is generous; this cannot happen, but never exceed a budget
+        return None
+    return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes)
 
 
 def budget_applies(e, c, opts: CCEOptions) -> bool:
@@ -104,51 +131,56 @@ def launch_fused_budgeted(
     """Loss terms (lse, target term) and gradients in one pass over row chunks; see the module doc.
 
     row_grad: fp32 (N,), each row's upstream loss gradient: coef_q of
-    cce_cupy.options.row_coefficients, which does not depend on the lse (the kernel derives coef_p
+    cce_cupy.options.row_coefficients, which does not depend on the lse (the kernels derive coef_p
     from it and the lse, z-loss included). scratch: uint8, plan.nbytes. Gradients are written
     whole (not accumulated into): dE, dC and dbias in grad_dtype. bad_target, tune: as launch_forward.
     """
-    n, d = e.shape
-    v = c.shape[0]
-
     offsets = dict(plan.offsets)
 
     def buf(name, dtype, shape):
         off, size = offsets[name]
         return scratch[off : off + size].view(dtype).reshape(shape)
 
-    fwd_scratch = buf("forward", np.uint8, (-1,))
+    run = _row_mode if plan.mode == "row" else _tile_mode
+    v, d = c.shape
     dc_target = buf("dc_acc", np.float32, (v, d)) if plan.dc_acc else dc_out
+    run(
+        e, c, targets, bias, opts, plan, row_grad, lse_out, tgt_out, de_out, dc_target, dbias_out, buf, bad_target, tune
+    )
+    if plan.dc_acc:
+        dc_out[...] = dc_target
+
+
+def _chunks(n: int, plan: BudgetPlan):
+    for r0 in range(0, n, plan.rows):
+        yield r0, min(n, r0 + plan.rows)
+
+
+def _tile_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias, buf, bad_target, tune):
+    n, d = e.shape
+    v = c.shape[0]
+    ntiles = _cdiv(v, HOPPER_TILE_N)
+    fwd_scratch = buf("forward", np.uint8, (-1,))
     flags = (bias is not None, opts.softcap is not None, targets.dtype)
     grad_pass = get_kernel("lce_budget.cu", template_name("lce_budget_grad", e.dtype, *flags))
-    for r0 in range(0, n, plan.rows):
-        r1 = min(n, r0 + plan.rows)
+    for r0, r1 in _chunks(n, plan):
         rows = r1 - r0
         s = buf("s", np.float16, (plan.rows, plan.lds))[:rows]
-        scales = buf("scales", np.float32, (plan.rows, plan.ntiles))[:rows]
+        scales = buf("scales", np.float32, (plan.rows, ntiles))[:rows]
         e_chunk = e[r0:r1]
+        store = ForwardStore(STORE_TILE, s, scales=scales)
         launch_forward(
-            e_chunk,
-            c,
-            targets[r0:r1],
-            bias,
-            opts,
-            lse_out[r0:r1],
-            tgt_out[r0:r1],
-            scratch=fwd_scratch,
-            bad_target=bad_target,
-            tune=tune,
-            store=(s, scales),
+            e_chunk, c, targets[r0:r1], bias, opts, lse[r0:r1], tgt[r0:r1], fwd_scratch, bad_target, tune, store
         )
         grad_pass(
             (min(rows, _MAX_GRID),),
-            (_GRAD_THREADS,),
+            (256,),
             (
                 s,
                 np.int64(plan.lds),
                 scales,
-                np.int32(plan.ntiles),
-                lse_out[r0:r1],
+                np.int32(ntiles),
+                lse[r0:r1],
                 row_grad[r0:r1],
                 np.float32(opts.z_loss),
                 targets[r0:r1],
@@ -163,17 +195,126 @@ def launch_fused_budgeted(
             ),
         )
         g = s.view(e.dtype)[:, :v]  # the same bytes, now the logit gradient
-        _gemm_rowmajor(g, c, de_out[r0:r1], trans_a=False, accumulate=False)
-        _gemm_rowmajor(g, e_chunk, dc_target, trans_a=True, accumulate=r0 > 0)
-        if dbias_out is not None:
-            bias_grad = get_kernel("reductions.cu", template_name("lce_bias_grad", e.dtype, dbias_out.dtype, r0 > 0))
+        _gemm_rowmajor(g, c, de[r0:r1], trans_a=False, accumulate=False)
+        _gemm_rowmajor(g, e_chunk, dc, trans_a=True, accumulate=r0 > 0)
+        if dbias is not None:
+            bias_grad = get_kernel("reductions.cu", template_name("lce_bias_grad", e.dtype, dbias.dtype, r0 > 0))
             bias_grad(
                 (_cdiv(v, 32),),
                 (32, 32),
-                (g, _null(), dbias_out, np.int32(rows), np.int32(v), np.int64(plan.lds), np.int32(0), _null()),
+                (g, _null(), dbias, np.int32(rows), np.int32(v), np.int64(plan.lds), np.int32(0), _null()),
             )
-    if plan.dc_acc:
-        dc_out[...] = dc_target
 
 
-__all__ = ["BudgetPlan", "budget_applies", "budget_plan", "launch_fused_budgeted"]
+def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias, buf, bad_target, tune):
+    n, d = e.shape
+    v = c.shape[0]
+    f32 = np.float32
+    has_bias, softcap = bias is not None, opts.softcap is not None
+    flags = (has_bias, softcap, targets.dtype)
+    shift_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))
+    recompute = get_kernel("lce_budget.cu", template_name("lce_budget_recompute", e.dtype, has_bias, softcap))
+    rows_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_rows", e.dtype, *flags))
+    de_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_de", de.dtype))
+    fwd_scratch = buf("forward", np.uint8, (-1,))
+    smooth_q = f32(opts.label_smoothing / v)
+    colsum = None
+    if opts.label_smoothing:
+        # The smoothing terms are rank-1: colsum = sum_j C_j for dE, and dC starts at -(ls / V) w,
+        # w = sum_i coef_q_i E_i, for its GEMMs to accumulate onto.
+        ones = buf("ones", e.dtype, (1, v))
+        ones.fill(1)
+        colsum = buf("colsum", f32, (1, d))
+        _gemm_rowmajor(ones, c, colsum, trans_a=False, accumulate=False)
+        rg_t = buf("rg_t", e.dtype, (1, n))
+        rg_t[0] = row_grad
+        w = buf("w", f32, (1, d))
+        _gemm_rowmajor(rg_t, e, w, trans_a=False, accumulate=False)
+        fill = get_kernel("lce_budget.cu", template_name("lce_budget_dc_fill", dc.dtype))
+        fill((_ELEMENTWISE_BLOCKS,), (256,), (dc, w, smooth_q, np.int32(v), np.int32(d)))
+    for r0, r1 in _chunks(n, plan):
+        rows = r1 - r0
+        s = buf("s", e.dtype, (plan.rows, plan.lds))[:rows]
+        shift, z_target, a_f, unsafe = (
+            buf(k, dt, (plan.rows,))[:rows]
+            for k, dt in (("shift", f32), ("z_target", f32), ("a_f", f32), ("unsafe", np.int32))
+        )
+        a_t = buf("a_t", e.dtype, (plan.rows, 1))[:rows]
+        e_scaled = buf("e_scaled", e.dtype, (plan.rows, d))[:rows]
+        x = buf("x", f32, (plan.rows, d))[:rows]
+        e_chunk, t_chunk, rg_chunk, lse_chunk = e[r0:r1], targets[r0:r1], row_grad[r0:r1], lse[r0:r1]
+        unsafe.fill(0)
+        shift_kernel(
+            (_cdiv(rows, 8),),
+            (256,),
+            (
+                e_chunk,
+                c,
+                _ptr(bias),
+                t_chunk,
+                rg_chunk,
+                shift,
+                z_target,
+                np.int32(rows),
+                np.int32(v),
+                np.int32(d),
+                f32(opts.softcap or 0.0),
+            ),
+        )
+        store = ForwardStore(STORE_ROW, s, row_shift=shift, unsafe=unsafe)
+        launch_forward(e_chunk, c, t_chunk, bias, opts, lse_chunk, tgt[r0:r1], fwd_scratch, bad_target, tune, store)
+        grid = (min(rows, _MAX_GRID),)
+        recompute(
+            grid,
+            (256,),
+            (
+                unsafe,
+                s,
+                np.int64(plan.lds),
+                shift,
+                lse_chunk,
+                e_chunk,
+                c,
+                _ptr(bias),
+                np.int32(rows),
+                np.int32(v),
+                np.int32(d),
+                f32(opts.softcap or 0.0),
+            ),
+        )
+        rows_kernel(
+            grid,
+            (_ROW_THREADS,),
+            (
+                s,
+                np.int64(plan.lds),
+                lse_chunk,
+                rg_chunk,
+                f32(opts.z_loss),
+                t_chunk,
+                shift,
+                z_target,
+                e_chunk,
+                e_scaled,
+                a_t,
+                a_f,
+                np.int32(rows),
+                np.int32(v),
+                np.int32(d),
+                f32(opts.softcap or 0.0),
+                f32(opts.label_smoothing),
+            ),
+        )
+        sv = s[:, :v]
+        _gemm_rowmajor(sv, c, x, trans_a=False, accumulate=False)
+        _gemm_rowmajor(sv, e_scaled, dc, trans_a=True, accumulate=r0 > 0 or colsum is not None)
+        if dbias is not None:
+            _gemm_rowmajor(sv, a_t, dbias.reshape(v, 1), trans_a=True, accumulate=r0 > 0)
+        de_kernel(
+            (_ELEMENTWISE_BLOCKS,),
+            (256,),
+            (x, a_f, rg_chunk, _ptr(colsum), smooth_q, de[r0:r1], np.int32(rows), np.int32(d)),
+        )
+
+
+__all__ = ["BudgetPlan", "budget_applies", "budget_mode", "budget_plan", "launch_fused_budgeted"]

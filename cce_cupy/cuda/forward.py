@@ -5,6 +5,8 @@ Shapes and dtypes are checked by the API layers, not here.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from cce_cupy.cuda import autotune
@@ -24,6 +26,7 @@ from cce_cupy.cuda.sources import (
     HOPPER_SMEM_BYTES,
     HOPPER_THREADS,
     HOPPER_TILE_N,
+    STORE_NONE,
     THREADS,
     TILE_M,
     TILE_N,
@@ -31,6 +34,18 @@ from cce_cupy.cuda.sources import (
     template_name,
 )
 from cce_cupy.options import CCEOptions
+
+
+class ForwardStore(NamedTuple):
+    """What the Hopper forward also keeps for the memory-budgeted backward (lce_hopper.cu, STORE):
+    mode STORE_TILE: s (N, lds) fp16 and scales (N, ceil(V / 256)) fp32; mode STORE_ROW: s (N, lds)
+    in the input type (bf16), row_shift (N,) fp32 and unsafe, a (1,) int32 flag."""
+
+    mode: int
+    s: Any
+    scales: Any = None
+    row_shift: Any = None
+    unsafe: Any = None
 
 
 def launch_forward(
@@ -51,9 +66,9 @@ def launch_forward(
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
     (cce_cupy.cuda.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice
     or default.
-    store: None, or (s, scales) for the memory-budgeted backward (cce_cupy.cuda.budget; Hopper,
-    16-bit inputs only): s (N, lds) fp16 and scales (N, ceil(V / 256)) fp32 receive each row's
-    softmax as the STORE contract of lce_forward_partials_sm90 says.
+    store: None, or a ForwardStore for the memory-budgeted backward (cce_cupy.cuda.budget; Hopper
+    only): each row's softmax is also written as the STORE contract of lce_forward_partials_sm90
+    (lce_hopper.cu) says.
     """
     import cupy
 
@@ -64,7 +79,7 @@ def launch_forward(
     hopper = use_hopper(e, c, ld=d, tf32=opts.allow_tf32)
     if store is not None and not hopper:
         raise ValueError("store= needs the Hopper forward (16-bit inputs on an sm_90 GPU, 16-byte aligned rows)")
-    s_out, scales = store if store is not None else (None, None)
+    st = store or ForwardStore(STORE_NONE, None)
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
@@ -80,7 +95,7 @@ def launch_forward(
     if hopper:
 
         def run_partials(cluster: int) -> None:
-            name = template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags, store is not None)
+            name = template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags, st.mode)
             partials = get_kernel("lce_hopper.cu", name)
             partials(
                 (hopper_row_blocks(n, cluster), splits),
@@ -94,10 +109,12 @@ def launch_forward(
                     np.int32(d),
                     np.int32(per_split),
                     softcap,
-                    _ptr(s_out),
-                    np.int64(s_out.shape[1] if store is not None else 0),
-                    _ptr(scales),
-                    np.int32(scales.shape[1] if store is not None else 0),
+                    _ptr(st.s),
+                    np.int64(0 if st.s is None else st.s.shape[1]),
+                    _ptr(st.scales),
+                    np.int32(0 if st.scales is None else st.scales.shape[1]),
+                    _ptr(st.row_shift),
+                    _ptr(st.unsafe),
                 ),
                 shared_mem=HOPPER_SMEM_BYTES,
             )
@@ -171,4 +188,4 @@ def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
     return autotune.hopper_cluster(gpu_name(), np.dtype(dt).name, n, d, v)
 
 
-__all__ = ["launch_forward", "tune"]
+__all__ = ["ForwardStore", "launch_forward", "tune"]

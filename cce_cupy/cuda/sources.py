@@ -48,6 +48,17 @@ CE_CLUSTER_SIZES = (1, 2, 4, 8)
 CE_SLICE_BYTES_SHARED_SM = 112 * 1024
 CE_SLICE_BYTES_MAX = 200 * 1024
 
+# lce_forward_partials_sm90's STORE argument (enum ForwardStore in lce_hopper.cu) and the modes
+# built per input type.
+STORE_NONE, STORE_TILE, STORE_ROW = 0, 1, 2
+FORWARD_STORES = {"bfloat16": (STORE_NONE, STORE_TILE, STORE_ROW), "float16": (STORE_NONE, STORE_TILE)}
+# lce_budget.cu's kernels templated like <T, HAS_BIAS, SOFTCAP, TI>.
+BUDGET_KERNELS = (
+    "lce_budget_grad",
+    "lce_budget_shift",
+    "lce_budget_rows",
+)  # and lce_budget_recompute<T, HAS_BIAS, SOFTCAP>
+
 _CXX_TYPES = {
     "float32": "float",
     "float16": "__half",
@@ -127,13 +138,14 @@ def all_instances() -> dict[str, list[str]]:
         for f in itertools.product(b, b)
         for cl in CE_CLUSTER_SIZES
     ]
-    # STORE (the memory-budgeted path's forward) only for the 16-bit types.
+    # STORE (the memory-budgeted path's forward, cce_cupy/cuda/budget.py): STORE_TILE for the 16-bit
+    # types, STORE_ROW for bfloat16 only (it keeps the softmax in T, which needs bf16's range).
     hop = [
         template_name("lce_forward_partials_sm90", cl, t, *f, store)
         for cl in HOPPER_CLUSTERS
         for t in HOPPER_DTYPES + ("float32",)
         for f in itertools.product(b, b, b)
-        for store in ((False, True) if t in HOPPER_DTYPES else (False,))
+        for store in FORWARD_STORES.get(t, (STORE_NONE,))
     ]
     hop += [
         template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
@@ -153,10 +165,17 @@ def all_instances() -> dict[str, list[str]]:
     sparse = ["sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
-    # The budgeted backward's gradient pass reads what the Hopper forward kept: 16-bit types only.
+    # The budgeted backward's kernels read what the Hopper forward kept: 16-bit types only.
     budget = [
-        template_name("lce_budget_grad", t, *f, i) for t in HOPPER_DTYPES for f in itertools.product(b, b) for i in idx
+        template_name(k, t, *f, i)
+        for k in BUDGET_KERNELS
+        for t in HOPPER_DTYPES
+        for f in itertools.product(b, b)
+        for i in idx
     ]
+    budget += [template_name("lce_budget_recompute", t, *f) for t in HOPPER_DTYPES for f in itertools.product(b, b)]
+    budget += [template_name("lce_budget_de", g) for g in ("bfloat16", "float32")]  # STORE_ROW: bf16 only
+    budget += [template_name("lce_budget_dc_fill", g) for g in ("bfloat16", "float32")]
     return {
         "lce_forward.cu": fwd,
         "lce_backward.cu": bwd,

@@ -101,3 +101,149 @@ __global__ void __launch_bounds__(B_THREADS)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The row-shifted path (STORE_ROW, bf16): the GEMMs read the kept softmax itself, and what the
+// gradient pass would do per element is folded into per-row factors:
+//     g_ij = a_i s'_ij - coef_q_i ls / V,   a_i = coef_p_i exp(c_i - lse_i)
+// with s' = s except at the target column, so that
+//     dE_i = a_i (s' C)_i - coef_q_i (ls / V) sum_j C_j         (lce_budget_de)
+//     dC   = s'^T (a E) - (ls / V) sum_i coef_q_i E_i           (cuBLAS onto the rank-1 term)
+//     dbias = s'^T a                                           (cuBLAS; bias goes without ls here)
+// The launcher sends softcap with label smoothing, and bias with label smoothing, to the gradient
+// pass instead: there the smoothing term is not rank-1 (softcap) or needs another column sum.
+
+// lce_budget_shift<T, HAS_BIAS, SOFTCAP, TI>
+//   Before the forward: each row's shift c_i = y_{i,t_i} (its target logit, by a gather-dot in
+//   fp32) and z_t (the target's logit before softcap, for softcap'), or c_i = +inf for a row
+//   without gradient (row_grad 0: ignored) or with a target outside [0, V) (the forward then
+//   stores 0 for it). Grid: ceil(rows / 8) blocks of 256 threads: one warp a row.
+template <typename T, bool HAS_BIAS, bool SOFTCAP, typename TI>
+__global__ void lce_budget_shift(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
+                                 const TI* __restrict__ targets, const float* __restrict__ row_grad,
+                                 float* __restrict__ shift, float* __restrict__ z_target, int rows, int V, int D,
+                                 float softcap) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const long long t = (long long)targets[row];
+    if (row_grad[row] == 0.f || t < 0 || t >= V) {
+        if (lane == 0) shift[row] = INFINITY;
+        return;
+    }
+    const T* er = e + (i64)row * D;
+    const T* cr = c + t * (i64)D;
+    float dot = 0.f;
+    for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+    dot = warp_sum(dot);
+    if (HAS_BIAS) dot += to_f32(bias[t]);
+    if (lane == 0) {
+        shift[row] = apply_softcap<SOFTCAP>(dot, softcap);
+        z_target[row] = dot;
+    }
+}
+
+// lce_budget_recompute<T, HAS_BIAS, SOFTCAP>
+//   After the forward: the rows it marked unsafe (logits more than 60 nats over the target's: the
+//   GEMMs' sums could overflow) get their s row again, shifted by their lse instead (s = p <= 1),
+//   and shift[row] = lse[row]. The logits are recomputed one dot product per column (a warp each):
+//   slow, for rows with a loss over 60 nats only; other rows return at once.
+//   Grid: min(rows, 65535) blocks striding over rows. Block: 256 threads.
+template <typename T, bool HAS_BIAS, bool SOFTCAP>
+__global__ void lce_budget_recompute(const int* __restrict__ unsafe, T* __restrict__ S, long long lds,
+                                     float* __restrict__ shift, const float* __restrict__ lse, const T* __restrict__ e,
+                                     const T* __restrict__ c, const T* __restrict__ bias, int rows, int V, int D,
+                                     float softcap) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        if (!unsafe[row]) continue;  // uniform over the block
+        const float l = lse[row];
+        const T* er = e + (i64)row * D;
+        for (int j = warp; j < V; j += warps) {
+            const T* cr = c + (i64)j * D;
+            float dot = 0.f;
+            for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+            dot = warp_sum(dot);
+            if (HAS_BIAS) dot += to_f32(bias[j]);
+            const float y = apply_softcap<SOFTCAP>(dot, softcap);
+            float sv = __expf(y - l);
+            if (SOFTCAP) sv *= softcap_grad(dot, softcap);
+            if (lane == 0) S[(i64)row * lds + j] = from_f32<T>(sv);
+        }
+        if (threadIdx.x == 0) shift[row] = l;
+    }
+}
+
+// lce_budget_rows<T, HAS_BIAS, SOFTCAP, TI>
+//   After the forward (and lce_budget_recompute), per row i: a_i = coef_p_i exp(c_i - lse_i)
+//   (0 where c_i = +inf); the target's element exactly, from its fp32 logit:
+//     g_it = (coef_p_i exp(y_t - lse_i) - coef_q_i (1 - ls + ls / V)) softcap'(z_t),
+//     s'_it = (g_it + coef_q_i ls / V) / a_i
+//   (a_i = 0 with g_it != 0, where z-loss makes coef_p exactly 0: the row's other elements are 0,
+//   so the row becomes s' = 0 but s'_it = 1, a_i = g_it + coef_q_i ls / V); and the operands of
+//   the cuBLAS calls:
+//   e_scaled_i = a_i E_i and a_t[i] = a_i in T, a_f[i] = a_i in fp32.
+//   coef_q = row_grad, coef_p = row_grad (1 + 2 z_loss lse) as in lce_budget_grad.
+//   Grid: min(rows, 65535) blocks striding over rows. Block: 128 threads.
+template <typename T, bool HAS_BIAS, bool SOFTCAP, typename TI>
+__global__ void lce_budget_rows(T* __restrict__ S, long long lds, const float* __restrict__ lse,
+                                const float* __restrict__ row_grad, float z_loss, const TI* __restrict__ targets,
+                                const float* __restrict__ shift, const float* __restrict__ z_target,
+                                const T* __restrict__ e, T* __restrict__ e_scaled, T* __restrict__ a_t,
+                                float* __restrict__ a_f, int rows, int V, int D, float softcap,
+                                float smoothing) {
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const float l = lse[row], cq = row_grad[row], cp = cq * (1.f + 2.f * z_loss * l), sh = shift[row];
+        float a = (sh == INFINITY) ? 0.f : cp * expf(sh - l);
+        if (sh != INFINITY) {  // uniform over the block
+            const long long t = (long long)targets[row];
+            const float z = z_target[row], smooth_q = smoothing / (float)V;
+            float g_t = cp * expf(apply_softcap<SOFTCAP>(z, softcap) - l) - cq * (1.f - smoothing + smooth_q);
+            if (SOFTCAP) g_t *= softcap_grad(z, softcap);
+            const float num = g_t + cq * smooth_q;
+            T* srow = S + (i64)row * lds;
+            if (a == 0.f && num != 0.f) {  // coef_p = 0: only the target's term is left
+                for (int j = threadIdx.x; j < V; j += blockDim.x) srow[j] = from_f32<T>(0.f);
+                __syncthreads();  // the zeros land before the target's 1
+                a = num;
+                if (threadIdx.x == 0) srow[t] = from_f32<T>(1.f);
+            } else if (threadIdx.x == 0 && a != 0.f) {
+                srow[t] = from_f32<T>(num / a);
+            }
+        }
+        if (threadIdx.x == 0) {
+            a_t[row] = from_f32<T>(a);
+            a_f[row] = a;
+        }
+        const T* er = e + (i64)row * D;
+        T* out = e_scaled + (i64)row * D;
+        for (int k = threadIdx.x; k < D; k += blockDim.x) out[k] = from_f32<T>(a * to_f32(er[k]));
+    }
+}
+
+// lce_budget_de<GT>
+//   dE_i = a_i X_i - coef_q_i (ls / V) colsum, X = s' C (fp32, from cuBLAS), colsum = sum_j C_j
+//   (fp32, D; null without label smoothing). Grid-stride over rows x D. Block: 256 threads.
+template <typename GT>
+__global__ void lce_budget_de(const float* __restrict__ X, const float* __restrict__ a_f,
+                              const float* __restrict__ row_grad, const float* __restrict__ colsum, float smooth_q,
+                              GT* __restrict__ de, int rows, int D) {
+    const i64 total = (i64)rows * D;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        const int row = (int)(i / D), k = (int)(i % D);
+        float v = a_f[row] * X[i];
+        if (colsum != nullptr) v -= row_grad[row] * smooth_q * colsum[k];
+        de[i] = from_f32<GT>(v);
+    }
+}
+
+// lce_budget_dc_fill<GT>
+//   dC[j, k] = -(ls / V) w[k] for every row j, before the dC GEMMs accumulate into it: w =
+//   sum_i coef_q_i E_i (fp32, D) is dC's label-smoothing part, so dC is rounded once.
+//   dc: (V, D). Grid-stride. Block: 256 threads.
+template <typename GT>
+__global__ void lce_budget_dc_fill(GT* __restrict__ dc, const float* __restrict__ w, float smooth_q, int V, int D) {
+    const i64 total = (i64)V * D;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x)
+        dc[i] = from_f32<GT>(-smooth_q * w[i % D]);
+}

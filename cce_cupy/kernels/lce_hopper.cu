@@ -283,20 +283,34 @@ template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, f
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
 //   STORE (16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py) also keeps the softmax
-//   for the backward, so that no logit is recomputed. With m the row's max over the 256-column tile
-//   (see fold_and_store), each tile writes
-//     s[row * lds + col] = exp(y - m) as fp16 (<= 1; 11-bit mantissa where bf16 has 8),
-//     scales[row * ntiles + col / 256] = m        (so p_ij = s_ij exp(m - lse_i)).
-//   Rows >= N and columns >= v_end are not written. s: (N, lds) fp16, lds % 8 == 0, 16-byte aligned.
+//   for the backward, so that no logit is recomputed; s: (N, lds), lds % 8 == 0, 16-byte aligned.
+//   Rows >= N and columns >= v_end are not written. The lse is computed as without STORE, except
+//   that STORE_TILE folds each tile's sum in as a split's partial (see fold_and_store).
+//     STORE_TILE (fp16 s, read by the gradient pass lce_budget_grad): with m the row's max over the
+//       256-column tile, s[row * lds + col] = exp(y - m) (<= 1; 11 mantissa bits where bf16 has 8)
+//       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i).
+//     STORE_ROW (T = bf16 s, read by the GEMMs themselves): with c = row_shift[row] (the target
+//       logit; +inf for a row without gradient, which then stores 0),
+//       s[row * lds + col] = exp(y - c) * softcap'(z)   (softcap' = 1 without SOFTCAP),
+//       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). bf16 keeps fp32's exponent range: only a
+//       row whose logits exceed c by more than STORE_ROW_RANGE (60 nats, a loss that large) could
+//       overflow the GEMMs' fp32 sums; such a row sets unsafe[row] = 1 and lce_budget_recompute
+//       rewrites it.
 // ---------------------------------------------------------------------------------------------
-template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> struct ForwardEpilogue {
+enum ForwardStore { STORE_NONE = 0, STORE_TILE = 1, STORE_ROW = 2 };
+#define STORE_ROW_RANGE 60.f
+
+template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struct ForwardEpilogue {
     const T* bias;
     int v_end;
     float softcap;
-    __half* s_out;  // STORE only (null otherwise), as the four below
+    void* s_out;  // STORE only (null otherwise), as the members up to m0
     i64 lds;
-    float* scales;
-    int ntiles, N, m0;
+    float* scales;  // STORE_TILE
+    int ntiles;
+    const float* row_shift;  // STORE_ROW
+    int* unsafe;
+    int N, m0;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -320,7 +334,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> stru
                 acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
-        if (STORE) {
+        if (STORE == STORE_TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
@@ -330,8 +344,17 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> stru
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const float y = acc[4 * j + q];
-                run_sum[q >> 1] += (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
+                const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
+                run_sum[q >> 1] += ex;
+                if (STORE == STORE_ROW) {
+                    // softcap'(z) from y = softcap tanh(z / softcap): 1 - (y / softcap)^2. (Relatively
+                    // less accurate where tanh saturates, on elements that small; the target's
+                    // own factor is recomputed exactly by lce_budget_rows.)
+                    const float r = SOFTCAP ? y / softcap : 0.f;
+                    acc[4 * j + q] = (SOFTCAP && ex != 0.f) ? ex * ((1.f - r) * (1.f + r)) : ex;
+                }
             }
+        if (STORE == STORE_ROW) store_row_shifted(n0, acc);
     }
 
     // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
@@ -344,14 +367,19 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> stru
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
         }
-        if (STORE) {
+        if (STORE == STORE_TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
         raise_max(tmax);
         const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
 #pragma unroll
-        for (int i = 0; i < 128; ++i) run_sum[(i >> 1) & 1] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
+        for (int i = 0; i < 128; ++i) {
+            const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
+            run_sum[(i >> 1) & 1] += ex;
+            if (STORE == STORE_ROW) acc[i] = ex;
+        }
+        if (STORE == STORE_ROW) store_row_shifted(n0, acc);
     }
 
     // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
@@ -394,23 +422,43 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> stru
                              : run_sum[h] * expf(run_max[h] - new_max) + tsum[h] * expf(tmax[h] - new_max);
             run_max[h] = new_max;
         }
-        store_tile(n0, tmax, acc);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            if (row < N && (threadIdx.x & 3) == 0) scales[(i64)row * ntiles + n0 / H_BN] = tmax[h];
+        }
+        const float one[2] = {1.f, 1.f};
+        store_tile<__half>(n0, one, acc);
     }
 
-    // acc holds the tile's exp(y - m): to s (fp16), and m to `scales`.
-    __device__ __forceinline__ void store_tile(int n0, const float (&tmax)[2], const float (&acc)[128]) {
+    // STORE_ROW: acc holds exp(y - run_max) (times softcap'); s = acc exp(run_max - c) in T.
+    __device__ __forceinline__ void store_row_shifted(int n0, const float (&acc)[128]) {
+        float k[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            const float c = (row < N) ? row_shift[row] : INFINITY;
+            // expf: an error in k scales the tile's stored values; c = +inf gives k = 0.
+            k[h] = expf(run_max[h] - c);
+            if (run_max[h] - c > STORE_ROW_RANGE) unsafe[row] = 1;
+        }
+        store_tile<T>(n0, k, acc);
+    }
+
+    // acc * k[h] of rows h = 0, 1 to s, as ST.
+    template <typename ST> __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[128]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
             const unsigned lanes = __ballot_sync(0xffffffffu, row < N);  // the 4 lanes of a row agree
             if (row >= N) continue;
-            if ((threadIdx.x & 3) == 0) scales[(i64)row * ntiles + n0 / H_BN] = tmax[h];
-            __half* srow = s_out + (i64)row * lds;
+            ST* srow = reinterpret_cast<ST*>(s_out) + (i64)row * lds;
 #pragma unroll
             for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
                 unsigned w[4];
 #pragma unroll
-                for (int jj = 0; jj < 4; ++jj) w[jj] = pack_pair<__half>(acc[16 * a + 4 * jj + 2 * h], acc[16 * a + 4 * jj + 2 * h + 1]);
+                for (int jj = 0; jj < 4; ++jj)
+                    w[jj] = pack_pair<ST>(acc[16 * a + 4 * jj + 2 * h] * k[h], acc[16 * a + 4 * jj + 2 * h + 1] * k[h]);
                 quad_transpose(w, lanes);  // this thread now holds columns n0 + 32 a + 8 k .. + 7, k = lane % 4
                 const int col = n0 + 32 * a + 8 * (threadIdx.x & 3);
                 if (col + 8 <= v_end) {
@@ -426,17 +474,19 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE, typename T> stru
     }
 };
 
-template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, bool STORE>
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                               const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
-                              int v_per_split, float softcap, __half* __restrict__ s_out, long long lds,
-                              float* __restrict__ scales, int ntiles) {
+                              int v_per_split, float softcap, void* __restrict__ s_out, long long lds,
+                              float* __restrict__ scales, int ntiles, const float* __restrict__ row_shift,
+                              int* __restrict__ unsafe) {
     extern __shared__ __align__(16) char smem[];
     const int m0 = blockIdx.x * H_BM;
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
-    ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, STORE, T> epi{bias, v_end, softcap, s_out, (i64)lds, scales, ntiles, N, m0};
+    ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, STORE, T> epi{bias,    v_end,     softcap,   s_out, (i64)lds, scales,
+                                                             ntiles, row_shift, unsafe, N,     m0};
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
