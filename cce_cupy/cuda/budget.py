@@ -58,16 +58,16 @@ def budget_mode(dtype, opts: CCEOptions, has_bias: bool) -> str:
 
 
 def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptions, dc_acc: bool) -> dict:
-    """Bytes of each scratch buffer of a plan with `rows` rows a chunk."""
+    """Bytes of each scratch buffer of a plan with `rows` rows a chunk (0: the fixed part only)."""
     lds = _round_up(v, 8)
-    sizes = {"s": rows * lds * 2, "forward": forward_scratch_nbytes(max(rows, 1), v, d, dtype)}
+    sizes = {"s": rows * lds * 2, "forward": forward_scratch_nbytes(rows, v, d, dtype) if rows else 0}
     if mode == "tile":
         sizes["scales"] = rows * _cdiv(v, HOPPER_TILE_N) * 4
     else:
-        sizes.update(
-            shift=rows * 4, z_target=rows * 4, a_f=rows * 4, a_t=rows * 2, unsafe=rows * 4, e_scaled=rows * d * 2
-        )
-        sizes["x"] = rows * d * 4
+        # a E is kept in the dE output until dC's GEMM has read it; s C goes to an fp32 buffer, or
+        # straight into an fp32 dE.
+        sizes.update(shift=rows * 4, z_target=rows * 4, a_f=rows * 4, a_t=rows * 2, unsafe=rows * 4)
+        sizes["x"] = rows * d * 4 if grad_dtype(dtype, opts) != np.float32 else 0
         if opts.label_smoothing:
             sizes.update(ones=v * 2, colsum=d * 4, rg_t=n * 2, w=d * 4)
     sizes["dc_acc"] = v * d * 4 if dc_acc else 0
@@ -94,13 +94,15 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool 
     if nbytes <= budget:
         return BudgetPlan(mode, n, lds, False, offsets, nbytes)
     dc_acc = grad_dtype(dtype, opts) != np.float32
+    # The forward's scratch for n rows bounds a chunk's; every other buffer grows linearly in rows.
     fixed = _layout(_buffers(mode, 0, n, v, d, dtype, opts, dc_acc))[1] + forward_scratch_nbytes(n, v, d, dtype)
-    per_row = _layout(_buffers(mode, 1, n, v, d, dtype, opts, False))[1]  # an upper bound (alignment)
-    rows = (budget - fixed) // per_row // TILE_M * TILE_M if budget > fixed else 0
+    sizes = _buffers(mode, TILE_M, n, v, d, dtype, opts, False)
+    per_row = _cdiv(sum(size for name, size in sizes.items() if name != "forward"), TILE_M) + 1
+    rows = (budget - fixed - _ALIGN * len(sizes)) // per_row // TILE_M * TILE_M if budget > fixed else 0
     if rows < TILE_M:
         return None
     offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, dc_acc))
-    if nbytes > budget:  # the per-row bound is generous; this cannot happen, but never exceed a budget
+    if nbytes > budget:  # the estimate above is an upper bound; never exceed a budget all the same
         return None
     return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes)
 
@@ -240,8 +242,11 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
             for k, dt in (("shift", f32), ("z_target", f32), ("a_f", f32), ("unsafe", np.int32))
         )
         a_t = buf("a_t", e.dtype, (plan.rows, 1))[:rows]
-        e_scaled = buf("e_scaled", e.dtype, (plan.rows, d))[:rows]
-        x = buf("x", f32, (plan.rows, d))[:rows]
+        de_chunk = de[r0:r1]
+        # a E in the dE output's bytes (the first D of each row's 2 D when dE is fp32), read by the
+        # dC GEMM before s C is written: into an fp32 buffer, or into an fp32 dE itself.
+        e_scaled = de_chunk.view(e.dtype)[:, :d]
+        x = de_chunk if de.dtype == f32 else buf("x", f32, (plan.rows, d))[:rows]
         e_chunk, t_chunk, rg_chunk, lse_chunk = e[r0:r1], targets[r0:r1], row_grad[r0:r1], lse[r0:r1]
         unsafe.fill(0)
         shift_kernel(
@@ -306,14 +311,14 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
             ),
         )
         sv = s[:, :v]
-        _gemm_rowmajor(sv, c, x, trans_a=False, accumulate=False)
         _gemm_rowmajor(sv, e_scaled, dc, trans_a=True, accumulate=r0 > 0 or colsum is not None)
         if dbias is not None:
             _gemm_rowmajor(sv, a_t, dbias.reshape(v, 1), trans_a=True, accumulate=r0 > 0)
-        de_kernel(
+        _gemm_rowmajor(sv, c, x, trans_a=False, accumulate=False)
+        de_kernel(  # in place where x is dE (each element read, then written, by one thread)
             (_ELEMENTWISE_BLOCKS,),
             (256,),
-            (x, a_f, rg_chunk, _ptr(colsum), smooth_q, de[r0:r1], np.int32(rows), np.int32(d)),
+            (x, a_f, rg_chunk, _ptr(colsum), smooth_q, de_chunk, np.int32(rows), np.int32(d)),
         )
 
 

@@ -224,10 +224,10 @@ __global__ void lce_budget_rows(T* __restrict__ S, long long lds, const float* _
 // lce_budget_de<GT>
 //   dE_i = a_i X_i - coef_q_i (ls / V) colsum, X = s' C (fp32, from cuBLAS), colsum = sum_j C_j
 //   (fp32, D; null without label smoothing). Grid-stride over rows x D. Block: 256 threads.
+//   X may be dE itself (fp32 dE): no __restrict__ on the two.
 template <typename GT>
-__global__ void lce_budget_de(const float* __restrict__ X, const float* __restrict__ a_f,
-                              const float* __restrict__ row_grad, const float* __restrict__ colsum, float smooth_q,
-                              GT* __restrict__ de, int rows, int D) {
+__global__ void lce_budget_de(const float* X, const float* __restrict__ a_f, const float* __restrict__ row_grad,
+                              const float* __restrict__ colsum, float smooth_q, GT* de, int rows, int D) {
     const i64 total = (i64)rows * D;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
         const int row = (int)(i / D), k = (int)(i % D);
