@@ -98,8 +98,8 @@ def test_budget_several_chunks(grad_dtype_opt, bias, mode):
     fp32 buffer for bf16 gradients), through the public API with shift and a batch dimension."""
     cp = _cp()
     _skip_unless_hopper(cp)
-    n, d, v = 2 * 200, 64, 3000
-    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=bias, peaked=True, batch_shape=(2, 200), seed=3)
+    n, d, v = 2 * 1100, 64, 3000  # chunks of at least MIN_CHUNK_ROWS = 1024 rows
+    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=bias, peaked=True, batch_shape=(2, 1100), seed=3)
     base = CCEOptions(shift=True, z_loss=1e-4, label_smoothing=0.05, grad_dtype=grad_dtype_opt)
     one = cuda_budget.budget_plan(n, v, d, e.dtype, base.replace(memory_budget=BIG), bias)
     assert one.rows == n

@@ -33,6 +33,10 @@ from cce_cupy.cuda.plan import _cdiv, _round_up, forward_scratch_nbytes
 from cce_cupy.cuda.sources import HOPPER_TILE_N, STORE_ROW, STORE_TILE, TILE_M, dtype_name, template_name
 from cce_cupy.options import CCEOptions, grad_dtype
 
+# Smaller chunks run the lean path instead: their GEMMs are too thin. Measured on an H200 (bf16,
+# benchmarks/dev/budget_timing.py): gemma2 in 1536-row chunks 1.30x the three GEMMs (lean 1.49x);
+# llama3 in 128-row chunks 3.9x.
+MIN_CHUNK_ROWS = 1024
 _MAX_GRID = 65535
 _ALIGN = 256  # bytes between the scratch buffers
 _ROW_THREADS = 128  # lce_budget_rows
@@ -84,7 +88,7 @@ def _layout(sizes: dict) -> tuple[tuple, int]:
 
 def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False) -> BudgetPlan | None:
     """The chunking for `opts.memory_budget`, or None where the lean path runs instead: no budget,
-    an empty problem, or a budget too small for one 128-row chunk."""
+    an empty problem, or a budget too small for all rows at once or MIN_CHUNK_ROWS a chunk."""
     budget = opts.memory_budget
     if budget == "lean" or n == 0 or v == 0:
         return None
@@ -99,7 +103,7 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool 
     sizes = _buffers(mode, TILE_M, n, v, d, dtype, opts, False)
     per_row = _cdiv(sum(size for name, size in sizes.items() if name != "forward"), TILE_M) + 1
     rows = (budget - fixed - _ALIGN * len(sizes)) // per_row // TILE_M * TILE_M if budget > fixed else 0
-    if rows < TILE_M:
+    if rows < MIN_CHUNK_ROWS:
         return None
     offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, dc_acc))
     if nbytes > budget:  # the estimate above is an upper bound; never exceed a budget all the same
@@ -243,9 +247,9 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         )
         a_t = buf("a_t", e.dtype, (plan.rows, 1))[:rows]
         de_chunk = de[r0:r1]
-        # a E in the dE output's bytes (the first D of each row's 2 D when dE is fp32), read by the
-        # dC GEMM before s C is written: into an fp32 buffer, or into an fp32 dE itself.
-        e_scaled = de_chunk.view(e.dtype)[:, :d]
+        # a E (rows, D) in the dE output's bytes (their first half when dE is fp32), read by the dC
+        # GEMM before s C is written: into an fp32 buffer, or into an fp32 dE itself.
+        e_scaled = de_chunk.reshape(-1).view(e.dtype)[: rows * d].reshape(rows, d)
         x = de_chunk if de.dtype == f32 else buf("x", f32, (plan.rows, d))[:rows]
         e_chunk, t_chunk, rg_chunk, lse_chunk = e[r0:r1], targets[r0:r1], row_grad[r0:r1], lse[r0:r1]
         unsafe.fill(0)
