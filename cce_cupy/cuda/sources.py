@@ -1,4 +1,5 @@
-"""The CUDA sources, their template instances, and the compile options: one place for all three.
+"""The CUDA sources, their template instances, the compile options, and the tile constants and
+enums the kernels share with the launchers (a generated preamble to every file): one place for all.
 
 The loader (`cce_cupy.cuda.loader`, GPU only), the prebuilt-cubin build (`cce_cupy.cuda.prebuilt`)
 and the CPU compile check (`tests/test_nvrtc_compile.py`) all read from here, so CI compiles
@@ -53,6 +54,7 @@ HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allo
 # cce_cupy.cuda.autotune: each block loads HOPPER_TILE_N / CLUSTER rows of the C tile (its TMA box)
 # and multicasts them; the grid's row-block count is a multiple of CLUSTER.
 HOPPER_CLUSTERS = (1, 2)
+# Their names in the kernels.
 TILE_DEFINES = {
     "CCE_BM": TILE_M,
     "CCE_BN": TILE_N,
