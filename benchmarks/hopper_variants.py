@@ -2,8 +2,10 @@
 
 Each variant is a kernel source (the package's, and optionally a saved earlier version given with
 --baseline, to compare kernel versions in one process) and a cluster size (the kernel's CLUSTER
-template parameter). Its per-row logsumexp is checked against the first variant's, then timed with
-CUDA events next to cuBLAS E @ C^T. Usage:
+template parameter). Both are compiled with the package's tile constants (the preamble of
+cce_cupy.cuda.sources, which also gives the launch's threads, shared memory and TMA boxes). Each
+variant's per-row logsumexp is checked against the first one's, then timed with CUDA events next to
+cuBLAS E @ C^T. Usage:
 python -m benchmarks.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import cupy as cp
@@ -27,16 +28,14 @@ CLUSTERS = (1, 2)
 
 
 def build(source: str, cluster: int):
-    """The bf16 forward-partials kernel of `source` (common.cuh inlined), with the C box rows and
-    dynamic shared memory its H_BN and H_STAGES defines imply."""
+    """The bf16 forward-partials kernel of `source` (as compiled: preamble and common.cuh inlined),
+    its dynamic shared memory, and the rows of its C box."""
     name = cuda_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
     mod = cp.RawModule(code=source, options=cuda_sources.compile_options("lce_hopper.cu"), name_expressions=[name])
     fn = mod.get_function(name)
-    bn = int(re.search(r"#define H_BN (\d+)", source).group(1))
-    stages = int(re.search(r"#define H_STAGES (\d+)", source).group(1))
-    smem = stages * (128 + bn) * 128 + 1024
+    smem = cuda_sources.HOPPER_SMEM_BYTES
     fn.max_dynamic_shared_size_bytes = smem
-    return fn, smem, bn // cluster
+    return fn, smem, cuda_sources.HOPPER_TILE_N // cluster
 
 
 def lse_of(part, splits, n):
@@ -53,8 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     sources = {}
     if args.baseline:
-        common = (cuda_sources.KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
-        sources["baseline"] = Path(args.baseline).read_text().replace('#include "common.cuh"', common)
+        sources["baseline"] = cuda_sources.assemble(Path(args.baseline).read_text())
     sources["current"] = cuda_sources.kernel_source("lce_hopper.cu")
     kernels = {(label, cl): build(src, cl) for label, src in sources.items() for cl in CLUSTERS}
     for shape in args.shapes.split(","):
@@ -66,12 +64,12 @@ def main() -> None:
         ms_gemm = cuda_time(lambda: cp.matmul(e, c.T, out=logits), args.repeats)
         logits = None  # 4 GB at gemma2
         ref = None
-        tma_e = device.tma_desc(e, 128)
+        tma_e = device.tma_desc(e, cuda_sources.HOPPER_TILE_M)
         for (label, cluster), (fn, smem, box_rows) in kernels.items():
             tma_c = device.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
-            splits, per_split = plan.forward_splits(n, v, 256)
+            splits, per_split = plan.forward_splits(n, v, cuda_sources.HOPPER_TILE_N)
             call = lambda: fn(  # noqa: E731
-                (-(-n // (128 * cluster)) * cluster, splits),
+                (device.hopper_row_blocks(n, cluster), splits),
                 (cuda_sources.HOPPER_THREADS,),
                 (
                     tma_e,

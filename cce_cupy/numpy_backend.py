@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from cce_cupy.cuda.sources import TILE_M
 from cce_cupy.options import CCEOptions, acc_dtype, dtype_eps, grad_dtype, z_loss_dlse
 
-TILE = 128  # the kernels' logit tile (TILE_M = TILE_N = 128)
+TILE = TILE_M  # the kernels' logit tile (square: TILE_M = TILE_N, asserted in common.cuh)
 BLOCK_BYTES = 16 << 20  # one block of logits (and each temporary like it) stays under this
 
 _FLAG = np.zeros(1, dtype=np.int32)

@@ -34,6 +34,8 @@ from cce_cupy.cuda.sources import (
     THREADS,
     TILE_M,
     TILE_N,
+    GemmK,
+    GemmMode,
     dtype_name,
     template_name,
 )
@@ -183,7 +185,6 @@ class _BackwardPlan:
                     "lce_grad_logits_sm90",
                     self.cluster,
                     e.dtype,
-                    e.dtype,
                     bias is not None,
                     opts.softcap is not None,
                     use_filter,
@@ -196,7 +197,6 @@ class _BackwardPlan:
                 "lce_backward.cu",
                 template_name(
                     "lce_grad_logits",
-                    e.dtype,
                     e.dtype,
                     bias is not None,
                     opts.softcap is not None,
@@ -296,11 +296,11 @@ class _BackwardPlan:
         flag_ld = np.int64(flag_cols)
         ld_g = np.int64(self.vc_max)
 
-        def gemm(out, a_kmajor: bool, mode: int):
-            return get_kernel("lce_backward.cu", template_name("lce_gemm", e.dtype, out.dtype, a_kmajor, False, mode))
+        def gemm(out, a_kmajor: bool, mode: GemmMode):
+            return get_kernel("lce_backward.cu", template_name("lce_gemm", e.dtype, out.dtype, a_kmajor, mode))
 
-        # dC = G^T @ E   (M = vc, N = d, K = n); later row parts add to it (mode 1)
-        gemm(dc_chunk, False, 0 if first_part else 1)(
+        # dC = G^T @ E   (M = vc, N = d, K = n); later row parts add to it
+        gemm(dc_chunk, False, GemmMode.WRITE if first_part else GemmMode.ACCUMULATE)(
             (_cdiv(vc, TILE_M), _cdiv(d, TILE_N)),
             (THREADS,),
             (
@@ -310,7 +310,7 @@ class _BackwardPlan:
                 _null(),
                 _ptr(self.flags),
                 flag_ld,
-                np.int32(2),
+                np.int32(GemmK.G_ROWS),
                 np.int32(vc),
                 np.int32(d),
                 np.int32(n),
@@ -323,11 +323,11 @@ class _BackwardPlan:
             shared_mem=GEMM_SMEM_BYTES,
         )
         # dE = G @ C_chunk   (M = n, N = d, K = vc); the last chunk of a 16-bit dE folds the
-        # fp32 accumulator and casts (mode 2)
+        # fp32 accumulator and casts
         if de_final is not None:
-            target, mode, acc_in = de_final, 2, de_target
+            target, mode, acc_in = de_final, GemmMode.FOLD_CAST, de_target
         else:
-            target, mode, acc_in = de_target, (1 if de_accumulate else 0), _null()
+            target, mode, acc_in = de_target, (GemmMode.ACCUMULATE if de_accumulate else GemmMode.WRITE), _null()
         gemm(target, True, mode)(
             (_cdiv(n, TILE_M), _cdiv(d, TILE_N)),
             (THREADS,),
@@ -338,7 +338,7 @@ class _BackwardPlan:
                 acc_in,
                 _ptr(self.flags),
                 flag_ld,
-                np.int32(1),
+                np.int32(GemmK.G_COLUMNS),
                 np.int32(n),
                 np.int32(d),
                 np.int32(vc),

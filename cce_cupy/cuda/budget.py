@@ -27,10 +27,10 @@ import dataclasses
 import numpy as np
 
 from cce_cupy.cuda.device import _gemm_rowmajor, _null, _ptr, use_hopper
-from cce_cupy.cuda.forward import ForwardStore, launch_forward
+from cce_cupy.cuda.forward import KeptSoftmax, launch_forward
 from cce_cupy.cuda.loader import get_kernel
 from cce_cupy.cuda.plan import _cdiv, _round_up, forward_scratch_nbytes
-from cce_cupy.cuda.sources import HOPPER_TILE_N, STORE_ROW, STORE_TILE, TILE_M, dtype_name, template_name
+from cce_cupy.cuda.sources import HOPPER_TILE_N, TILE_M, SoftmaxStore, dtype_name, template_name
 from cce_cupy.options import CCEOptions, grad_dtype
 
 # Smaller chunks run the lean path instead: their GEMMs are too thin. Measured on an H200 (bf16,
@@ -174,7 +174,7 @@ def _tile_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbia
         s = buf("s", np.float16, (plan.rows, plan.lds))[:rows]
         scales = buf("scales", np.float32, (plan.rows, ntiles))[:rows]
         e_chunk = e[r0:r1]
-        store = ForwardStore(STORE_TILE, s, scales=scales)
+        store = KeptSoftmax(SoftmaxStore.TILE, s, scales=scales)
         launch_forward(
             e_chunk, c, targets[r0:r1], bias, opts, lse[r0:r1], tgt[r0:r1], fwd_scratch, bad_target, tune, store
         )
@@ -270,7 +270,7 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
                 f32(opts.softcap or 0.0),
             ),
         )
-        store = ForwardStore(STORE_ROW, s, row_shift=shift, unsafe=unsafe)
+        store = KeptSoftmax(SoftmaxStore.ROW, s, row_shift=shift, unsafe=unsafe)
         launch_forward(e_chunk, c, t_chunk, bias, opts, lse_chunk, tgt[r0:r1], fwd_scratch, bad_target, tune, store)
         grid = (min(rows, _MAX_GRID),)
         recompute(

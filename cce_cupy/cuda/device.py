@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from cce_cupy.cuda.plan import _cdiv, _round_up
-from cce_cupy.cuda.sources import HOPPER_DTYPES, HOPPER_TILE_N, TILE_M, dtype_name
+from cce_cupy.cuda.sources import HOPPER_DTYPES, HOPPER_ROW_BYTES, HOPPER_TILE_M, HOPPER_TILE_N, dtype_name
 
 KERNEL_FAMILIES = ("auto", "sm80")
 
@@ -76,7 +76,7 @@ def tma_desc(a, box_rows: int) -> np.ndarray:
         a.data.ptr,
         [driver.cuuint64_t(d), driver.cuuint64_t(max(rows, 1))],
         [driver.cuuint64_t(a.strides[0])],
-        [driver.cuuint32_t(128 // a.itemsize), driver.cuuint32_t(box_rows)],
+        [driver.cuuint32_t(HOPPER_ROW_BYTES // a.itemsize), driver.cuuint32_t(box_rows)],
         [driver.cuuint32_t(1), driver.cuuint32_t(1)],
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
@@ -108,13 +108,13 @@ def use_hopper(*arrays, ld: int, tf32: bool = False) -> bool:
 
 def hopper_row_blocks(n: int, cluster: int) -> int:
     """grid.x of the Hopper kernels: the 128-row blocks, rounded up to whole clusters."""
-    return _round_up(_cdiv(n, TILE_M), cluster)
+    return _round_up(_cdiv(n, HOPPER_TILE_M), cluster)
 
 
 def hopper_operands(e, c, cluster: int) -> tuple[np.ndarray, np.ndarray]:
     """The Hopper kernels' two TMA maps: E in 128-row boxes, C in 256 / cluster-row boxes (each
     block of a cluster loads its share of the C tile and multicasts it)."""
-    return tma_desc(e, TILE_M), tma_desc(c, HOPPER_TILE_N // cluster)
+    return tma_desc(e, HOPPER_TILE_M), tma_desc(c, HOPPER_TILE_N // cluster)
 
 
 _GPU_NAMES: dict[int, str] = {}

@@ -26,22 +26,22 @@ from cce_cupy.cuda.sources import (
     HOPPER_SMEM_BYTES,
     HOPPER_THREADS,
     HOPPER_TILE_N,
-    STORE_NONE,
     THREADS,
     TILE_M,
     TILE_N,
+    SoftmaxStore,
     dtype_name,
     template_name,
 )
 from cce_cupy.options import CCEOptions
 
 
-class ForwardStore(NamedTuple):
+class KeptSoftmax(NamedTuple):
     """What the Hopper forward also keeps for the memory-budgeted backward (lce_hopper.cu, STORE):
-    mode STORE_TILE: s (N, lds) fp16 and scales (N, ceil(V / 256)) fp32; mode STORE_ROW: s (N, lds)
-    in the input type (bf16), row_shift (N,) fp32 and unsafe, a (1,) int32 flag."""
+    mode TILE: s (N, lds) fp16 and scales (N, ceil(V / 256)) fp32; mode ROW: s (N, lds) in the input
+    type (bf16), row_shift (N,) fp32 and unsafe (N,) int32 flags."""
 
-    mode: int
+    mode: SoftmaxStore
     s: Any
     scales: Any = None
     row_shift: Any = None
@@ -66,7 +66,7 @@ def launch_forward(
     tune: on Hopper, a shape class seen for the first time may be timed with each kernel variant
     (cce_cupy.cuda.autotune; it synchronizes once; tune() does it ahead). False (JAX callbacks): cached choice
     or default.
-    store: None, or a ForwardStore for the memory-budgeted backward (cce_cupy.cuda.budget; Hopper
+    store: None, or a KeptSoftmax for the memory-budgeted backward (cce_cupy.cuda.budget; Hopper
     only): each row's softmax is also written as the STORE contract of lce_forward_partials_sm90
     (lce_hopper.cu) says.
     """
@@ -79,7 +79,7 @@ def launch_forward(
     hopper = use_hopper(e, c, ld=d, tf32=opts.allow_tf32)
     if store is not None and not hopper:
         raise ValueError("store= needs the Hopper forward (16-bit inputs on an sm_90 GPU, 16-byte aligned rows)")
-    st = store or ForwardStore(STORE_NONE, None)
+    st = store or KeptSoftmax(SoftmaxStore.NONE, None)
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
     if scratch is None:
         scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
@@ -188,4 +188,4 @@ def tune(n: int, d: int, v: int, dtype="bfloat16") -> int:
     return autotune.hopper_cluster(gpu_name(), np.dtype(dt).name, n, d, v)
 
 
-__all__ = ["ForwardStore", "launch_forward", "tune"]
+__all__ = ["KeptSoftmax", "launch_forward", "tune"]

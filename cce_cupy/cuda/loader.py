@@ -163,8 +163,9 @@ def preload(devices=None, dtypes=None) -> int:
     count = 0
     for dev in devices:
         with cupy.cuda.Device(dev):
-            for filename in device_files(cupy.cuda.Device(dev).compute_capability):
-                for name in instances_for(filename, dtypes):
+            cc = cupy.cuda.Device(dev).compute_capability
+            for filename in device_files(cc):
+                for name in instances_for(filename, dtypes, arch=f"sm_{cc}"):
                     get_kernel(filename, name).function(dev, whole_group=True)
                     count += 1
             cupy.cuda.device.get_cublas_handle()
@@ -185,13 +186,14 @@ def precompile(workers: int | None = None) -> int:
 
     import cupy
 
-    files = device_files(cupy.cuda.Device().compute_capability)
-    jobs = [(f, g) for f in files for g in module_groups(f)]
+    cc = cupy.cuda.Device().compute_capability
+    groups = {f: module_groups(f, arch=f"sm_{cc}") for f in device_files(cc)}
+    jobs = [(f, g) for f, file_groups in groups.items() for g in file_groups]
     # spawn: the children must not inherit this process's CUDA context.
     with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(), multiprocessing.get_context("spawn")) as ex:
         for fut in [ex.submit(_compile_group, f, g) for f, g in jobs]:
             fut.result()
-    return sum(len(all_instances()[f]) for f in files)
+    return sum(len(names) for file_groups in groups.values() for names in file_groups.values())
 
 
 if __name__ == "__main__":

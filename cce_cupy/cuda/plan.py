@@ -193,15 +193,9 @@ def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> 
     return max(_ALIGN, max(off + size for off, size in _backward_layout(n, v, d, dtype, opts).values()))
 
 
-def forward_flops(n: int, v: int, d: int) -> float:
-    """Matmul FLOPs of the forward (the backward by recompute is 3x this)."""
-    return 2.0 * n * v * d
-
-
 __all__ = [
     "backward_blocking",
     "backward_scratch_nbytes",
-    "forward_flops",
     "forward_scratch_nbytes",
     "forward_splits",
     "sparse_slots",

@@ -7,8 +7,8 @@ with the options CuPy passes at run time), one cubin per module group of `cce_cu
     kernels/prebuilt/manifest.json       {"<arch>/<file>/<group>": {"key", "file", "sha256", "lowered"}}
     kernels/prebuilt/<arch>/<name>.cubin.xz
 
-`key` hashes what the module is compiled from (the file's text with common.cuh inlined, the
-options, the architecture and the instance list), so an edited kernel never loads a stale cubin:
+`key` hashes what the module is compiled from (the file's text with the generated preamble and
+common.cuh, the options, the architecture and the instance list), so an edited kernel never loads a stale cubin:
 its module is compiled at run time instead (one log line says so) until the set is rebuilt, and
 the CPU test `tests/test_prebuilt.py` fails until then. `lowered` maps each template instance to
 its mangled name in the cubin.
@@ -78,8 +78,11 @@ def module_key(arch: str, filename: str, group: str) -> str:
 
 
 def all_modules() -> list[tuple[str, str, str]]:
-    """(arch, file, group) of every module the prebuilt set holds."""
-    return [(arch, f, g) for f in sources.KERNEL_FILES for arch in file_archs(f) for g in sources.module_groups(f)]
+    """(arch, file, group) of every module the prebuilt set holds (per architecture, the instances
+    that exist there: no cluster kernels for sm_80)."""
+    return [
+        (arch, f, g) for f in sources.KERNEL_FILES for arch in file_archs(f) for g in sources.module_groups(f, arch)
+    ]
 
 
 @functools.cache

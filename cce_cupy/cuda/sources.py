@@ -1,4 +1,5 @@
-"""The CUDA sources, their template instances, and the compile options: one place for all three.
+"""The CUDA sources, their template instances, the compile options, and the tile constants and
+enums the kernels share with the launchers (a generated preamble to every file): one place for all.
 
 The loader (`cce_cupy.cuda.loader`, GPU only), the prebuilt-cubin build (`cce_cupy.cuda.prebuilt`)
 and the CPU compile check (`tests/test_nvrtc_compile.py`) all read from here, so CI compiles
@@ -7,6 +8,7 @@ exactly what runs. Nothing here touches CUDA.
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
 import re
@@ -23,24 +25,73 @@ COMPILE_OPTIONS = ("--std=c++17",)
 # Files built for one architecture only (wgmma needs the arch-specific sm_90a target); the others
 # are compiled by CuPy for the device at hand, and checked in CI for sm_80 and sm_90.
 FILE_ARCH = {"lce_hopper.cu": "sm_90a"}
-# Must match CCE_BM / CCE_BN in kernels/common.cuh.
-TILE_M = 128
-TILE_N = 128
-THREADS = 256
-# The Hopper kernels (lce_hopper.cu): H_THREADS threads (a producer warpgroup and two consumers), 128 x
-# 256 tiles, H_SMEM_BYTES of dynamic shared memory (4 stages of a 128-row E tile and a 256-row C
-# tile, 128 bytes a row).
-HOPPER_TILE_N = 256
-HOPPER_THREADS = 384
-HOPPER_SMEM_BYTES = 4 * (128 + HOPPER_TILE_N) * 128 + 1024
+# The tile constants: defined here only. kernel_source() prepends them to every kernel file as
+# #defines (the macro named in each comment; see preamble()), so the launchers' grids, blocks and
+# shared memory and the kernels' loops read the same numbers. The kernels static_assert the values
+# their warp layouts are written for.
+# The tiled (sm_80) kernels: 128 x 128 output tiles, 32 of K a pipeline stage, 3 stages, 8 warps.
+TILE_M = 128  # CCE_BM
+TILE_N = 128  # CCE_BN
+TILE_K = 32  # CCE_BK
+STAGES = 3  # CCE_STAGES
+THREADS = 256  # CCE_THREADS
+# Their dynamic shared memory per block (CCE_SMEM_BYTES): the stages of both 16-bit operand tiles, or
+# the fp32 epilogue tile of TILE_N + 4 floats a row (common.cuh's CCE_EPI_LD), whichever is larger.
+GEMM_SMEM_BYTES = max(STAGES * 2 * TILE_M * TILE_K * 2, TILE_M * (TILE_N + 4) * 4)
+# The Hopper kernels (lce_hopper.cu): 128 x 256 tiles, a producer warpgroup and two consumers, K
+# stages of 128-byte rows (the TMA box's inner extent and the swizzle width), 4 stages.
+HOPPER_TILE_M = 128  # H_BM
+HOPPER_TILE_N = 256  # H_BN
+HOPPER_PRODUCERS = 128  # H_PRODUCERS
+HOPPER_THREADS = HOPPER_PRODUCERS + 256  # H_THREADS
+HOPPER_ROW_BYTES = 128  # H_ROW_BYTES
+HOPPER_STAGES = 4  # H_STAGES
+# Each stage holds an E tile and a C tile; +1024: the dynamic shared memory base is only 16-byte
+# aligned, the swizzle needs 1024 (H_SMEM_BYTES).
+HOPPER_SMEM_BYTES = HOPPER_STAGES * (HOPPER_TILE_M + HOPPER_TILE_N) * HOPPER_ROW_BYTES + 1024
 HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)
 # Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
-# cce_cupy.cuda.autotune: each block loads 256 / CLUSTER rows of the C tile (its TMA box) and multicasts
-# them; the grid's row-block count is a multiple of CLUSTER.
+# cce_cupy.cuda.autotune: each block loads HOPPER_TILE_N / CLUSTER rows of the C tile (its TMA box)
+# and multicasts them; the grid's row-block count is a multiple of CLUSTER.
 HOPPER_CLUSTERS = (1, 2)
-# Dynamic shared memory per block of the tiled kernels: max(3 stages x 2 operands x 8 KiB,
-# the 128 x 132 fp32 epilogue tile).
-GEMM_SMEM_BYTES = max(3 * 2 * 128 * 32 * 2, 128 * 132 * 4)
+# Their names in the kernels.
+TILE_DEFINES = {
+    "CCE_BM": TILE_M,
+    "CCE_BN": TILE_N,
+    "CCE_BK": TILE_K,
+    "CCE_STAGES": STAGES,
+    "CCE_THREADS": THREADS,
+    "CCE_SMEM_BYTES": GEMM_SMEM_BYTES,
+    "H_BM": HOPPER_TILE_M,
+    "H_BN": HOPPER_TILE_N,
+    "H_PRODUCERS": HOPPER_PRODUCERS,
+    "H_THREADS": HOPPER_THREADS,
+    "H_ROW_BYTES": HOPPER_ROW_BYTES,
+    "H_STAGES": HOPPER_STAGES,
+    "H_SMEM_BYTES": HOPPER_SMEM_BYTES,
+}
+
+
+class GemmMode(enum.IntEnum):
+    """lce_gemm's MODE template argument: what it does with its output tile (the C++ enum class of
+    the same name is generated from this one, see preamble())."""
+
+    WRITE = 0  # out = A @ B
+    ACCUMULATE = 1  # out += A @ B: read, add in fp32, write back
+    FOLD_CAST = 2  # out = cast(acc_f32 + A @ B): the last chunk of a 16-bit dE folds its fp32 accumulator
+
+
+class GemmK(enum.IntEnum):
+    """lce_gemm's k_of_g argument: which dimension of the logit-gradient chunk G its K runs along,
+    so which way it reads G's live-tile flags (generated as a C++ enum class, like GemmMode)."""
+
+    G_COLUMNS = 1  # dE = G @ C_chunk: K = the chunk's columns
+    G_ROWS = 2  # dC = G^T @ E: K = G's rows
+
+
+# Kernels that need thread-block clusters (sm_90 and later; lce_hopper.cu is sm_90a as a whole):
+# they are defined, built and loaded only there.
+CLUSTER_KERNELS = ("ce_logits_inplace_cluster",)
 
 # ce_logits_inplace_cluster: the cluster sizes built, and the most shared memory one block may hold
 # of its row slice (so that two blocks fit on an SM when they can: 2 x 112 KiB of the 227 KiB).
@@ -48,10 +99,21 @@ CE_CLUSTER_SIZES = (1, 2, 4, 8)
 CE_SLICE_BYTES_SHARED_SM = 112 * 1024
 CE_SLICE_BYTES_MAX = 200 * 1024
 
-# lce_forward_partials_sm90's STORE argument (enum ForwardStore in lce_hopper.cu) and the modes
-# built per input type.
-STORE_NONE, STORE_TILE, STORE_ROW = 0, 1, 2
-FORWARD_STORES = {"bfloat16": (STORE_NONE, STORE_TILE, STORE_ROW), "float16": (STORE_NONE, STORE_TILE)}
+
+class SoftmaxStore(enum.IntEnum):
+    """lce_forward_partials_sm90's STORE argument: what the forward also keeps of each row's softmax
+    for the memory-budgeted backward (cce_cupy/cuda/budget.py; a C++ enum class, like GemmMode)."""
+
+    NONE = 0
+    TILE = 1  # fp16, one scale per 256-column tile (read by lce_budget_grad)
+    ROW = 2  # bf16, one shift per row (read by the GEMMs)
+
+
+# The STORE modes built per input type: ROW keeps the softmax in T, which needs bf16's range.
+FORWARD_STORES = {
+    "bfloat16": (SoftmaxStore.NONE, SoftmaxStore.TILE, SoftmaxStore.ROW),
+    "float16": (SoftmaxStore.NONE, SoftmaxStore.TILE),
+}
 # lce_budget.cu's kernels templated like <T, HAS_BIAS, SOFTCAP, TI>.
 BUDGET_KERNELS = (
     "lce_budget_grad",
@@ -84,10 +146,13 @@ def cxx_type(dtype) -> str:
 
 @functools.lru_cache(maxsize=4096)  # at every launch: its dtype lookups cost ~8 us of host time
 def template_name(kernel: str, *args) -> str:
-    """`lce_forward_partials<__nv_bfloat16, true, false, false>` from dtypes, bools and type names."""
+    """`lce_gemm<__nv_bfloat16, float, true, GemmMode::WRITE>` from dtypes, bools, ints, type names
+    and the enums of this module."""
     parts = []
     for a in args:
-        if isinstance(a, bool):
+        if isinstance(a, enum.Enum):
+            parts.append(f"{type(a).__name__}::{a.name}")
+        elif isinstance(a, bool):
             parts.append("true" if a else "false")
         elif isinstance(a, int):
             parts.append(str(a))
@@ -98,12 +163,32 @@ def template_name(kernel: str, *args) -> str:
     return f"{kernel}<{', '.join(parts)}>"
 
 
+def _cxx_enum(cls: type[enum.IntEnum]) -> str:
+    members = ", ".join(f"{m.name} = {m.value}" for m in cls)
+    return f"enum class {cls.__name__} : int {{ {members} }};"
+
+
+@functools.cache
+def preamble() -> str:
+    """What every kernel file is compiled with ahead of its own text: the tile constants as
+    #defines and the enums shared with the launchers."""
+    lines = ["// Generated by cce_cupy/cuda/sources.py: the tile constants and enums the launchers share."]
+    lines += [f"#define {name} {value}" for name, value in TILE_DEFINES.items()]
+    lines += [_cxx_enum(cls) for cls in (GemmMode, GemmK, SoftmaxStore)]
+    return "\n".join(lines) + "\n"
+
+
+def assemble(text: str) -> str:
+    """A kernel file's text as compiled: the preamble, then the text with `#include "common.cuh"`
+    inlined (NVRTC then needs no include path)."""
+    common = (KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
+    return preamble() + re.sub(r'#include "common\.cuh"', lambda _: common, text)
+
+
 @functools.cache
 def kernel_source(filename: str) -> str:
-    """The file's text with `#include "common.cuh"` inlined (NVRTC then needs no include path)."""
-    text = (KERNEL_DIR / filename).read_text()
-    common = (KERNEL_DIR / "common.cuh").read_text().replace("#pragma once", "")
-    return re.sub(r'#include "common\.cuh"', lambda _: common, text)
+    """The text NVRTC compiles for one kernel file (see assemble)."""
+    return assemble((KERNEL_DIR / filename).read_text())
 
 
 @functools.cache
@@ -118,18 +203,11 @@ def all_instances() -> dict[str, list[str]]:
     fwd += [
         template_name("lce_forward_finish", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx
     ]
-    bwd = [
-        template_name("lce_grad_logits", t, grad_chunk_dtype(t), *f, i)
-        for t in floats
-        for f in itertools.product(b, b, b)
-        for i in idx
-    ]
+    bwd = [template_name("lce_grad_logits", t, *f, i) for t in floats for f in itertools.product(b, b, b) for i in idx]
     for t in floats:
         for out, a_kmajor, mode in gemm_variants(t):
-            bwd.append(template_name("lce_gemm", t, out, a_kmajor, False, mode))
-    red = [
-        template_name("lce_bias_grad", grad_chunk_dtype(t), o, acc) for t in floats for o in {t, "float32"} for acc in b
-    ]
+            bwd.append(template_name("lce_gemm", t, out, a_kmajor, mode))
+    red = [template_name("lce_bias_grad", t, o, acc) for t in floats for o in {t, "float32"} for acc in b]
     red += [template_name("ce_logits", t, i, *f) for t in floats for i in idx for f in itertools.product(b, b, b)]
     red += [
         template_name("ce_logits_inplace_cluster", t, i, *f, cl)
@@ -138,17 +216,16 @@ def all_instances() -> dict[str, list[str]]:
         for f in itertools.product(b, b)
         for cl in CE_CLUSTER_SIZES
     ]
-    # STORE (the memory-budgeted path's forward, cce_cupy/cuda/budget.py): STORE_TILE for the 16-bit
-    # types, STORE_ROW for bfloat16 only (it keeps the softmax in T, which needs bf16's range).
+    # STORE: the memory-budgeted path's forward (FORWARD_STORES).
     hop = [
         template_name("lce_forward_partials_sm90", cl, t, *f, store)
         for cl in HOPPER_CLUSTERS
         for t in HOPPER_DTYPES + ("float32",)
         for f in itertools.product(b, b, b)
-        for store in FORWARD_STORES.get(t, (STORE_NONE,))
+        for store in FORWARD_STORES.get(t, (SoftmaxStore.NONE,))
     ]
     hop += [
-        template_name("lce_grad_logits_sm90", cl, t, grad_chunk_dtype(t), *f, i)
+        template_name("lce_grad_logits_sm90", cl, t, *f, i)
         for cl in HOPPER_CLUSTERS
         for t in HOPPER_DTYPES
         for f in itertools.product(b, b, b)
@@ -192,19 +269,16 @@ def compile_options(filename: str) -> tuple[str, ...]:
     return COMPILE_OPTIONS + ((f"-arch={arch}",) if arch else ())
 
 
-def grad_chunk_dtype(dtype) -> str:
-    """The element type of the logit-gradient chunk: the input type, fp32 stays fp32."""
-    return dtype_name(dtype)
-
-
 def gemm_variants(dtype):
     """(out dtype, A K-major?, mode) triples of lce_gemm used by the backward for one input dtype."""
     t = dtype_name(dtype)
     outs = sorted({t, "float32"})
-    dc = [(o, False, m) for o in outs for m in (0, 1)]  # dC = G^T @ E: first row part writes, others add
-    de = [(o, True, 0) for o in outs] + [("float32", True, 1)]  # dE first chunk / accumulate
+    # dC = G^T @ E (A = G^T is M-major): the first row part writes, the others add.
+    dc = [(o, False, m) for o in outs for m in (GemmMode.WRITE, GemmMode.ACCUMULATE)]
+    # dE = G @ C_chunk (A = G is K-major): the first chunk writes, the others add (16-bit: into fp32).
+    de = [(o, True, GemmMode.WRITE) for o in outs] + [("float32", True, GemmMode.ACCUMULATE)]
     if t != "float32":
-        de.append((t, True, 2))  # last chunk: fold the fp32 accumulator, cast
+        de.append((t, True, GemmMode.FOLD_CAST))  # 16-bit dE's last chunk: fold the fp32 accumulator, cast
     return dc + de
 
 
@@ -217,11 +291,18 @@ def module_group(name_expression: str) -> str:
     return base + "<" + ",".join(args.rstrip(">").split(",")[:2])
 
 
-def module_groups(filename: str) -> dict[str, list[str]]:
-    """The file's instances by module_group."""
+def runs_on(name_expression: str, arch: str) -> bool:
+    """Whether an instance exists for `arch` ("sm_80", "sm_90", "sm_90a"): only the cluster kernels
+    need sm_90 or later."""
+    return name_expression.partition("<")[0] not in CLUSTER_KERNELS or int(arch[3:].rstrip("a")) >= 90
+
+
+def module_groups(filename: str, arch: str | None = None) -> dict[str, list[str]]:
+    """The file's instances by module_group: all of them, or those that exist for `arch`."""
     groups: dict[str, list[str]] = {}
     for name in all_instances()[filename]:
-        groups.setdefault(module_group(name), []).append(name)
+        if arch is None or runs_on(name, arch):
+            groups.setdefault(module_group(name), []).append(name)
     return groups
 
 
@@ -232,10 +313,11 @@ def device_files(compute_capability: str) -> list[str]:
     return [f for f in KERNEL_FILES if FILE_ARCH.get(f, cc).rstrip("a") == cc]
 
 
-def instances_for(filename: str, dtypes=None) -> list[str]:
-    """The file's instances, or those whose C++ type arguments are all among `dtypes` (plus float,
-    the accumulation type): what calls with these input and target dtypes can launch."""
-    names = all_instances()[filename]
+def instances_for(filename: str, dtypes=None, arch: str | None = None) -> list[str]:
+    """The file's instances (those that exist for `arch`, if given), or of those the ones whose C++
+    type arguments are all among `dtypes` (plus float, the accumulation type): what calls with these
+    input and target dtypes can launch."""
+    names = [n for n in all_instances()[filename] if arch is None or runs_on(n, arch)]
     if dtypes is None:
         return names
     allowed = {cxx_type(t) for t in dtypes} | {"float"}

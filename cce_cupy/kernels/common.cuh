@@ -8,6 +8,10 @@
 //          B is K-major (B[k][n] at b[n*ldb + k]) or N-major (B[k][n] at b[k*ldb + n]).
 // 16-bit types (bf16, fp16) run on mma.sync m16n8k16 with fp32 accumulate; float runs on FFMA
 // (exact fp32, no TF32), with the same tile shapes and the same shared-memory epilogue tile.
+//
+// The tile constants (CCE_BM, CCE_BN, CCE_BK, CCE_STAGES, CCE_THREADS, CCE_SMEM_BYTES, and the H_*
+// of lce_hopper.cu) come from the preamble that cce_cupy/cuda/sources.py generates ahead of every
+// file, so the launchers use the same numbers.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -21,13 +25,14 @@ typedef long long i64;
 #define NAN __int_as_float(0x7fffffff)
 #endif
 
-#define CCE_BM 128
-#define CCE_BN 128
-#define CCE_BK 32
-#define CCE_THREADS 256
-#define CCE_STAGES 3
+static_assert(CCE_BM == 128 && CCE_BN == 128 && CCE_BK == 32 && CCE_THREADS == 256,
+              "the main loops' warp layouts are written for 128 x 128 tiles, 32 of K a stage, 8 warps");
 #define CCE_EPI_LD (CCE_BN + 4)  // +4 floats: float4 rows stay 16-byte aligned, rows shift banks
 #define CCE_EPI_BYTES (CCE_BM * CCE_EPI_LD * 4)
+// The dynamic shared memory the launcher gives a block holds the main loop's stages and, aliasing
+// them, the epilogue tile.
+static_assert(CCE_STAGES * 2 * CCE_BM * CCE_BK * 2 <= CCE_SMEM_BYTES && CCE_EPI_BYTES <= CCE_SMEM_BYTES,
+              "CCE_SMEM_BYTES (cce_cupy/cuda/sources.py) is too small for the main loop or the epilogue tile");
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
@@ -146,27 +151,22 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
                  : "r"(smem_u32(p)));
 }
 
+// d (16 x 8 fp32) += a (16 x 16) @ b (16 x 8), both of T. One definition; each input type
+// instantiates it with its PTX type name (asm needs a string literal).
 template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                               unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
+#define CCE_MMA_M16N8K16(T, PTX_TYPE)                                                                    \
+    template <> struct Mma<T> {                                                                         \
+        static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0,  \
+                                                   unsigned b1) {                                       \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                 \
+                         ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                 \
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                               \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));               \
+        }                                                                                               \
+    };
+CCE_MMA_M16N8K16(__nv_bfloat16, "bf16")
+CCE_MMA_M16N8K16(__half, "f16")
+#undef CCE_MMA_M16N8K16
 
 // Problem description of one tile GEMM. Offsets m0/n0 select the tile; the kernel's caller has
 // already shifted a/b to the sub-matrix it works on.
@@ -176,12 +176,6 @@ template <typename T> struct GemmArgs {
     i64 lda, ldb;
     int M, N, K;
 };
-
-// Dynamic shared memory needed by one block of the main loop (the epilogue tile aliases it).
-__host__ __device__ constexpr int gemm_smem_bytes() {
-    return (CCE_STAGES * 2 * CCE_BM * CCE_BK * 2 > CCE_EPI_BYTES) ? CCE_STAGES * 2 * CCE_BM * CCE_BK * 2
-                                                                    : CCE_EPI_BYTES;
-}
 
 // ---------------------------------------------------------------------------------------------
 // 16-bit tensor-core main loop. 8 warps as 2 (M) x 4 (N); each warp owns a 64 x 32 sub-tile as

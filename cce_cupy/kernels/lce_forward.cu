@@ -1,9 +1,10 @@
 // Forward of the fused linear cross-entropy: per-row logsumexp of  y = softcap(E @ C^T + bias)
 // and the target term, without ever writing an N x V logit.
 //
-// lce_forward_partials<T, HAS_BIAS, SOFTCAP, SMOOTH>
-//   E: (N, D) row-major, C: (V, D) row-major, bias: (V,) or null, all of type T.
-//   Grid: (ceil(N / 128), splits). Block: 256 threads. Dynamic smem: gemm_smem_bytes().
+// lce_forward_partials<T, HAS_BIAS, SOFTCAP, SMOOTH, TI>
+//   E: (N, D) row-major, C: (V, D) row-major, bias: (V,) or null, all of type T; targets: (N,) of
+//   TI (int or long long); part: (3, splits, N) fp32.
+//   Grid: (ceil(N / 128), splits). Block: CCE_THREADS (256). Dynamic smem: CCE_SMEM_BYTES.
 //   Block (bx, s) owns rows [128 bx, 128 bx + 128) and the V-columns [s * v_per_split, ...).
 //   For each 128 x 128 logit tile of its range it runs the GEMM main loop over D, then folds the
 //   tile into a running (max, sum of exp) per row (online logsumexp), and, with SMOOTH, a running
@@ -13,7 +14,9 @@
 //   y_target (N,) fp32 or null: the lane holding row i's target column t_i (valid: in [0, V))
 //   writes y_target[i] = y_{i,t_i}, the same fp32 logit the lse folds in (one writer per row).
 //
-// lce_forward_finish<T, HAS_BIAS, SOFTCAP, SMOOTH>
+// lce_forward_finish<T, HAS_BIAS, SOFTCAP, SMOOTH, TI>
+//   E, C, bias, targets as above; part: (3, splits, N) from either partials kernel; y_target: (N,)
+//   fp32 or null; lse, tgt: (N,) fp32; bad_target: one int.
 //   Grid: ceil(N / 8) blocks of 256 threads: one warp per row.
 //   Combines the splits' partials into lse[row] and takes the target logit y_t from y_target
 //   (written by lce_forward_partials), or where that is null (the Hopper forward) computes it by a

@@ -10,12 +10,13 @@
 // their registers to the consumers through setmaxnreg) feeds a ring of H_STAGES stages with TMA
 // bulk tensor copies; full/empty mbarriers per stage hand stages over, and no block-wide barrier
 // runs in the loop. Blocks run in clusters of CLUSTER (a template parameter, 1 or 2, picked per
-// shape by cce_cupy.autotune) consecutive row blocks that share each stage's C tile through TMA
-// multicast: each loads 256 / CLUSTER rows of it and multicasts them to all, which cuts the
+// shape by cce_cupy.cuda.autotune) consecutive row blocks that share each stage's C tile through
+// TMA multicast: each loads 256 / CLUSTER rows of it and multicasts them to all, which cuts the
 // L2 -> SM traffic per block from 48 to 32 KiB a stage at CLUSTER 2 but ties blocks in pairs to
-// one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major, 128 bytes (64 16-bit or 32 fp32 elements) per row, 128-byte swizzled
-// (see wgmma_desc), each 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all
-// the block's tiles as one stream, so the next tile's first k-blocks load during an epilogue.
+// one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major,
+// 128 bytes (64 16-bit or 32 fp32 elements) per row, 128-byte swizzled (see wgmma_desc), each
+// 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all the block's tiles as one
+// stream, so the next tile's first k-blocks load during an epilogue.
 // Requirements (checked by the launcher): T is bf16 or fp16 (or fp32 for the forward, as TF32, only
 // with allow_tf32), D * sizeof(T) % 16 == 0, 16-byte aligned bases (TMA's stride and address rules).
 //
@@ -24,21 +25,19 @@
 // 8 j + 2 (l % 4) + {0, 1, 0, 1}) of the warpgroup's 64 x 256 tile.
 #include "common.cuh"
 
-#define H_BN 256
-#define H_BM 128
-#define H_PRODUCERS 128  // the producer warpgroup, ahead of the two consumer warpgroups
-#define H_THREADS (H_PRODUCERS + 256)
-// K per stage: 128-byte rows (64 16-bit or 32 fp32 elements), the TMA box's inner extent and the
-// swizzle width.
-#define H_ROW_BYTES 128
-#ifndef H_STAGES
-#define H_STAGES 4
-#endif
-// Stage = A tile (128 rows) + B tile (256 rows). +1024: the dynamic shared memory base is only
+// From the generated preamble (cce_cupy/cuda/sources.py): H_BM x H_BN tiles (128 x 256); H_THREADS
+// threads, the producer warpgroup (H_PRODUCERS = 128) ahead of the two consumer warpgroups; K
+// stages of H_ROW_BYTES = 128-byte rows (64 16-bit or 32 fp32 elements: the TMA box's inner extent
+// and the swizzle width); H_STAGES stages in H_SMEM_BYTES of dynamic shared memory.
+static_assert(H_BM == 128 && H_BN == 256 && H_PRODUCERS == 128 && H_THREADS == H_PRODUCERS + 256 &&
+                  H_ROW_BYTES == 128,
+              "the warpgroup layout and wgmma shapes below are written for these values");
+// Stage = A tile (H_BM rows) + B tile (H_BN rows). +1024: the dynamic shared memory base is only
 // 16-byte aligned; the swizzle needs 1024.
 #define H_A_BYTES (H_BM * H_ROW_BYTES)
 #define H_STAGE_BYTES (H_A_BYTES + H_BN * H_ROW_BYTES)
-#define H_SMEM_BYTES (H_STAGES * H_STAGE_BYTES + 1024)
+static_assert(H_STAGES * H_STAGE_BYTES + 1024 <= H_SMEM_BYTES,
+              "H_SMEM_BYTES (cce_cupy/cuda/sources.py) does not hold H_STAGES stages");
 
 // Shared-memory matrix descriptor: start address, leading byte offset (unused by K-major
 // swizzled operands), stride byte offset 1024 (8 rows of 128 bytes), 128-byte swizzle: 16-byte
@@ -126,8 +125,10 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
 }
 
 // A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), passed by value as a
-// __grid_constant__ kernel parameter. The launcher encodes one per operand: 2-D (rows, D), box
-// (rows 128 or 256) x 64 elements, 128-byte swizzle, out-of-bounds elements read as zero.
+// __grid_constant__ kernel parameter. The launcher (cce_cupy.cuda.device.hopper_operands) encodes
+// one per operand: 2-D (rows, D); box of H_ROW_BYTES (64 16-bit or 32 fp32 elements) of K by
+// H_BM = 128 rows for E, by H_BN / CLUSTER = 256 / CLUSTER rows for C (each block of a cluster
+// loads its share of the C tile); 128-byte swizzle; out-of-bounds elements read as zero.
 struct alignas(64) TmaDesc {
     unsigned long long bytes[16];
 };
@@ -269,8 +270,8 @@ __device__ __forceinline__ void quad_transpose(unsigned (&w)[4], unsigned lanes)
         }
     }
 }
-template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
-    GT pair[2] = {from_f32<GT>(lo), from_f32<GT>(hi)};
+template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+    T pair[2] = {from_f32<T>(lo), from_f32<T>(hi)};
     return *reinterpret_cast<unsigned*>(pair);
 }
 
@@ -282,14 +283,14 @@ template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, f
 //   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
-//   STORE (16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py) also keeps the softmax
+//   STORE (a SoftmaxStore other than NONE; 16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py) also keeps the softmax
 //   for the backward, so that no logit is recomputed; s: (N, lds), lds % 8 == 0, 16-byte aligned.
 //   Rows >= N and columns >= v_end are not written. The lse is computed as without STORE, except
-//   that STORE_TILE folds each tile's sum in as a split's partial (see fold_and_store).
-//     STORE_TILE (fp16 s, read by the gradient pass lce_budget_grad): with m the row's max over the
+//   that TILE folds each tile's sum in as a split's partial (see fold_and_store).
+//     TILE (fp16 s, read by the gradient pass lce_budget_grad): with m the row's max over the
 //       256-column tile, s[row * lds + col] = exp(y - m) (<= 1; 11 mantissa bits where bf16 has 8)
 //       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i).
-//     STORE_ROW (T = bf16 s, read by the GEMMs themselves): with c = row_shift[row] (the target
+//     ROW (T = bf16 s, read by the GEMMs themselves): with c = row_shift[row] (the target
 //       logit; +inf for a row without gradient, which then stores 0),
 //       s[row * lds + col] = exp(y - c) * softcap'(z)   (softcap' = 1 without SOFTCAP),
 //       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). bf16 keeps fp32's exponent range: only a
@@ -297,18 +298,17 @@ template <typename GT> __device__ __forceinline__ unsigned pack_pair(float lo, f
 //       overflow the GEMMs' fp32 sums; such a row sets unsafe[row] = 1 and lce_budget_recompute
 //       rewrites it.
 // ---------------------------------------------------------------------------------------------
-enum ForwardStore { STORE_NONE = 0, STORE_TILE = 1, STORE_ROW = 2 };
 #define STORE_ROW_RANGE 60.f
 
-template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struct ForwardEpilogue {
+template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename T> struct ForwardEpilogue {
     const T* bias;
     int v_end;
     float softcap;
     void* s_out;  // STORE only (null otherwise), as the members up to m0
     i64 lds;
-    float* scales;  // STORE_TILE
+    float* scales;  // TILE
     int ntiles;
-    const float* row_shift;  // STORE_ROW
+    const float* row_shift;  // ROW
     int* unsafe;
     int N, m0;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
@@ -334,7 +334,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
                 acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
-        if (STORE == STORE_TILE) {
+        if (STORE == SoftmaxStore::TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
@@ -346,7 +346,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
                 const float y = acc[4 * j + q];
                 const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
                 run_sum[q >> 1] += ex;
-                if (STORE == STORE_ROW) {
+                if (STORE == SoftmaxStore::ROW) {
                     // softcap'(z) from y = softcap tanh(z / softcap): 1 - (y / softcap)^2. (Relatively
                     // less accurate where tanh saturates, on elements that small; the target's
                     // own factor is recomputed exactly by lce_budget_rows.)
@@ -354,7 +354,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
                     acc[4 * j + q] = (SOFTCAP && ex != 0.f) ? ex * ((1.f - r) * (1.f + r)) : ex;
                 }
             }
-        if (STORE == STORE_ROW) store_row_shifted(n0, acc);
+        if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
     // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
@@ -367,7 +367,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
         }
-        if (STORE == STORE_TILE) {
+        if (STORE == SoftmaxStore::TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
@@ -377,9 +377,9 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
         for (int i = 0; i < 128; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
-            if (STORE == STORE_ROW) acc[i] = ex;
+            if (STORE == SoftmaxStore::ROW) acc[i] = ex;
         }
-        if (STORE == STORE_ROW) store_row_shifted(n0, acc);
+        if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
     // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
@@ -431,7 +431,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
         store_tile<__half>(n0, one, acc);
     }
 
-    // STORE_ROW: acc holds exp(y - run_max) (times softcap'); s = acc exp(run_max - c) in T.
+    // ROW: acc holds exp(y - run_max) (times softcap'); s = acc exp(run_max - c) in T.
     __device__ __forceinline__ void store_row_shifted(int n0, const float (&acc)[128]) {
         float k[2];
 #pragma unroll
@@ -474,7 +474,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE, typename T> struc
     }
 };
 
-template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, int STORE>
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                               const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
@@ -513,8 +513,8 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
 }
 
 // ---------------------------------------------------------------------------------------------
-// lce_grad_logits_sm90<CLUSTER, T, GT, HAS_BIAS, SOFTCAP, FILTER, TI>
-//   Same arguments and output as lce_grad_logits (lce_backward.cu), GT = T (16-bit), plus
+// lce_grad_logits_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, FILTER, TI>
+//   Same arguments and output as lce_grad_logits (lce_backward.cu), T 16-bit, plus
 //   cols_per_block (a multiple of 256): block y computes the chunk columns [y * cols_per_block,
 //   ...), several tiles (the launcher picks one grid wave where it can, as for the forward's splits).
 //   Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, ceil(Vc / cols_per_block)).
@@ -532,11 +532,11 @@ __device__ __forceinline__ bool consumers_any(bool p) {
                  "selp.u32 %0, 1, 0, q;\n}\n" : "=r"(r) : "r"((unsigned)p) : "memory");
     return r != 0;
 }
-template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typename TI> struct GradEpilogue {
+template <bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typename TI> struct GradEpilogue {
     const T* bias;
     const TI* targets;
     const float *lse, *coef_p, *coef_q;
-    GT* G;
+    T* G;
     int* flags;
     int N, V, v0, Vc, m0;
     i64 ldg;
@@ -544,7 +544,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
 
     __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {  // n0 is chunk-relative
         const float smooth_q = smoothing / (float)V;
-        bool live[2] = {false, false};  // per 128-column half of the tile
+        bool live[2] = {false, false};  // per flag tile (CCE_BN = 128 columns): the tile's two halves
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
@@ -557,7 +557,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
             // The target's offset from this thread's column 0 of the tile, if in the tile (-1 if not):
             // compared with compile-time offsets below.
             const int t_rel = (t >= n0 && t < n0 + H_BN) ? (int)(t - n0) - hopper_col0() : -1;
-            GT* grow = G + (i64)row * ldg;
+            T* grow = G + (i64)row * ldg;
 #pragma unroll
             for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
                 unsigned w[4];
@@ -573,13 +573,13 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
                         const float p = fast_exp2(fmaf(y, H_LOG2E, -l2));
                         const bool is_t = t_rel == j * 8 + q;
                         if (FILTER)  // as lce_backward.cu: a z-loss / grad_lse term (cp != cq) keeps p >= eps
-                            live[j >> 4] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps ||
-                                             (cp != cq && p >= filter_eps)) && (cp != 0.f || cq != 0.f);
+                            live[j * 8 / CCE_BN] |= (fabsf(p - (is_t ? 1.f : 0.f)) >= filter_eps ||
+                                                     (cp != cq && p >= filter_eps)) && (cp != 0.f || cq != 0.f);
                         float gq = fmaf(cp, p, is_t ? -g_off_t : -g_off);
                         if (SOFTCAP) gq *= softcap_grad(z, softcap);
                         g[q] = gq;
                     }
-                    w[jj] = pack_pair<GT>(g[0], g[1]);
+                    w[jj] = pack_pair<T>(g[0], g[1]);
                 }
                 quad_transpose(w, lanes);  // this thread now holds columns n0 + 32 a + 8 k .. + 7, k = lane % 4
                 const int col = n0 + 32 * a + 8 * (threadIdx.x & 3);
@@ -596,7 +596,7 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
         }
         if (FILTER) {
             const bool live0 = consumers_any(live[0]), live1 = consumers_any(live[1]);
-            const int flag_cols = (Vc + 127) / 128, fc = n0 / 128;
+            const int flag_cols = (Vc + CCE_BN - 1) / CCE_BN, fc = n0 / CCE_BN;
             if (threadIdx.x == H_PRODUCERS && m0 < N) {
                 flags[(i64)blockIdx.x * flag_cols + fc] = live0;
                 if (fc + 1 < flag_cols) flags[(i64)blockIdx.x * flag_cols + fc + 1] = live1;
@@ -605,20 +605,20 @@ template <typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typ
     }
 };
 
-template <int CLUSTER, typename T, typename GT, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
+template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename TI>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_grad_logits_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                          const T* __restrict__ bias,
                          const TI* __restrict__ targets, const float* __restrict__ lse,
-                         const float* __restrict__ coef_p, const float* __restrict__ coef_q, GT* __restrict__ G,
+                         const float* __restrict__ coef_p, const float* __restrict__ coef_q, T* __restrict__ G,
                          int* __restrict__ flags, int N, int V, int D, int v0, int Vc, long long ldg,
                          float softcap, float smoothing, float filter_eps, int cols_per_block,
                          const int* __restrict__ run_if) {
     if (not_requested(run_if)) return;  // before any cluster barrier: every block of the grid returns
     extern __shared__ __align__(16) char smem[];
     const int m0 = blockIdx.x * H_BM, n_begin = blockIdx.y * cols_per_block;
-    GradEpilogue<GT, HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, flags, N, V, v0,
-                                                          Vc, m0, (i64)ldg, softcap, smoothing, filter_eps};
+    GradEpilogue<HAS_BIAS, SOFTCAP, FILTER, T, TI> epi{bias, targets, lse, coef_p, coef_q, G, flags, N, V, v0,
+                                                      Vc, m0, (i64)ldg, softcap, smoothing, filter_eps};
     // The chunk's C rows start at v0; columns past Vc (the next chunk's) are computed, not stored.
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, v0, D, m0, n_begin, min(Vc, n_begin + cols_per_block), smem, epi);
 }

@@ -17,7 +17,7 @@
 //   One block of 256 threads per row; grid (N). One read of the row for the loss. With INPLACE
 //   a second sweep re-reads the row to write the gradient (the fallback of the kernel below).
 //
-// ce_logits_inplace_cluster<T, TI, SOFTCAP, SMOOTH, CL>   (sm_90: thread-block clusters)
+// ce_logits_inplace_cluster<T, TI, SOFTCAP, SMOOTH, CL>   (sm_90 and later only: thread-block clusters)
 //   Loss and in-place gradient reading the row once: a cluster of CL blocks (256 threads each)
 //   owns a row; block r keeps the 16-byte vectors [r * per, (r + 1) * per) of it in shared memory
 //   (per = ceil(V / VEC / CL), VEC = 16 / sizeof(T)), the CL partial (max, sum) pairs are
@@ -32,11 +32,11 @@ __global__ void lce_bias_grad(const GT* __restrict__ G, const int* __restrict__ 
     __shared__ float part[32][33];
     if (not_requested(run_if)) return;
     const int j = blockIdx.x * 32 + threadIdx.x;
-    const int flag_cols = (Vc + 127) / 128;
+    const int flag_cols = (Vc + CCE_BN - 1) / CCE_BN;  // flags of lce_grad_logits' CCE_BM x CCE_BN tiles
     float s = 0.f;
     if (j < Vc) {
         for (int i = threadIdx.y; i < N; i += 32) {
-            if (flags != nullptr && flags[(i64)(i / 128) * flag_cols + j / 128] == 0) continue;
+            if (flags != nullptr && flags[(i64)(i / CCE_BM) * flag_cols + j / CCE_BN] == 0) continue;
             s += to_f32(G[(i64)i * ldg + j]);
         }
     }
@@ -180,7 +180,7 @@ __device__ __forceinline__ uint4 grad_vector(const uint4& u, long long col0, con
 }
 
 template <typename T, typename TI, bool SOFTCAP, bool SMOOTH, bool INPLACE>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(CCE_THREADS)
     ce_logits(T* __restrict__ logits, const TI* __restrict__ targets, const float* __restrict__ row_grad,
               float* __restrict__ lse_out, float* __restrict__ tgt_out, int* __restrict__ bad_target, int N,
               int V, float softcap, float smoothing, float z_loss, long long ignore_index) {
@@ -222,19 +222,15 @@ __global__ void __launch_bounds__(256)
     });
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define CE_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
-#else
-#define CE_CLUSTER_DIMS(n)  // compiled for sm_80 as a stub the launcher never picks
-#endif
-
+// Thread-block clusters exist from sm_90 on: only there is the kernel defined (and built, see
+// cce_cupy.cuda.sources.CLUSTER_KERNELS).
+#if __CUDA_ARCH__ >= 900
 template <typename T, typename TI, bool SOFTCAP, bool SMOOTH, int CL>
-__global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CCE_THREADS)
     ce_logits_inplace_cluster(T* __restrict__ logits, const TI* __restrict__ targets,
                               const float* __restrict__ row_grad, float* __restrict__ lse_out,
                               float* __restrict__ tgt_out, int* __restrict__ bad_target, int N, int V, float softcap,
                               float smoothing, float z_loss, long long ignore_index) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr int VEC = Vec16<T>::n;
     extern __shared__ uint4 slice[];
     __shared__ float scratch[32];
@@ -281,7 +277,5 @@ __global__ void CE_CLUSTER_DIMS(CL) __launch_bounds__(256)
     for (int i = tid; i < nvec; i += nt)
         __stcs(xv + i, grad_vector<T, SOFTCAP>(slice[i], (long long)(v0 + i) * VEC, r, softcap, smoothing, q_all));
     cluster_wait();  // no block leaves while another may still read its part[]
-#else
-    __trap();
-#endif
 }
+#endif
