@@ -4,7 +4,7 @@ Each variant is a kernel source (the package's, and optionally a saved earlier v
 --baseline, to compare kernel versions in one process) and a cluster size (the kernel's CLUSTER
 template parameter). Its per-row logsumexp is checked against the first variant's, then timed with
 CUDA events next to cuBLAS E @ C^T. Usage:
-python -m benchmarks.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
+python -m benchmarks.dev.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from benchmarks.kernel_check import cuda_time
+from benchmarks.dev.kernel_check import cuda_time
 from benchmarks.providers import SHAPES
 from cce_cupy.cuda import device, plan
 from cce_cupy.cuda import sources as cuda_sources
