@@ -17,9 +17,9 @@ import collections
 import cupy as cp
 import ml_dtypes
 import numpy as np
+
 from benchmarks.dev.kernel_profile import launch_times
 from benchmarks.providers import SHAPES
-
 from cce_cupy.cuda import backward as cuda_backward
 from cce_cupy.cuda import device
 from cce_cupy.cuda import forward as cuda_forward

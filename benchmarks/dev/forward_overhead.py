@@ -20,10 +20,10 @@ import time
 import cupy as cp
 import ml_dtypes
 import numpy as np
-from benchmarks.dev.kernel_profile import launch_times
-from benchmarks.providers import SHAPES
 
 import cce_cupy as cce
+from benchmarks.dev.kernel_profile import launch_times
+from benchmarks.providers import SHAPES
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions
