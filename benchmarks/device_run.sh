@@ -41,7 +41,10 @@ quack_install() {
   for d in .whl-quack/part1 .whl-quack/part2; do
     if [ -d "$d" ]; then cp -f "$d"/* "$parts"/ && echo "quack_install: stored $d"; fi
   done
-  if [ -f "$site/.pythonpath" ]; then echo "quack_install: installed earlier in $site"; return 0; fi
+  if [ -f "$site/.pythonpath" ] && cmp -s "$parts/MANIFEST" "$site/.manifest"; then
+    echo "quack_install: installed earlier in $site"
+    return 0
+  fi
   if [ ! -f "$parts/MANIFEST" ]; then
     echo "quack_install: nothing staged: carry .whl-quack/part1 or part2 (bash benchmarks/dev/stage_quack.sh)"
     return 1
@@ -63,10 +66,11 @@ quack_install() {
   python3 -c "import site, sys; before = list(sys.path); site.addsitedir('$site')
 print(':'.join(p for p in sys.path if p not in before))" >"$site/.pythonpath.new" || return 1
   grep -q dsl_packages "$site/.pythonpath.new" || { echo "quack_install: no dsl_packages path from the .pth"; return 1; }
-  mv "$site/.pythonpath.new" "$site/.pythonpath"
+  cp "$parts/MANIFEST" "$site/.manifest" && mv "$site/.pythonpath.new" "$site/.pythonpath"
   # An import failure is reported here and, as the provider's error record, by bench.py.
   PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(cat "$site/.pythonpath")" python3 -c \
-    "import cutlass, quack.linear_cross_entropy; print('quack_install: quack', quack.__version__, 'cutlass', cutlass.__version__)"
+    "import cutlass, quack.linear_cross_entropy; from importlib.metadata import version as v
+print('quack_install: quack-kernels', v('quack-kernels'), 'nvidia-cutlass-dsl', v('nvidia-cutlass-dsl'))"
 }
 
 rc=0
