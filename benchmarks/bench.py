@@ -26,10 +26,9 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before anything imports jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # providers.py beside this file
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repository root (cce_cupy)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: cce_cupy, benchmarks
 
-import providers as P  # noqa: E402
+from benchmarks import providers as P  # noqa: E402
 
 SHAPES = P.SHAPES
 SWEEP_V = {f"v{v // 1000}k": (8192, 2304, v) for v in (32000, 64000, 128000, 256000)}
@@ -69,6 +68,8 @@ DISTS = (
     "cut-cross-entropy",
     "liger-kernel",
     "jax-cce",
+    "quack-kernels",
+    "nvidia-cutlass-dsl",
     "cce-cupy",
 )
 
@@ -304,9 +305,9 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
                     data=p.data,
                     mode=mode,
                     rounds=rounds,
-                    floor_ms=round(P._median(times["floor"]), 4),
-                    ours_ms=round(P._median(times["ours"]), 4),
-                    ratio=round(P._median(ratios), 4),
+                    floor_ms=round(P.median(times["floor"]), 4),
+                    ours_ms=round(P.median(times["ours"]), 4),
+                    ratio=round(P.median(ratios), 4),
                     ratio_min=round(min(ratios), 4),
                     ratio_max=round(max(ratios), 4),
                 )
@@ -415,7 +416,7 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
     lines += ratio_lines(records, fl) or ["(no cuBLAS floor or no ours records)"]
     lines += paired_lines(paired or [])
     if skipped:
-        lines += ["", "## Skipped (budget)", ""] + [f"- {s}" for s in skipped]
+        lines += ["", "## Skipped (budget, or a peer not installed)", ""] + [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -578,6 +579,11 @@ def main(argv=None) -> Path:
             for key in args.provider_list:
                 if args.backend == "numpy" and P.provider_identity(key)[0] in P.GPU_ONLY:
                     log(f"  {key}: skipped on the NumPy backend (needs CUDA)")
+                    continue
+                why = P.skip_reason(key)
+                if why:
+                    args.skipped.append(f"{case}: {key}: {why}")
+                    log(f"  {key}: skipped: {why}")
                     continue
                 left = args.budget_s - elapsed() if args.budget_s else float("inf")
                 if left <= 0 or (key == "torch_compile" and left < 60):

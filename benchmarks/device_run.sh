@@ -5,7 +5,8 @@
 # (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
 # gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs), cold
 # (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
-# bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs)
+# bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs),
+# quack_install (QuACK's wheels from .whl-quack/part1 and part2, over two calls; put it before bench)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -28,16 +29,60 @@ python3 -m cce_cupy.cuda.prebuilt --check >/dev/null || {
   python3 -m cce_cupy.cuda.prebuilt 2>&1 | tail -3 | tee "$OUT/prebuild.log"
   tar -cJf "$OUT/prebuilt.tar.xz" -C cce_cupy/kernels prebuilt
 }
+# QuACK (a bench peer) is not on the image. benchmarks/dev/stage_quack.sh stages its wheels, in
+# pieces, into two carry folders, each with a MANIFEST ("<sha256> <wheel> <pieces...>"). One call
+# carries at most 64 MiB, so they come over two calls on one warm machine, in either order: each
+# call's folder is kept in /tmp/quack-parts; once every piece is there, the wheels are joined, checked
+# and installed with --target, which does not run their .pth files: site.addsitedir runs them to find
+# the paths they add (nvidia_cutlass_dsl/dsl_packages), kept in /tmp/quack-site/.pythonpath.
+quack_install() {
+  local parts=/tmp/quack-parts wheels=/tmp/quack-wheels site=/tmp/quack-site sum whl pieces p missing=0
+  mkdir -p "$parts"
+  for d in .whl-quack/part1 .whl-quack/part2; do
+    if [ -d "$d" ]; then cp -f "$d"/* "$parts"/ && echo "quack_install: stored $d"; fi
+  done
+  if [ -f "$site/.pythonpath" ] && cmp -s "$parts/MANIFEST" "$site/.manifest"; then
+    echo "quack_install: installed earlier in $site"
+    return 0
+  fi
+  if [ ! -f "$parts/MANIFEST" ]; then
+    echo "quack_install: nothing staged: carry .whl-quack/part1 or part2 (bash benchmarks/dev/stage_quack.sh)"
+    return 1
+  fi
+  while read -r sum whl pieces; do
+    for p in $pieces; do [ -f "$parts/$p" ] || { echo "quack_install: waiting for $p"; missing=1; }; done
+  done <"$parts/MANIFEST"
+  if [ "$missing" = 1 ]; then
+    echo "quack_install: pieces stored; carry the other .whl-quack part in a later call on this machine"
+    return 0
+  fi
+  rm -rf "$wheels" "$site" && mkdir -p "$wheels"
+  while read -r sum whl pieces; do
+    (cd "$parts" && cat $pieces) >"$wheels/$whl"
+    echo "$sum  $wheels/$whl" | sha256sum -c --quiet || { echo "quack_install: $whl is corrupt"; return 1; }
+  done <"$parts/MANIFEST"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
+    || return 1
+  python3 -c "import site, sys; before = list(sys.path); site.addsitedir('$site')
+print(':'.join(p for p in sys.path if p not in before))" >"$site/.pythonpath.new" || return 1
+  grep -q dsl_packages "$site/.pythonpath.new" || { echo "quack_install: no dsl_packages path from the .pth"; return 1; }
+  cp "$parts/MANIFEST" "$site/.manifest" && mv "$site/.pythonpath.new" "$site/.pythonpath"
+  # An import failure is reported here and, as the provider's error record, by bench.py.
+  PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(cat "$site/.pythonpath")" python3 -c \
+    "import cutlass, quack.linear_cross_entropy; from importlib.metadata import version as v
+print('quack_install: quack-kernels', v('quack-kernels'), 'nvidia-cutlass-dsl', v('nvidia-cutlass-dsl'))"
+}
+
 rc=0
 for step in "$@"; do
   echo "=== $step ($(( $(date +%s) - t0 )) s)"
   case "$step" in
-    check) python3 benchmarks/kernel_check.py 2>&1 | tee "$OUT/check.log" || rc=1 ;;
-    time)  python3 benchmarks/kernel_check.py --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
-    profile) python3 benchmarks/kernel_profile.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
-    forward) python3 benchmarks/forward_overhead.py ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/forward.log" || rc=1 ;;
-    blocking) python3 benchmarks/backward_blocking.py ${BLOCKING_ARGS:-} 2>&1 | tee "$OUT/blocking.log" || rc=1 ;;
-    variants) python3 -m benchmarks.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
+    check) python3 -m benchmarks.dev.kernel_check 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    time)  python3 -m benchmarks.dev.kernel_check --no-check --time 2>&1 | tee "$OUT/time.log" || rc=1 ;;
+    profile) python3 -m benchmarks.dev.kernel_profile 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    forward) python3 -m benchmarks.dev.forward_overhead ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/forward.log" || rc=1 ;;
+    blocking) python3 -m benchmarks.dev.backward_blocking ${BLOCKING_ARGS:-} 2>&1 | tee "$OUT/blocking.log" || rc=1 ;;
+    variants) python3 -m benchmarks.dev.hopper_variants ${VARIANT_ARGS:-} 2>&1 | tee "$OUT/variants.log" || rc=1 ;;
     gpu)   timeout 400 python3 -m pytest -m gpu -q -rs ${GPU_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     first_step) # examples/train_lm.py's first step on this machine, empty kernel caches (the README's model)
            CUPY_CACHE_DIR=/tmp/fresh-cupy-cache timeout 300 python3 examples/train_lm.py --loss cce --steps 3 \
@@ -73,6 +118,12 @@ print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['
              && python3 examples/train_lm.py --sweep-vocab 32768,65536,131072,262144,524288 --sweep-steps 5 \
                   --sweep-budget 240 $M --out "$OUT/sweep.json" \
              && python3 examples/plot_train.py --dir "$OUT"; } 2>&1 | tee "$OUT/train.log" || rc=1 ;;
+    quack_install) # QuACK's staged wheels (see quack_install above); later steps of this call see them
+           quack_install 2>&1 | tee "$OUT/quack_install.log"
+           [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+           if [ -f /tmp/quack-site/.pythonpath ]; then
+             export PYTHONPATH="$PYTHONPATH:$(cat /tmp/quack-site/.pythonpath)"
+           fi ;;
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" || rc=1 ;;
     bench32) python3 benchmarks/bench.py --out "$OUT" --dtype float32 --providers cublas,cublas_tf32,ours,ours_tf32 \

@@ -6,7 +6,7 @@ Each plan ('default', or chunk:acc[:rows[:both]]) sets cuda_plan.GRAD_CHUNK_BYTE
 (MiB), BACKWARD_PART_ROWS and BACKWARD_BUFFERS_BYTES (their sum unless given), and runs launch_backward with
 preallocated outputs and scratch; plans are timed in alternating rounds (median), so clock drift
 hits them alike. --names prints the cuBLAS kernel each GEMM shape picks (torch.profiler, CUPTI).
-Usage: python benchmarks/backward_blocking.py [--shapes gemma2,llama3,NxDxV] [--plans default,32:24] [--names]
+Usage: python -m benchmarks.dev.backward_blocking [--shapes gemma2,llama3,NxDxV] [--plans default,32:24] [--names]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import collections
 import cupy as cp
 import ml_dtypes
 import numpy as np
-from kernel_profile import launch_times
-from providers import SHAPES
 
+from benchmarks.dev.kernel_profile import launch_times
+from benchmarks.providers import SHAPES
 from cce_cupy.cuda import backward as cuda_backward
 from cce_cupy.cuda import device
 from cce_cupy.cuda import forward as cuda_forward

@@ -6,7 +6,7 @@ template parameter). Both are compiled with the package's tile constants (the pr
 cce_cupy.cuda.sources, which also gives the launch's threads, shared memory and TMA boxes). Each
 variant's per-row logsumexp is checked against the first one's, then timed with CUDA events next to
 cuBLAS E @ C^T. Usage:
-python -m benchmarks.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
+python -m benchmarks.dev.hopper_variants [--shapes gemma2,llama3] [--baseline old/lce_hopper.cu]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from benchmarks.kernel_check import cuda_time
+from benchmarks.dev.kernel_check import cuda_time
 from benchmarks.providers import SHAPES
 from cce_cupy.cuda import device, plan
 from cce_cupy.cuda import sources as cuda_sources
@@ -30,12 +30,17 @@ CLUSTERS = (1, 2)
 def build(source: str, cluster: int):
     """The bf16 forward-partials kernel of `source` (as compiled: preamble and common.cuh inlined),
     its dynamic shared memory, and the rows of its C box."""
-    name = cuda_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False)
+    # Since the memory-budgeted path the kernel has a STORE argument and six more pointers/sizes
+    # (null and 0 here); an older baseline has neither.
+    store = "SoftmaxStore STORE" in source
+    extra = (cuda_sources.SoftmaxStore.NONE,) if store else ()
+    name = cuda_sources.template_name("lce_forward_partials_sm90", cluster, "bfloat16", False, False, False, *extra)
     mod = cp.RawModule(code=source, options=cuda_sources.compile_options("lce_hopper.cu"), name_expressions=[name])
     fn = mod.get_function(name)
     smem = cuda_sources.HOPPER_SMEM_BYTES
     fn.max_dynamic_shared_size_bytes = smem
-    return fn, smem, cuda_sources.HOPPER_TILE_N // cluster
+    tail = (np.uint64(0), np.int64(0), np.uint64(0), np.int32(0), np.uint64(0), np.uint64(0)) if store else ()
+    return fn, smem, cuda_sources.HOPPER_TILE_N // cluster, tail
 
 
 def lse_of(part, splits, n):
@@ -65,7 +70,7 @@ def main() -> None:
         logits = None  # 4 GB at gemma2
         ref = None
         tma_e = device.tma_desc(e, cuda_sources.HOPPER_TILE_M)
-        for (label, cluster), (fn, smem, box_rows) in kernels.items():
+        for (label, cluster), (fn, smem, box_rows, tail) in kernels.items():
             tma_c = device.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
             splits, per_split = plan.forward_splits(n, v, cuda_sources.HOPPER_TILE_N)
             call = lambda: fn(  # noqa: E731
@@ -81,6 +86,7 @@ def main() -> None:
                     np.int32(d),
                     np.int32(per_split),
                     np.float32(0),
+                    *tail,
                 ),
                 shared_mem=smem,
             )

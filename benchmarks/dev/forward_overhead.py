@@ -8,7 +8,7 @@ bench.py does, so host time before the first launch counts):
   tiles=T        launch_forward with blocks of exactly T tiles (--tiles)
 
 plus the host time of each call and, for `kernels`, the GPU time of each kernel.
-Usage: python benchmarks/forward_overhead.py [--shapes gemma2,llama3] [--tiles 8,16,32]
+Usage: python -m benchmarks.dev.forward_overhead [--shapes gemma2,llama3] [--tiles 8,16,32]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 import cupy as cp
 import ml_dtypes
 import numpy as np
-from kernel_profile import launch_times
-from providers import SHAPES
 
 import cce_cupy as cce
+from benchmarks.dev.kernel_profile import launch_times
+from benchmarks.providers import SHAPES
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import plan
 from cce_cupy.options import CCEOptions

@@ -4,7 +4,7 @@ For kernel development on the device: wraps the launchers' kernels (and the cuBL
 so that each launch is bracketed by a pair of events, then prints per kernel the launch count and
 the summed GPU time (event to event, so it includes the GPU waiting for a slow host) and the host
 time spent in each launch call, next to the wall time of the whole call.
-Usage: python benchmarks/kernel_profile.py [--shape N,D,V]
+Usage: python -m benchmarks.dev.kernel_profile [--shape N,D,V]
 """
 
 from __future__ import annotations

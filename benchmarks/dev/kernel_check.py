@@ -2,7 +2,7 @@
 
 Correctness: every dtype x option combination on small odd shapes against a dense float64
 reference, outputs poisoned with NaN first. Timing: forward and backward at model shapes next to
-cuBLAS (cupy.matmul) GEMMs of the same shape. Usage: python benchmarks/kernel_check.py [--time]
+cuBLAS (cupy.matmul) GEMMs of the same shape. Usage: python -m benchmarks.dev.kernel_check [--time]
 """
 
 from __future__ import annotations
