@@ -54,6 +54,7 @@ RECORD_KEYS = (
     "rel_err_de",
     "rel_err_dc",
     "note",
+    "memory_budget",
 )
 DISTS = (
     "numpy",
@@ -145,6 +146,7 @@ def record(
     extra=None,
     errs=(None, None, None),
     note: str = "",
+    memory_budget: int | None = None,
 ) -> dict:
     r = dict(meta)
     r.update(
@@ -163,6 +165,7 @@ def record(
         rel_err_de=_r(errs[1]),
         rel_err_dc=_r(errs[2]),
         note=note,
+        memory_budget=memory_budget,  # bytes, for ours under a memory budget; None: the lean path
     )
     assert tuple(r) == RECORD_KEYS, tuple(r)
     return r
@@ -260,7 +263,8 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
             if mode in got:
                 g = got[mode]
                 note = "; ".join(x for x in (prov.note, g["note"]) if x)
-                recs.append(record(meta, p, name, mode, flt, g["ms"], g["extra"], g["errs"], note))
+                budget = getattr(prov, "opts", {}).get("memory_budget")
+                recs.append(record(meta, p, name, mode, flt, g["ms"], g["extra"], g["errs"], note, budget))
     except Exception as ex:  # noqa: BLE001 - setup failed: one error record per mode
         msg = f"error: {type(ex).__name__}: {ex}"[:500]
         log(f"    FAILED {msg}")
@@ -281,14 +285,22 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
     """ours and its cuBLAS floor timed in alternating rounds, one call of each a round (the order
     flipped every round): clock and temperature drift over a run of minutes then hits both alike,
     where the main table times the floor minutes before ours. fwd against E @ Cᵀ, fwd_bwd against
-    the four GEMMs; the ratio is the median of the per-round ratios."""
+    the four GEMMs, fwd_bwd_budget (ours with memory_budget=BUDGET_BYTES) against the three GEMMs
+    (gemm_bwd_sum); the ratio is the median of the per-round ratios."""
     cub, ours = P.make_provider("cublas", p), P.make_provider("ours", p)
+    budgeted = P.make_provider("ours_budget", p)
     timer = P.Timer("cupy")
     out = []
     try:
         cub.setup()
         ours.setup()
-        cases = {"fwd": (cub._fwd, ours.fwd), "fwd_bwd": (lambda: (cub._fwd(), cub._bwd()), ours.fwd_bwd)}
+        budgeted.setup()
+        cases = {
+            "fwd": (cub._fwd, ours.fwd),
+            "fwd_bwd": (lambda: (cub._fwd(), cub._bwd()), ours.fwd_bwd),
+            # the memory-budgeted path against the three GEMMs of a loss that keeps its logits
+            "fwd_bwd_budget": (cub._bwd, budgeted.fwd_bwd),
+        }
         for mode, (floor, mine) in cases.items():
             floor()
             mine()
@@ -319,7 +331,7 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
     except Exception as ex:  # noqa: BLE001 - the main table stands without it
         log(f"  paired rounds FAILED: {type(ex).__name__}: {ex}")
     finally:
-        for prov in (cub, ours):
+        for prov in (cub, ours, budgeted):
             try:
                 prov.teardown()
             except Exception:  # noqa: BLE001
@@ -396,8 +408,9 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
             "",
         ]
     lines += [
-        "| shape | data | provider | mode | filter | ms | × floor | extra MiB | err loss | err dE | err dC | note |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | data | provider | mode | filter | budget | ms | × floor | extra MiB "
+        "| err loss | err dE | err dC | note |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         note = (
@@ -407,7 +420,7 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
         )
         lines.append(
             f"| {r['shape']} | {r['data']} | {r['provider']} | {r['mode']} "
-            f"| {'yes' if r['filter'] else 'no'} "
+            f"| {'yes' if r['filter'] else 'no'} | {_fmt_budget(r.get('memory_budget'))} "
             f"| {_cell(r['ms'], '.3f')} | {_cell(ratio(r, fl), '.3f')} | {_cell(r['extra_mib'], '.1f')} "
             f"| {_cell(r['rel_err_loss'], '.2e')} | {_cell(r['rel_err_de'], '.2e')} "
             f"| {_cell(r['rel_err_dc'], '.2e')} | {note.replace('|', '/')[:120]} |"
@@ -420,9 +433,19 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
     return "\n".join(lines) + "\n"
 
 
+def _fmt_budget(b) -> str:
+    return "lean" if b is None else f"{b / P.MIB:.0f} MiB"
+
+
 def ratio_lines(records: list[dict], fl: dict) -> list[str]:
     out = []
-    by = {(r["shape"], r["data"], r["provider"], r["mode"], r["filter"]): r["ms"] for r in records}
+    # The lean records (memory_budget None) by their usual key; the budgeted ones apart.
+    by = {
+        (r["shape"], r["data"], r["provider"], r["mode"], r["filter"]): r["ms"]
+        for r in records
+        if not r.get("memory_budget")
+    }
+    budgeted = [r for r in records if r.get("memory_budget") and r["mode"] == "fwd_bwd" and r["ms"]]
     for (shape, data), f in fl.items():
         g4 = (f.get("gemm_fwd") or 0) + (f.get("gemm_bwd_sum") or 0)
         for prov, flt in (("ours", False), ("ours_deterministic", False), ("ours", True)):
@@ -443,6 +466,16 @@ def ratio_lines(records: list[dict], fl: dict) -> list[str]:
                 )
             if pfb and ours_ffb and peer == "torch_compile":
                 out.append(f"- {shape}/{data}: ours filter fwd_bwd / torch_compile fwd_bwd = {ours_ffb / pfb:.3f}")
+        for r in (r for r in budgeted if (r["shape"], r["data"]) == (shape, data)):
+            tag = f"ours, memory_budget {_fmt_budget(r['memory_budget'])} ({_cell(r['extra_mib'], '.0f')} MiB used)"
+            if f.get("gemm_bwd_sum"):
+                out.append(
+                    f"- {shape}/{data}: {tag} fwd_bwd / the 3 GEMMs (gemm_bwd_sum) = {r['ms'] / f['gemm_bwd_sum']:.3f}"
+                )
+            for peer in ("torch_compile", "quack", "liger"):
+                pfb = by.get((shape, data, peer, "fwd_bwd", False))
+                if pfb:
+                    out.append(f"- {shape}/{data}: {tag} fwd_bwd / {peer} fwd_bwd = {r['ms'] / pfb:.3f}")
         jb = by.get((shape, data, "jax_bindings", "fwd_bwd", False))
         if jb and ours_fb:
             out.append(f"- {shape}/{data}: jax_bindings fwd_bwd / ours (CuPy) fwd_bwd = {jb / ours_fb:.3f}")

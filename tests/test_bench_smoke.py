@@ -32,6 +32,7 @@ KEYS = {
     "rel_err_de",
     "rel_err_dc",
     "note",
+    "memory_budget",
 }
 
 pytest.importorskip("ml_dtypes")

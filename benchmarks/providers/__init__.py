@@ -23,6 +23,7 @@ from .torch_naive import TorchCompile, TorchEager
 
 __all__ = [
     "ALL_PROVIDERS",
+    "BUDGET_BYTES",
     "EXTRA_PROVIDERS",
     "GEMM_MODES",
     "GEMM_PROVIDERS",
@@ -46,6 +47,9 @@ __all__ = [
     "to_xp_f32",
 ]
 
+# ours_budget's memory_budget (issue 17's bar: 4 GiB at gemma2 and llama3).
+BUDGET_BYTES = 4 << 30
+
 # Every provider by its command-line key. Keys that record under another name or filter flag are
 # mapped in provider_identity.
 _MAKERS: dict[str, Callable[[Problem], Provider]] = {
@@ -54,6 +58,7 @@ _MAKERS: dict[str, Callable[[Problem], Provider]] = {
     "ours": OursProvider,
     "ours_deterministic": lambda p: OursProvider(p, name="ours_deterministic", deterministic=True),
     "ours_filter": lambda p: OursProvider(p, name="ours", filter_eps="auto"),
+    "ours_budget": lambda p: OursProvider(p, name="ours", memory_budget=BUDGET_BYTES),
     "ours_tf32": lambda p: OursProvider(p, name="ours_tf32", allow_tf32=True),
     "torch": TorchEager,
     "torch_compile": TorchCompile,
@@ -73,6 +78,7 @@ GPU_ONLY = {"torch", "torch_compile", "apple_cce", "liger", "quack"}
 ALL_PROVIDERS = (
     "cublas",
     "ours",
+    "ours_budget",
     "ours_deterministic",
     "ours_filter",
     "torch_compile",
