@@ -131,6 +131,8 @@ def test_single_class_loss_is_exactly_zero():
     assert cce.linear_cross_entropy(e, c, t) == 0.0
 
 
+# ------------------------------------------------------------------ 7. environment variables
+@pytest.mark.parametrize("value", ["foo", "AUTO", "sm90"])
 def test_kernels_env_is_validated(value, monkeypatch):
     from cce_cupy.cuda import device
 
