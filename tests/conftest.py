@@ -121,7 +121,11 @@ def make_sharp_problem(n, d, v, dtype="float32", *, top=22.0, second=20.0, seed=
     def unit_logit(j):  # e . c_j = 1 along c_j
         return c[j] / (c[j] ** 2).sum(1, keepdims=True)
 
-    e = 0.3 * rng.standard_normal((n, d)) + top * unit_logit(t) + second * (unit_logit(hot[:, 0]) + unit_logit(hot[:, 1]))
+    e = (
+        0.3 * rng.standard_normal((n, d))
+        + top * unit_logit(t)
+        + second * (unit_logit(hot[:, 0]) + unit_logit(hot[:, 1]))
+    )
     np_dt = DTYPES.get(dtype, dtype)
     return e.astype(np_dt), c.astype(np_dt), t.astype(np.int64)
 

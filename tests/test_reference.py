@@ -6,11 +6,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import assert_rel_close, dense_reference, logits_reference, make_problem, rel_err
+from conftest import assert_rel_close, dense_reference, logits_reference, make_problem
 
 import cce_cupy as cce
 from cce_cupy import numpy_backend
-from cce_cupy.options import CCEOptions, dtype_eps
+from cce_cupy.options import CCEOptions
 
 OPTION_CASES = {
     "default": {},
