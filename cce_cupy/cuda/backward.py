@@ -76,7 +76,7 @@ def launch_backward(
     runs over all rows with the certified rows' coefficients zeroed, launched anyway and doing
     nothing unless the device count is nonzero. Elsewhere, and with deterministic=True, filtered
     gradients are exact (which meets the certificate). `stats`, if a dict and host_sync, gets
-    "rows" and "fallback_rows" (uncertified) counts added.
+    "rows" (with a nonzero coefficient) and "fallback_rows" (uncertified) counts added.
     """
     import cupy
 
@@ -141,7 +141,7 @@ def launch_backward(
     sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out)
     k = int(fallback.get()[0])
     if stats is not None:
-        stats["rows"] = stats.get("rows", 0) + n
+        stats["rows"] = stats.get("rows", 0) + int(cupy.count_nonzero((coef_p != 0) | (coef_q != 0)))
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
     if k:
         idx = cupy.sort(bufs["fallback_rows"][:k])  # a copy: the scratch may be released below
