@@ -8,10 +8,11 @@ Functions mirror the `cce_cupy.cuda` launchers on flattened, validated arrays (t
 
 The logits are visited in blocks of at most `BLOCK_BYTES` (rows x columns of the accumulation
 type), so N x V is never allocated. Rows and columns of a block start on multiples of 128, the
-kernels' tile size, so gradient filtering drops exactly the 128 x 128 tiles the CUDA backward
-drops. Accumulation is fp32 (float64 when the inputs are float64: the ground truth of the tests);
-16-bit inputs (bfloat16 through ml_dtypes) are upcast a block at a time. Unlike the kernels, the
-logit gradient is not rounded to the input dtype before the two gradient GEMMs.
+kernels' tile size. Gradient filtering follows the certified rule of the CUDA sparse backward
+(RowCertificate), so the CPU backend predicts its error. Accumulation is fp32 (float64 when the
+inputs are float64: the ground truth of the tests); 16-bit inputs (bfloat16 through ml_dtypes)
+are upcast a block at a time. Unlike the kernels, the logit gradient is not rounded to the input
+dtype before the two gradient GEMMs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cce_cupy.cuda.sources import TILE_M
-from cce_cupy.options import CCEOptions, acc_dtype, dtype_eps, grad_dtype, z_loss_dlse
+from cce_cupy.options import CERTIFICATE_MARGIN, CCEOptions, acc_dtype, analytic_smoothing, grad_dtype, z_loss_dlse
 
 TILE = TILE_M  # the kernels' logit tile (square: TILE_M = TILE_N, asserted in common.cuh)
 BLOCK_BYTES = 16 << 20  # one block of logits (and each temporary like it) stays under this
@@ -129,39 +130,14 @@ def forward(e, c, targets, bias, opts: CCEOptions, bad_target=None):
     return lse, tgt
 
 
-def filter_threshold(dtype, opts: CCEOptions) -> float | None:
-    """The numeric filter_eps for inputs of `dtype` (None: exact)."""
-    return opts.resolved_filter_eps(dtype_eps(dtype))
+def filter_threshold(opts: CCEOptions) -> float | None:
+    """The candidate threshold eps on the softmax (None: exact)."""
+    return opts.resolved_filter_eps()
 
 
-def _live_tiles(mask: np.ndarray) -> np.ndarray:
-    """Per-element mask -> the same shape, True over every 128 x 128 tile holding a True."""
-    r, cdim = mask.shape
-    rp, cp = _round_up(r, TILE), _round_up(cdim, TILE)
-    padded = np.zeros((rp, cp), dtype=bool)
-    padded[:r, :cdim] = mask
-    tiles = padded.reshape(rp // TILE, TILE, cp // TILE, TILE).any(axis=(1, 3))
-    return np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:r, :cdim]
-
-
-def filter_keep(p, onehot, coef_p, coef_q, eps: float):
-    """The elements of a logit-gradient block that filtering keeps (as lce_backward.cu does).
-
-    g = coef_q (p - onehot) + (coef_p - coef_q) p: the first term is negligible where
-    |p - onehot| < eps; the second (z-loss, grad_lse) only where p < eps, so in a row that has it
-    the target (p ~ 1) is kept too. Rows with both coefficients 0 keep nothing.
-    """
-    active = (coef_p != 0) | (coef_q != 0)
-    lse_term = (coef_p != coef_q)[:, None]
-    return ((np.abs(p - onehot) >= eps) | (lse_term & (p >= eps))) & active[:, None]
-
-
-def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps: float | None, stats=None):
-    """dL/dz of one block of logits z before the softcap (rows r, columns [v0, v0 + width)), with
-    tile filtering when eps is set.
-
-    `stats`, if a dict, gets "tiles" and "live_tiles" counts added (to measure filtering).
-    """
+def _grad_block(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int):
+    """(g, p, onehot) of one block of logits z before the softcap (rows r, columns [v0, v0 + width)):
+    g = dL/dz, exact."""
     y = _softcap(z, opts)
     cols = np.arange(v0, v0 + y.shape[1])
     onehot = t[:, None] == cols[None, :]
@@ -173,23 +149,68 @@ def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int, eps
     g = coef_p[:, None] * p - coef_q[:, None] * q
     if opts.softcap is not None:
         g *= softcap_grad(z, opts.softcap)
-    if eps is not None:
-        live = _live_tiles(filter_keep(p, onehot, coef_p, coef_q, eps))
-        g = np.where(live, g, 0.0)
-        if stats is not None:
-            nt = _round_up(y.shape[0], TILE) // TILE * (_round_up(y.shape[1], TILE) // TILE)
-            stats["tiles"] = stats.get("tiles", 0) + nt
-            stats["live_tiles"] = stats.get("live_tiles", 0) + int(live[::TILE, ::TILE].sum())
-    return g.astype(y.dtype, copy=False)
+    return g, p, onehot
+
+
+def logit_grad(z, t, lse, coef_p, coef_q, opts: CCEOptions, v0: int, v: int):
+    """dL/dz of one block of logits z before the softcap (rows r, columns [v0, v0 + width)), exact."""
+    g, _, _ = _grad_block(z, t, lse, coef_p, coef_q, opts, v0, v)
+    return g.astype(z.dtype, copy=False)
+
+
+class RowCertificate:
+    """The per-row certificate of the filtered backward, accumulated over column blocks.
+
+    Row i keeps K_i = {j : p_ij >= eps} + {t_i}. Dropping the rest changes the row's logit gradient
+    by at most  bound_i = |coef_p_i| * dropped_i  (+ |coef_q_i| ls (V - |K_i|) / V with softcap and
+    smoothing) in L1, dropped_i = sum over the dropped columns of p_ij. lower_i = sum over K_i of
+    |g_ij| is a lower bound of ||g_i||_1. Certified: bound_i (1 + CERTIFICATE_MARGIN) <= tol lower_i,
+    or bound_i = 0. See docs/design.md, "Certified filtering".
+    """
+
+    def __init__(self, rows: int, eps: float, acc) -> None:
+        self.eps = eps
+        self.dropped = np.zeros(rows, dtype=acc)
+        self.lower = np.zeros(rows, dtype=acc)
+        self.kept = np.zeros(rows, dtype=np.int64)
+
+    def keep(self, p, onehot):
+        return (p >= self.eps) | onehot
+
+    def add(self, g, p, onehot) -> None:
+        keep = self.keep(p, onehot)
+        self.dropped += np.where(keep, 0.0, p).sum(axis=1)
+        self.lower += np.where(keep, np.abs(g), 0.0).sum(axis=1)
+        self.kept += keep.sum(axis=1)
+
+    def bound(self, coef_p, coef_q, opts: CCEOptions, v: int):
+        b = np.abs(coef_p) * self.dropped
+        if opts.label_smoothing > 0.0 and not analytic_smoothing(opts):
+            b = b + np.abs(coef_q) * opts.label_smoothing * (v - self.kept) / v
+        return b
+
+    def certified(self, coef_p, coef_q, opts: CCEOptions, v: int, tol: float):
+        """Bool per row; NaN anywhere leaves a row uncertified (exact)."""
+        b = self.bound(coef_p, coef_q, opts, v)
+        return (b == 0.0) | (b * (1.0 + CERTIFICATE_MARGIN) <= tol * self.lower)
+
+
+def filtered_grad_block(g, p, onehot, coef_q, opts: CCEOptions, v: int, cert: RowCertificate, certified):
+    """The filtered logit gradient of one block: certified rows keep K_i (and, with analytic
+    smoothing, the constant -coef_q ls / V on the dropped columns); other rows are exact."""
+    keep = cert.keep(p, onehot) | ~certified[:, None]
+    fill = (-coef_q * (opts.label_smoothing / v))[:, None] if analytic_smoothing(opts) else 0.0
+    return np.where(keep, g, fill)
 
 
 def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=None):
     """(de, dc, dbias) for dL/dy = coef_p * softmax - coef_q * smoothed_onehot (see options.py).
 
-    Recomputes the logits block by block. With a numeric filter_eps, a 128 x 128 tile (rows and
-    columns counted from 0, as the kernels do) whose |softmax - onehot| < eps everywhere, or whose
-    rows all have zero coefficients, contributes nothing, exactly like lce_backward.cu. dbias is
-    None without bias. Gradients are in the input dtype, or fp32 with grad_dtype="float32".
+    Recomputes the logits block by block. With filter_eps, the certified rule of the CUDA sparse
+    backward (RowCertificate): a first pass over each row block's column blocks certifies its rows,
+    a second one sums the filtered gradient (exact for uncertified rows). `stats`, if a dict, gets
+    "rows" (with a nonzero coefficient) and "certified_rows" counts added. dbias is None without
+    bias. Gradients are in the input dtype, or fp32 with grad_dtype="float32".
     """
     n, d = e.shape
     v = c.shape[0]
@@ -197,7 +218,7 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=N
     de = np.zeros((n, d), dtype=acc)
     dc = np.zeros((v, d), dtype=acc)
     db = np.zeros(v, dtype=acc) if bias is not None else None
-    eps = filter_threshold(e.dtype, opts)
+    eps, tol = filter_threshold(opts), opts.resolved_filter_tol()
     t_all = np.asarray(targets).astype(np.int64)
     lse = np.asarray(lse, dtype=acc)
     coef_p = np.asarray(coef_p, dtype=acc)
@@ -205,9 +226,22 @@ def backward(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, stats=N
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for r0, r1, cols in _blocks(n, v, acc.itemsize):
             e_blk = e[r0:r1].astype(acc)
+            rows = (t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1])
+            certified = cert = None
+            if eps is not None:
+                cert = RowCertificate(r1 - r0, eps, acc)
+                for v0, v1 in cols:
+                    cert.add(*_grad_block(_raw_logits(e_blk, c, bias, v0, v1, acc), *rows, opts, v0, v))
+                certified = cert.certified(rows[2], rows[3], opts, v, tol)
+                if stats is not None:
+                    active = (rows[2] != 0) | (rows[3] != 0)
+                    stats["rows"] = stats.get("rows", 0) + int(active.sum())
+                    stats["certified_rows"] = stats.get("certified_rows", 0) + int((active & certified).sum())
             for v0, v1 in cols:
-                z = _raw_logits(e_blk, c, bias, v0, v1, acc)
-                g = logit_grad(z, t_all[r0:r1], lse[r0:r1], coef_p[r0:r1], coef_q[r0:r1], opts, v0, v, eps, stats)
+                g, p, onehot = _grad_block(_raw_logits(e_blk, c, bias, v0, v1, acc), *rows, opts, v0, v)
+                if cert is not None:
+                    g = filtered_grad_block(g, p, onehot, rows[3], opts, v, cert, certified)
+                g = g.astype(acc, copy=False)
                 de[r0:r1] += g @ c[v0:v1].astype(acc, copy=False)
                 dc[v0:v1] += g.T @ e_blk
                 if db is not None:
@@ -253,7 +287,7 @@ def cross_entropy_logits(logits, targets, opts: CCEOptions, row_grad=None, bad_t
             if row_grad is not None:
                 g = np.where(valid, np.asarray(row_grad[r0:r1], dtype=acc), 0.0).astype(acc)
                 cp = g * (1.0 + z_loss_dlse(opts.z_loss, l_blk))
-                logits[r0:r1] = logit_grad(z, t, l_blk, cp, g, opts, 0, v, None).astype(logits.dtype)
+                logits[r0:r1] = logit_grad(z, t, l_blk, cp, g, opts, 0, v).astype(logits.dtype)
     bad = (t_all != opts.ignore_index) & ((t_all < 0) | (t_all >= v))
     if bad.any():
         (target_error_flag() if bad_target is None else bad_target)[0] = 1

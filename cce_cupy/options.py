@@ -33,6 +33,12 @@ REDUCTIONS = ("mean", "sum", "none")
 GRAD_DTYPES = (None, "float32")
 _FP32_TINY = float(np.finfo(np.float32).tiny)
 _FP32_MAX = float(np.finfo(np.float32).max)
+# The certificate's default relative tolerance per row (filter_tol=None): the L1 error of a certified
+# row's logit gradient is at most twice the relative rounding (2**-9) of a bf16 gradient element.
+DEFAULT_FILTER_TOL = 2.0**-8
+# fp32 rounding of the certificate's own sums (dropped mass, kept mass): the bound is scaled up by
+# 1 + this before the comparison (docs/design.md, "Certified filtering").
+CERTIFICATE_MARGIN = 2.0**-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +57,21 @@ class CCEOptions:
             last position of each sequence is ignored. No copy of `e` is made. Sequences run
             along the last axis of `targets`: pass e (B, T, D) and targets (B, T); flattened
             (B*T, D) input would shift across sequence boundaries.
-        filter_eps: gradient filtering threshold. None is exact; "auto" is
-            finfo(dtype).eps / 32. Only elements with |softmax - onehot| below it are dropped
-            (with z_loss or a grad_lse, only those with softmax below it: the target is kept):
-            on Hopper with 16-bit inputs every such element but the target (sparse backward),
-            elsewhere the 128 x 128 logit tiles where every element is below it.
+        filter_eps: certified gradient filtering (docs/design.md, "Certified filtering"). None is
+            exact. "auto" or a float in (0, 1): each row keeps its target and the columns with
+            softmax >= eps ("auto": filter_tol / 16), and a row is filtered only when the L1 mass
+            of its dropped logit gradient is certified <= filter_tol times the kept mass (a lower
+            bound of the row's whole L1 norm); every other row takes the exact gradient. eps only
+            chooses the candidate lists; the error bound comes from the certificate. Filtering
+            runs on Hopper with 16-bit inputs; elsewhere (and with deterministic=True) the
+            gradient is exact, which meets the certificate trivially.
+        filter_tol: the certificate's relative tolerance per row, in (0, 1); None is 2**-8 (the
+            relative rounding of a bf16 gradient element is 2**-9). Only with filter_eps.
         return_lse: also return the per-token logsumexp (fp32, shaped like `targets`).
         return_z_loss: also return the z-loss part of the loss, reduced like the loss.
         grad_dtype: None for gradients in the input dtype, "float32" for fp32 gradients.
         deterministic: bitwise reproducible gradients (no float atomics; a filtered backward
-            then uses the tiled rule).
+            is then exact).
         allow_tf32: fp32 inputs on Hopper: the forward's matmul runs on TF32 tensor cores (10-bit
             mantissa products, fp32 accumulation: ~5x faster, logits ~1e-3 relative off, so the
             loss no longer meets fp32 accuracy). The backward stays exact fp32.
@@ -80,6 +91,7 @@ class CCEOptions:
     z_loss: float = 0.0
     shift: bool = False
     filter_eps: float | str | None = None
+    filter_tol: float | None = None
     return_lse: bool = False
     return_z_loss: bool = False
     grad_dtype: str | None = None
@@ -109,12 +121,15 @@ class CCEOptions:
         if self.filter_eps is not None:
             if self.filter_eps != "auto" and not (_is_real(self.filter_eps) and 0.0 < self.filter_eps < 1.0):
                 raise ValueError(f"filter_eps must be None, 'auto' or a float in (0, 1), got {self.filter_eps!r}")
-            if self.label_smoothing > 0.0:
+        if self.filter_tol is not None:
+            if not (_is_real(self.filter_tol) and 0.0 < self.filter_tol < 1.0):
+                raise ValueError(f"filter_tol must be None or a float in (0, 1), got {self.filter_tol!r}")
+            if self.filter_eps is None:
                 raise ValueError(
-                    "filter_eps needs label_smoothing=0: smoothing puts mass on every column, "
-                    "so no logit tile is negligible; pass filter_eps=None"
+                    "filter_tol applies only to a filtered backward: pass filter_eps='auto' (or a float) "
+                    "with it, or drop filter_tol"
                 )
-        for name in ("softcap", "label_smoothing", "z_loss", "filter_eps"):
+        for name in ("softcap", "label_smoothing", "z_loss", "filter_eps", "filter_tol"):
             value = getattr(self, name)
             if value is not None and value != "auto":
                 object.__setattr__(self, name, float(value))
@@ -143,10 +158,22 @@ class CCEOptions:
     def replace(self, **changes: Any) -> CCEOptions:
         return dataclasses.replace(self, **changes)
 
-    def resolved_filter_eps(self, dtype_eps: float) -> float | None:
-        """The numeric threshold for inputs whose machine epsilon is `dtype_eps`."""
+    def resolved_filter_tol(self) -> float | None:
+        """The certificate's tolerance: None when exact, else filter_tol (default DEFAULT_FILTER_TOL)."""
+        if self.filter_eps is None:
+            return None
+        return DEFAULT_FILTER_TOL if self.filter_tol is None else self.filter_tol
+
+    def resolved_filter_eps(self) -> float | None:
+        """The candidate threshold on the softmax: None when exact; "auto" is tol / 16.
+
+        Why tol / 16: a row can be certified only if its dropped mass is below tol * ||g||_1 <=
+        2 tol (1 + ...) (1 - p_t), so candidates far below tol cannot decide it, while every entry
+        of at least tol / 16 is kept: one dropped entry uses at most 1/32 of the allowance of a row
+        whose non-target mass is 1. At tol = 2**-8 that is 2**-12, the threshold "auto" had for bf16.
+        """
         if self.filter_eps == "auto":
-            return dtype_eps / 32.0
+            return self.resolved_filter_tol() / 16.0
         return self.filter_eps
 
 
@@ -225,6 +252,14 @@ def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None)
     if grad_lse is not None:
         coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
     return coef_p.astype(xp.float32), g.astype(xp.float32)
+
+
+def analytic_smoothing(opts: CCEOptions) -> bool:
+    """Whether a certified filtered row keeps label smoothing's constant -coef_q ls / V on its
+    dropped columns, exactly, as rank-one terms of dE, dC and dbias: without softcap. With softcap
+    that constant is scaled by softcap' per element, so it is dropped with the element and counted
+    in the row's bound instead (docs/design.md, "Certified filtering")."""
+    return opts.label_smoothing > 0.0 and opts.softcap is None
 
 
 def per_token_loss(xp, opts: CCEOptions, valid, lse, tgt):

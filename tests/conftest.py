@@ -91,6 +91,45 @@ def make_problem(
     return e, c, t, b
 
 
+def make_zipf_problem(n, d, v, dtype="float32", *, s=1.0, noise=1.0, seed=0):
+    """Long-tailed rows: logits = log Zipf(s) prior + N(0, noise^2), targets drawn from the prior.
+    As (e, c, targets): C[:, 0] = log prior, E[:, 0] = 1, the other D - 1 dimensions the noise. At
+    s = 1, noise = 1, V = 32768, about 37% of each row's softmax mass lies in entries below 2**-12."""
+    rng = np.random.default_rng(seed)
+    logp = -s * np.log(np.arange(1, v + 1))
+    logp -= np.log(np.exp(logp).sum())
+    c = np.empty((v, d))
+    c[:, 0] = logp
+    c[:, 1:] = rng.standard_normal((v, d - 1)) / np.sqrt(d - 1)
+    e = np.empty((n, d))
+    e[:, 0] = 1.0
+    e[:, 1:] = noise * rng.standard_normal((n, d - 1))
+    t = rng.choice(v, size=n, p=np.exp(logp) / np.exp(logp).sum())
+    np_dt = DTYPES.get(dtype, dtype)
+    return e.astype(np_dt), c.astype(np_dt), t.astype(np.int64)
+
+
+def make_sharp_problem(n, d, v, dtype="float32", *, top=22.0, second=20.0, seed=0):
+    """Sharply peaked rows, a trained model's confident tokens: the target logit ~top and two
+    distractors ~second above a N(0, ~1.5^2) background, which holds ~2e-4 of the mass at V = 32768,
+    D = 256 (so the certificate can pass: it needs the dropped mass below 2**-8 of ||g_i||_1)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((v, d)) / np.sqrt(d)
+    t = rng.integers(0, v, n)
+    hot = rng.integers(0, v, (n, 2))
+
+    def unit_logit(j):  # e . c_j = 1 along c_j
+        return c[j] / (c[j] ** 2).sum(1, keepdims=True)
+
+    e = (
+        0.3 * rng.standard_normal((n, d))
+        + top * unit_logit(t)
+        + second * (unit_logit(hot[:, 0]) + unit_logit(hot[:, 1]))
+    )
+    np_dt = DTYPES.get(dtype, dtype)
+    return e.astype(np_dt), c.astype(np_dt), t.astype(np.int64)
+
+
 # ------------------------------------------------------------------- dense reference
 def _tile_mask(mask):
     r, cdim = mask.shape
@@ -101,14 +140,13 @@ def _tile_mask(mask):
     return np.kron(tiles, np.ones((128, 128), bool)).astype(bool)[:r, :cdim]
 
 
-def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None, filter_mode="tile"):
-    """Float64 dense ground truth (SMALL shapes only: it materializes N x V).
+def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None):
+    """Float64 dense ground truth (SMALL shapes only: it materializes N x V), always exact (o's
+    filter options are not applied; see certificate_model).
 
     e (..., D), t (...) unshifted (shift is applied here). Returns a dict: loss (reduced), loss_tok,
-    z_loss (reduced), lse, tgt (per token, batch-shaped), de (like e), dc, db (or None), and g (N x V).
-    filter_eps: a numeric threshold applied per 128 x 128 tile, as the tiled backward does
-    (filter_mode="tile"), or per element as the sparse backward on Hopper does ("element": each
-    row keeps its target and the columns with softmax >= filter_eps).
+    z_loss (reduced), lse, tgt (per token, batch-shaped), de (like e), dc, db (or None), g (N x V,
+    dloss/dz), and the certificate model's inputs p (softmax), onehot, coef_p, coef_q (N,).
     """
     d = e.shape[-1]
     e64 = np.asarray(e).astype(np.float64).reshape(-1, d)
@@ -116,13 +154,13 @@ def dense_reference(e, c, t, bias, o: CCEOptions, grad_loss=1.0, grad_lse=None, 
     z = e64 @ c64.T
     if bias is not None:
         z = z + np.asarray(bias).astype(np.float64)
-    out = logits_reference(z, t, o, grad_loss, grad_lse, filter_eps, filter_mode)
+    out = logits_reference(z, t, o, grad_loss, grad_lse)
     gy = out["g"]
     out.update(de=(gy @ c64).reshape(e.shape), dc=gy.T @ e64, db=gy.sum(0) if bias is not None else None)
     return out
 
 
-def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_eps=None, filter_mode="tile"):
+def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None):
     """Float64 ground truth of the loss on logits z (N x V) against t (batch-shaped, N elements in
     all, unshifted): the dict of dense_reference without de, dc, db; g is dloss/dz."""
     batch = t.shape
@@ -161,17 +199,6 @@ def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_e
     gy = cp[:, None] * p - g[:, None] * q
     if o.softcap:
         gy = gy * (1 - (y / o.softcap) ** 2)
-    if filter_eps is not None:
-        active = (cp != 0) | (g != 0)
-        if filter_mode == "tile":
-            # A z-loss / grad_lse term (cp != g) makes p itself count, at the target too.
-            small = (np.abs(p - onehot) < filter_eps) & ~(((cp != g)[:, None]) & (p >= filter_eps))
-            keep = _tile_mask(~small & active[:, None])
-        elif filter_mode == "element":
-            keep = ((p >= filter_eps) | (onehot > 0)) & active[:, None]
-        else:
-            raise ValueError(f"filter_mode must be 'tile' or 'element', got {filter_mode!r}")
-        gy = np.where(keep, gy, 0.0)
     return {
         "loss": loss,
         "loss_tok": loss_tok.reshape(batch),
@@ -179,6 +206,37 @@ def logits_reference(z, t, o: CCEOptions, grad_loss=1.0, grad_lse=None, filter_e
         "lse": lse.reshape(batch),
         "tgt": tgt.reshape(batch),
         "g": gy,
+        "p": p,
+        "onehot": onehot,
+        "coef_p": cp,
+        "coef_q": g,
+    }
+
+
+def certificate_model(ref, o: CCEOptions, v: int):
+    """The certified filter's rule in float64, written apart from the NumPy backend's (docs/design.md,
+    "Certified filtering"), on a dense_reference result. Returns a dict of (N,) arrays: certified,
+    bound (L1 mass of the dropped gradient, at most), lower (the kept L1 mass), norm1 (||g_i||_1),
+    and g_filtered (N x V)."""
+    p, onehot, cp, cq, g = ref["p"], ref["onehot"] > 0, ref["coef_p"], ref["coef_q"], ref["g"]
+    eps, tol = o.resolved_filter_eps(), o.resolved_filter_tol()
+    keep = (p >= eps) | onehot
+    ls = o.label_smoothing
+    analytic = ls > 0 and o.softcap is None  # the smoothing constant stays on dropped columns
+    dropped = np.where(keep, 0.0, p).sum(1)
+    bound = np.abs(cp) * dropped
+    if ls > 0 and not analytic:
+        bound = bound + np.abs(cq) * ls * (v - keep.sum(1)) / v
+    lower = np.where(keep, np.abs(g), 0.0).sum(1)
+    certified = (bound == 0) | (bound <= tol * lower)
+    fill = (-cq * ls / v)[:, None] if analytic else 0.0
+    g_filtered = np.where(keep | ~certified[:, None], g, fill)
+    return {
+        "certified": certified,
+        "bound": bound,
+        "lower": lower,
+        "norm1": np.abs(g).sum(1),
+        "g_filtered": g_filtered,
     }
 
 

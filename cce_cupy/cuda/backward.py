@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cce_cupy.cuda import autotune
+from cce_cupy.cuda import autotune, sparse
 from cce_cupy.cuda.device import (
     _aligned,
     _gemm_rowmajor,
@@ -39,8 +39,7 @@ from cce_cupy.cuda.sources import (
     dtype_name,
     template_name,
 )
-from cce_cupy.cuda.sparse import _sparse_backward
-from cce_cupy.options import CCEOptions, dtype_eps
+from cce_cupy.options import CCEOptions
 
 
 def launch_backward(
@@ -58,6 +57,8 @@ def launch_backward(
     scratch=None,
     use_cublas: bool = True,
     host_sync: bool = True,
+    accumulate: bool = False,
+    stats: dict | None = None,
 ):
     """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
 
@@ -65,15 +66,19 @@ def launch_backward(
     chunk) at a time, and cuBLAS runs the two gradient GEMMs on it, unless `use_cublas` is False
     (CUDA-graph capture, where CuPy refuses cuBLAS calls: our tiled GEMMs run instead). Each
     gradient element is written by one kernel or GEMM in a fixed order: bitwise reproducible.
+    accumulate: add dC (and dbias) to what the outputs hold instead of overwriting them (dE is
+    always written); exact gradients only.
 
-    Filtered gradients (filter_eps) on Hopper, where sparse_slots() allows: the sparse backward
-    (lce_grad_sparse_sm90, lce_sparse.cu) keeps only the gradient elements with
-    |softmax - onehot| >= eps (and each row's target) as lists and sums dE and dC over them. A row
-    with more such elements than its slots makes it give up; the tiled filtered backward (dense
-    chunks, our GEMMs skipping the 128 x 128 tiles where every element is below eps) then runs
-    instead. host_sync: find that out by reading the flag (CuPy API); False (JAX callbacks): the
-    tiled kernels are launched anyway and do nothing unless the flag is set. Elsewhere, and with
-    deterministic=True, filtered gradients always take the tiled path.
+    Certified filtered gradients (filter_eps) on Hopper, where sparse_slots() allows: the sparse
+    backward (cce_cupy.cuda.sparse) keeps each row's target and the columns with softmax >= eps as
+    lists, certifies each row (docs/design.md, "Certified filtering") and sums dE and dC of the
+    certified rows over the lists; the uncertified rows (those whose lists overflowed included)
+    take the exact gradient. host_sync: read their count on the host and run the exact backward on
+    just those rows (gathered; dC and dbias accumulated). False (JAX callbacks): the exact pass
+    runs over all rows with the certified rows' coefficients zeroed, launched anyway and doing
+    nothing unless the device count is nonzero. Elsewhere, and with deterministic=True, filtered
+    gradients are exact (which meets the certificate). `stats`, if a dict and host_sync, gets
+    "rows" (with a nonzero coefficient) and "fallback_rows" (uncertified) counts added.
     """
     import cupy
 
@@ -81,77 +86,92 @@ def launch_backward(
     v = c.shape[0]
     if n == 0 or v == 0:  # no rows: every gradient is zero
         de_out.fill(0)
-        dc_out.fill(0)
-        if dbias_out is not None:
-            dbias_out.fill(0)
+        if not accumulate:
+            dc_out.fill(0)
+            if dbias_out is not None:
+                dbias_out.fill(0)
         return
-    layout = _backward_layout(n, v, d, e.dtype, opts)
+    hopper = use_hopper(e, c, ld=d)
+    slots = sparse_slots(n, d, e.dtype, opts)
+    certified = opts.filter_eps is not None
+    if certified and not (slots and hopper and not accumulate and _aligned(de_out, dc_out, ld=d)):
+        opts, certified = opts.replace(filter_eps=None, filter_tol=None), False  # exact: certified trivially
+    layout = _backward_layout(n, v, d, e.dtype, opts, device_fallback=not host_sync)
     if scratch is None:
-        scratch = cupy.empty(backward_scratch_nbytes(n, v, d, e.dtype, opts), dtype=cupy.uint8)
+        nbytes = backward_scratch_nbytes(n, v, d, e.dtype, opts, device_fallback=not host_sync)
+        scratch = cupy.empty(nbytes, dtype=cupy.uint8)
 
     def buf(name, dtype, shape):
         off, size = layout[name]
         return scratch[off : off + size].view(dtype).reshape(shape)
 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
-    eps = opts.resolved_filter_eps(dtype_eps(e.dtype))
-    hopper = use_hopper(e, c, ld=d)
     # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
     cluster = autotune.hopper_cluster(gpu_name(), dtype_name(e.dtype), n, d, v) if hopper else 1
-    run_if = None
-    slots = sparse_slots(n, d, e.dtype, opts)
-    if slots and hopper and _aligned(de_out, dc_out, ld=d):
-        counts = buf("counts", np.int32, (1 + n + v,))
-        lists = {name: buf(name, np.int32, (-1,)) for name in ("col_start", "entries", "by_col")}
-        overflow = _sparse_backward(
-            e,
-            c,
-            targets,
-            bias,
-            opts,
-            eps,
-            lse,
-            coef_p,
-            coef_q,
-            de_out,
-            dc_out,
-            dbias_out,
-            counts,
-            lists,
-            slots,
-            cluster,
+    args = (e, c, targets, bias, lse)
+
+    def tiled_plan(eps, run_if):
+        return _BackwardPlan(
+            opts=opts,
+            eps=eps,
+            vc_max=vc_max,
+            G=buf("G", e.dtype, (rows, vc_max)),
+            flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
+            de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
+            hopper=hopper,
+            use_cublas=use_cublas and run_if is None,
+            cluster=cluster,
+            run_if=run_if,
         )
-        if not host_sync:
-            run_if = overflow  # the tiled kernels below run only if the sparse lists overflowed
-        elif not int(overflow.get()[0]):
-            return
-    plan = _BackwardPlan(
-        opts=opts,
-        eps=eps,
-        vc_max=vc_max,
-        G=buf("G", e.dtype, (rows, vc_max)),
-        flags=buf("flags", np.int32, (_cdiv(rows, TILE_M), _cdiv(vc_max, TILE_N))) if eps is not None else None,
-        de_acc=buf("de_acc", np.float32, (rows, d)) if need_acc else None,
-        hopper=hopper,
-        use_cublas=use_cublas and eps is None,
-        cluster=cluster,
-        run_if=run_if,
+
+    if not certified:
+        tiled_plan(None, None).run(*args, coef_p, coef_q, de_out, dc_out, dbias_out, accumulate)
+        return
+    bufs = {name: buf(name, np.int32, (-1,)) for name in ("counts", "fallback_rows", "col_start", "entries", "by_col")}
+    for name in ("dropped", "fb_coef_p", "fb_coef_q", "cert_q", "smooth"):
+        bufs[name] = buf(name, np.float32, (-1,))
+    sparse.build_lists(*args, opts, coef_p, coef_q, bufs, slots, cluster)
+    fallback = bufs["counts"][:1]
+    if not host_sync:
+        # The uncertified rows' exact gradients over all rows (the others' coefficients are 0, so the
+        # filter flag skips tiles of certified rows only), gated on the device count; dE of the
+        # certified rows and their dC, dbias come after, from the lists.
+        plan = tiled_plan(0.0, fallback)
+        plan.run(*args, bufs["fb_coef_p"], bufs["fb_coef_q"], de_out, dc_out, dbias_out, False)
+        sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out, accumulate_if=fallback)
+        return
+    sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out)
+    k = int(fallback.get()[0])
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + int(cupy.count_nonzero((coef_p != 0) | (coef_q != 0)))
+        stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
+    if k:
+        idx = cupy.sort(bufs["fallback_rows"][:k])  # a copy: the scratch may be released below
+        del scratch, bufs, fallback  # views of the scratch: let the pool reuse it for the exact pass
+        _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas)
+
+
+def _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas):
+    """The exact gradient of rows `idx` (sorted, on the device): dE rows written, dC and dbias added."""
+    import cupy
+
+    de_rows = cupy.empty((idx.size, e.shape[1]), dtype=de_out.dtype)
+    launch_backward(
+        e[idx],
+        c,
+        targets[idx],
+        bias,
+        opts.replace(filter_eps=None, filter_tol=None),
+        lse[idx],
+        coef_p[idx],
+        coef_q[idx],
+        de_rows,
+        dc_out,
+        dbias_out,
+        use_cublas=use_cublas,
+        accumulate=True,
     )
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        plan.run_part(
-            e[r0:r1],
-            c,
-            targets[r0:r1],
-            bias,
-            lse[r0:r1],
-            coef_p[r0:r1],
-            coef_q[r0:r1],
-            de_out[r0:r1],
-            dc_out,
-            dbias_out,
-            first_part=(r0 == 0),
-        )
+    de_out[idx] = de_rows
 
 
 class _BackwardPlan:
@@ -169,8 +189,28 @@ class _BackwardPlan:
         )
         self.use_cublas = use_cublas
         self.cluster = cluster  # of the Hopper recompute kernel
-        # None, or a device flag: every kernel does nothing unless it is set (the sparse path's fallback).
+        # None, or a device flag: every kernel does nothing unless it is set (the certified path's
+        # exact pass of its uncertified rows, under JAX).
         self.run_if = _ptr(run_if)
+
+    def run(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, accumulate: bool) -> None:
+        """All row parts; dC and dbias are added to (accumulate) or written by the first part."""
+        n, rows = e.shape[0], self.G.shape[0]
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            self.run_part(
+                e[r0:r1],
+                c,
+                targets[r0:r1],
+                bias,
+                lse[r0:r1],
+                coef_p[r0:r1],
+                coef_q[r0:r1],
+                de_out[r0:r1],
+                dc_out,
+                dbias_out,
+                first_part=(r0 == 0 and not accumulate),
+            )
 
     def run_part(self, e, c, targets, bias, lse, coef_p, coef_q, de_out, dc_out, dbias_out, first_part):
         n, d = e.shape

@@ -35,11 +35,11 @@ GRAD_CHUNK_BYTES = 32 << 20
 DE_ACC_BYTES = 32 << 20
 BACKWARD_BUFFERS_BYTES = 56 << 20
 BACKWARD_PART_ROWS = 2304
-# Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` non-negligible
+# Filtered backward on Hopper (sparse): each row keeps a list of at most `slots` candidate
 # gradient elements, 8 bytes each, twice (by row, then sorted by column): the lists get at most
 # SPARSE_LIST_BYTES, a row at most SPARSE_MAX_SLOTS, and with fewer than SPARSE_MIN_SLOTS per row
-# (N > 196608) the tiled backward runs instead. A row needing more slots than it has falls back
-# to the tiled backward at run time (see launch_backward).
+# (N > 196608) the exact backward runs instead. A row needing more slots than it has, like any row
+# whose certificate fails, takes the exact path at run time (see launch_backward).
 SPARSE_LIST_BYTES = 48 << 20
 SPARSE_MAX_SLOTS = 1024
 SPARSE_MIN_SLOTS = 16
@@ -159,38 +159,52 @@ def sparse_slots(n: int, d: int, dtype, opts: CCEOptions) -> int:
     return slots if slots >= SPARSE_MIN_SLOTS else 0
 
 
-def _backward_layout(n: int, v: int, d: int, dtype, opts: CCEOptions) -> dict[str, tuple[int, int]]:
+def _backward_layout(
+    n: int, v: int, d: int, dtype, opts: CCEOptions, device_fallback: bool = True
+) -> dict[str, tuple[int, int]]:
     """Byte (offset, size) of each scratch buffer of the backward.
 
-    The sparse backward's counters (its overflow flag first) come first; after them the tiled
-    backward's buffers and the sparse lists overlap: the tiled backward runs only where the
-    sparse one gave up (overflow), and reads the flag, so the flag is outside the overlap.
+    Exact: the tiled backward's buffers (G, flags, de_acc). Filtered with sparse lists: the
+    counters (the uncertified-row count first, row_count, col_count), the per-row arrays of the
+    certificate, the smoothing vectors and the lists, then, with `device_fallback` (JAX callbacks,
+    no host sync), the tiled buffers of the exact pass of the uncertified rows, which runs while the
+    lists are alive (so nothing overlaps). Offsets do not depend on `device_fallback`.
     """
     rows, vc, need_acc = backward_blocking(n, v, d, dtype, opts)
     slots = sparse_slots(n, d, dtype, opts)
-    counters = {"counts": (1 + n + v) * 4 if slots else 0}  # overflow flag, row_count (N), col_count (V)
     tiled = {
         "G": rows * vc * _itemsize(dtype),
         "flags": _cdiv(rows, TILE_M) * _cdiv(vc, TILE_N) * 4,
         "de_acc": rows * d * 4 if need_acc else 0,
     }
-    lists = {"col_start": (v + 1) * 4, "entries": n * slots * 8, "by_col": n * slots * 8} if slots else {}
-
-    def place(sizes, off):
-        for name, size in sizes.items():
-            layout[name] = (off, size)
-            off = _round_up(off + size, _ALIGN)
-        return off
-
+    if slots:
+        sizes = {
+            "counts": (1 + n + v) * 4,  # uncertified-row count, row_count (N), col_count (V)
+            "dropped": n * 4,
+            "fallback_rows": n * 4,
+            "fb_coef_p": n * 4,
+            "fb_coef_q": n * 4,
+            "cert_q": n * 4,
+            "smooth": 2 * (d + 1) * 4,  # sum_j C[j] and sum_i cert_q[i] E[i], each with its weight sum
+            "col_start": (v + 1) * 4,
+            "entries": n * slots * 8,
+            "by_col": n * slots * 8,
+        }
+        if device_fallback:
+            sizes.update(tiled)
+    else:
+        sizes = {"counts": 0, **tiled}
     layout: dict[str, tuple[int, int]] = {}
-    shared = place(counters, 0)
-    place(tiled, shared)
-    place(lists, shared)
+    off = 0
+    for name, size in sizes.items():
+        layout[name] = (off, size)
+        off = _round_up(off + size, _ALIGN)
     return layout
 
 
-def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> int:
-    return max(_ALIGN, max(off + size for off, size in _backward_layout(n, v, d, dtype, opts).values()))
+def backward_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions, device_fallback: bool = True) -> int:
+    layout = _backward_layout(n, v, d, dtype, opts, device_fallback)
+    return max(_ALIGN, max(off + size for off, size in layout.values()))
 
 
 __all__ = [

@@ -239,7 +239,8 @@ def all_instances() -> dict[str, list[str]]:
         for i in idx
     ]
     # The sparse backward runs after lce_grad_sparse_sm90, so only for the Hopper input types.
-    sparse = ["sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
+    sparse = ["sparse_certify_rows", "sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
+    sparse += [template_name("sparse_weighted_colsum", t) for t in HOPPER_DTYPES]
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]
     # The budgeted backward's kernels read what the Hopper forward kept: 16-bit types only.

@@ -625,17 +625,22 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
 
 // ---------------------------------------------------------------------------------------------
 // lce_grad_sparse_sm90<CLUSTER, T, HAS_BIAS, SOFTCAP, TI>
-//   Filtered backward, step 1 of 5 (the others are in lce_sparse.cu): the logit gradient kept as
-//   per-row lists of its non-negligible elements, never as a dense chunk.
+//   Filtered backward, step 1 (the others are in lce_sparse.cu): the logit gradient kept as
+//   per-row lists of candidate elements, never as a dense chunk, and each row's dropped softmax mass
+//   for its certificate (docs/design.md, "Certified filtering").
 //   Same operands, grid and smem as lce_forward_partials_sm90 (row blocks x vocabulary splits of
 //   v_per_split columns; tmap_c's box 256 / CLUSTER rows). lse, coef_p, coef_q: (N,) fp32.
 //   For each row i whose coefficients are not both 0, every column j that is the row's target or
 //   has softmax p_ij >= filter_eps (tested as y_ij >= lse_i + log_eps, so no exp is taken for
 //   the others) is appended to row i's list:
 //       slot = atomicAdd(&row_count[i], 1);  entries[i * slots + slot] = (j, g_ij as float bits)
-//       g_ij = (coef_p_i * p_ij - coef_q_i * [j == t_i]) * softcap'(z_ij)
-//   A row with more than `slots` such columns sets *overflow = 1 (its list is incomplete: the
-//   launcher then runs the tiled backward instead). row_count and *overflow start at 0.
+//       g_ij = (coef_p_i * p_ij - coef_q_i * ((1 - ls) [j == t_i] + ls / V)) * softcap'(z_ij),
+//   except that without SOFTCAP the constant -coef_q_i ls / V is left out of every entry (the
+//   sparse sums add it for all V columns as rank-one terms). A row with more than `slots` such
+//   columns keeps counting (row_count[i] > slots: its list is incomplete, and the certificate sends
+//   it to the exact path). dropped[i] += the sum of p_ij over the other columns, in fp32 (each
+//   thread sums its share of the block's columns, the four threads of a row combine, one atomicAdd
+//   a row and block). row_count and dropped start at 0.
 //   The list order depends on block timing: sums over it are not bitwise reproducible.
 // ---------------------------------------------------------------------------------------------
 template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGradEpilogue {
@@ -643,9 +648,10 @@ template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGra
     const TI* targets;
     const float *lse, *coef_p, *coef_q;
     int2* entries;
-    int *row_count, *overflow;
+    int* row_count;
     int N, v_end, m0, slots;
-    float softcap, log_eps;
+    float softcap, log_eps, smooth_t, smooth_all;  // smooth_t = 1 - ls; smooth_all = ls / V, 0 unless SOFTCAP
+    float dropped[2] = {0.f, 0.f};  // this thread's share of its two rows' dropped mass
 
     __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
 #pragma unroll
@@ -654,8 +660,9 @@ template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGra
             if (row >= N) continue;
             const float cp = coef_p[row], cq = coef_q[row];
             if (cp == 0.f && cq == 0.f) continue;  // ignored row: no gradient
-            const float l = lse[row], threshold = l + log_eps;
+            const float l = lse[row], threshold = l + log_eps, l2 = l * H_LOG2E;
             const long long t = (long long)targets[row];
+            float drop = 0.f;
 #pragma unroll
             for (int j = 0; j < 32; ++j)
 #pragma unroll
@@ -665,14 +672,17 @@ template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGra
                     if (HAS_BIAS) z += (col < v_end) ? to_f32(bias[col]) : 0.f;
                     const float y = apply_softcap<SOFTCAP>(z, softcap);
                     const bool is_t = (t == (long long)col);
-                    if (col < v_end && (y >= threshold || is_t)) {
-                        float g = cp * __expf(y - l) - (is_t ? cq : 0.f);
+                    if (col >= v_end) continue;
+                    if (y >= threshold || is_t) {
+                        float g = cp * __expf(y - l) - cq * ((is_t ? smooth_t : 0.f) + smooth_all);
                         if (SOFTCAP) g *= softcap_grad(z, softcap);
                         const int slot = atomicAdd(row_count + row, 1);
                         if (slot < slots) entries[(i64)row * slots + slot] = make_int2(col, __float_as_int(g));
-                        else *overflow = 1;
+                    } else {
+                        drop += fast_exp2(fmaf(y, H_LOG2E, -l2));  // the exact path's p_ij
                     }
                 }
+            dropped[h] += drop;
         }
     }
 };
@@ -682,12 +692,23 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_grad_sparse_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
                          const T* __restrict__ bias, const TI* __restrict__ targets, const float* __restrict__ lse,
                          const float* __restrict__ coef_p, const float* __restrict__ coef_q,
-                         int2* __restrict__ entries, int* __restrict__ row_count, int* __restrict__ overflow, int N,
-                         int V, int D, int v_per_split, int slots, float softcap, float log_eps) {
+                         int2* __restrict__ entries, int* __restrict__ row_count, float* __restrict__ dropped, int N,
+                         int V, int D, int v_per_split, int slots, float softcap, float log_eps, float smoothing) {
     extern __shared__ __align__(16) char smem[];
     const int m0 = blockIdx.x * H_BM;
     const int v_begin = blockIdx.y * v_per_split, v_end = min(V, v_begin + v_per_split);
-    SparseGradEpilogue<HAS_BIAS, SOFTCAP, T, TI> epi{bias, targets, lse, coef_p, coef_q, entries, row_count,
-                                                     overflow, N, v_end, m0, slots, softcap, log_eps};
+    SparseGradEpilogue<HAS_BIAS, SOFTCAP, T, TI> epi{
+        bias, targets, lse, coef_p, coef_q, entries, row_count, N, v_end, m0, slots, softcap, log_eps,
+        1.f - smoothing, SOFTCAP ? smoothing / (float)V : 0.f};
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
+    if (!is_consumer()) return;
+    // Combine the four threads (lanes 4k .. 4k+3) that share each row, then one atomic a row.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float s = epi.dropped[h];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const int row = m0 + hopper_row0() + 8 * h;
+        if ((threadIdx.x & 3) == 0 && row < N && s != 0.f) atomicAdd(dropped + row, s);
+    }
 }
