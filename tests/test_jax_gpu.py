@@ -271,3 +271,34 @@ def test_xla_temp_memory(cbc):
         f"temp {mem.temp_size_in_bytes / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB "
         f"(outputs {mem.output_size_in_bytes / 2**20:.1f} MiB)"
     )
+
+
+@pytest.mark.parametrize("opts", [{}, {"softcap": 30.0, "z_loss": 1e-4}, {"label_smoothing": 0.1, "reduction": "sum"}])
+def test_memory_budget_under_jit_grad(monkeypatch, opts):
+    """jit(value_and_grad) with a memory budget: one fused callback (no backward one), the loss and
+    gradients as the lean path's within the 16-bit tolerance, the backward scaling a cotangent of 2,
+    and XLA's temporaries holding the kept softmax (counted: the budget is what it may use)."""
+    e, c, t, b = make_problem(512, 64, 5000, "bfloat16", bias=True, peaked=True, seed=4)
+    e, c, t, b = (jnp.asarray(x) for x in (e, c, t, b))
+    calls = []
+    fused, bwd = gpu.BRIDGE.launch_fused_budgeted, gpu.BRIDGE.launch_backward
+    monkeypatch.setattr(gpu.BRIDGE, "launch_fused_budgeted", lambda *a, **k: (calls.append("fused"), fused(*a, **k))[1])
+    monkeypatch.setattr(gpu.BRIDGE, "launch_backward", lambda *a, **k: (calls.append("b"), bwd(*a, **k))[1])
+
+    def f(budget):
+        return jax.jit(
+            jax.value_and_grad(
+                lambda e_, c_, b_: 2.0 * linear_cross_entropy(e_, c_, t, b_, memory_budget=budget, **opts),
+                argnums=(0, 1, 2),
+            )
+        )
+
+    loss_b, grads_b = f(1 << 30)(e, c, b)
+    assert calls == ["fused"]
+    loss_l, grads_l = f("lean")(e, c, b)
+    assert calls == ["fused", "b"]
+    assert_rel_close(np.asarray(loss_b), np.asarray(loss_l), 1e-5, "loss")
+    for name, x, y in zip(("de", "dc", "db"), grads_b, grads_l):
+        assert_rel_close(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)), 1e-2, name)
+    mem = f(1 << 30).lower(e, c, b).compile().memory_analysis()
+    assert mem.temp_size_in_bytes >= 512 * 5000 * 2  # the kept softmax is XLA's temporary
