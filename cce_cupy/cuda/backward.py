@@ -130,7 +130,7 @@ def launch_backward(
     bufs = {name: buf(name, np.int32, (-1,)) for name in ("counts", "fallback_rows", "col_start", "entries", "by_col")}
     for name in ("dropped", "fb_coef_p", "fb_coef_q", "cert_q", "smooth"):
         bufs[name] = buf(name, np.float32, (-1,))
-    sparse.build_lists(*args, opts, coef_p, coef_q, bufs, slots, cluster)
+    sparse.build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, cluster)
     fallback = bufs["counts"][:1]
     if not host_sync:
         # The uncertified rows' exact gradients over all rows (the others' coefficients are 0, so the
