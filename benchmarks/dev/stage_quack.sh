@@ -13,19 +13,18 @@ ROOT=.whl-quack          # ignored by git (.gitignore)
 PIECE_MIB=${PIECE_MIB:-48}  # wheels above this are split (only the cu13 libs wheel, 84 MiB)
 PART_MIB=${PART_MIB:-56}    # a carry folder's limit: leaves 8 MiB of the 64 for the working tree
 
-# quack-kernels 0.6.5 declares nvidia-cutlass-dsl>=4.7; with 4.8.1 it fails ("epilogue fn depends on
-# <ContextVar _LOC_TRANSFORMS> ... no fail-closed semantic key"), so cutlass-dsl is pinned to 4.7.1,
-# its last release before quack 0.6.5's (2026-09-11), and so are its other unpinned needs
-# (apache-tvm-ffi <0.2, nvidia-cuda-nvdisasm 13.x). cutlass-dsl's libs-cu12 is not staged: the cu13
-# flavour alone loads (its loader picks among those installed). On the device image already, so not
-# staged: torch, einops, numpy, typing-extensions, protobuf, cuda-bindings (cutlass-dsl imports
-# only cuda.bindings of cuda-python).
+# quack-kernels 0.6.5 declares nvidia-cutlass-dsl>=4.7, and fails at import with both releases tried
+# (4.8.1: "epilogue fn depends on <ContextVar _LOC_TRANSFORMS> ... no fail-closed semantic key";
+# 4.7.1: the same about "<Logger CUTE_DSL>", on an H200 on 2026-11-30). So the pin is the newest
+# release that names its cutlass-dsl exactly: quack-kernels 0.6.4 with nvidia-cutlass-dsl==4.6.2
+# (libs-base and libs-cu13; libs-cu12 is not staged: the cu13 flavour alone loads). Its other
+# unpinned needs: apache-tvm-ffi <0.2, torch-c-dlpack-ext, nvidia-cuda-nvdisasm 13.x. On the device
+# image already, so not staged: torch, einops, numpy, typing-extensions, protobuf, cuda-bindings.
 PINS=(
-  quack-kernels==0.6.5
-  nvidia-cutlass-dsl==4.7.1
-  nvidia-cutlass-dsl-libs-base==4.7.1
-  nvidia-cutlass-dsl-libs-core==4.7.1
-  nvidia-cutlass-dsl-libs-cu13==4.7.1
+  quack-kernels==0.6.4
+  nvidia-cutlass-dsl==4.6.2
+  nvidia-cutlass-dsl-libs-base==4.6.2
+  nvidia-cutlass-dsl-libs-cu13==4.6.2
   apache-tvm-ffi==0.1.13.post3
   torch-c-dlpack-ext==0.1.5
   nvidia-cuda-nvdisasm==13.4.49

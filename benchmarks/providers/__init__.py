@@ -111,6 +111,7 @@ def provider_identity(key: str) -> tuple[str, bool]:
     """(provider name as recorded, filter flag) of a command-line key."""
     return {
         "ours_filter": ("ours", True),
+        "ours_budget": ("ours", False),  # told apart by its record's memory_budget
         "jax_bindings_filter": ("jax_bindings", True),
         "apple_cce": ("apple_cce", True),
         "apple_cce_exact": ("apple_cce", False),

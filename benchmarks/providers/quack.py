@@ -16,10 +16,10 @@ import importlib.util
 
 from ._torch import TorchProvider
 
-# What benchmarks/dev/stage_quack.sh stages. quack-kernels 0.6.5 with nvidia-cutlass-dsl 4.8.1
-# fails to compile its epilogue ("epilogue fn depends on <ContextVar _LOC_TRANSFORMS>"); 4.7.1 is
-# the last cutlass-dsl release before quack 0.6.5's.
-PINS = "quack-kernels 0.6.5, nvidia-cutlass-dsl 4.7.1"
+# What benchmarks/dev/stage_quack.sh stages (why these: its comment). quack-kernels 0.6.5 failed at
+# import with nvidia-cutlass-dsl 4.8.1 and 4.7.1 ("epilogue fn depends on ... no fail-closed
+# semantic key"); 0.6.4 pins its cutlass-dsl exactly.
+PINS = "quack-kernels 0.6.4, nvidia-cutlass-dsl 4.6.2"
 
 
 def quack_missing() -> str | None:
