@@ -22,7 +22,7 @@ import cce_cupy as cce
 from cce_cupy.cuda import budget as cuda_budget
 from cce_cupy.options import CCEOptions
 
-SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256), "quack": (4096, 4096, 128256)}
 
 
 def timed(fn) -> float:
