@@ -16,7 +16,7 @@ from .liger import Liger
 from .measure import CupyPeak, Timer, block, free_device_memory, median
 from .optax_naive import Optax
 from .ours import OursProvider
-from .ours_jax import JaxBindings, JaxBindingsCmdBuf, JaxBindingsFilter
+from .ours_jax import JaxBindings, JaxBindingsBudget, JaxBindingsCmdBuf, JaxBindingsFilter
 from .problem import MIB, SHAPES, Problem, ground_truth, make_inputs, rel_err, to_xp_f32
 from .quack import Quack, quack_missing
 from .torch_naive import TorchCompile, TorchEager
@@ -70,6 +70,7 @@ _MAKERS: dict[str, Callable[[Problem], Provider]] = {
     "jax_cce": JaxCCE,
     "jax_bindings": JaxBindings,
     "jax_bindings_filter": JaxBindingsFilter,
+    "jax_bindings_budget": JaxBindingsBudget,
     "jax_bindings_cmdbuf": JaxBindingsCmdBuf,
 }
 
@@ -96,7 +97,7 @@ ALL_PROVIDERS = (
 GEMM_MODES = {"cublas": CublasProvider.modes, "cublas_tf32": CublasTF32Provider.modes}
 GEMM_PROVIDERS = tuple(GEMM_MODES)
 # Known but not run unless named in --providers.
-EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "cublas_tf32", "ours_tf32")
+EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "jax_bindings_budget", "cublas_tf32", "ours_tf32")
 assert set(_MAKERS) == set(ALL_PROVIDERS + EXTRA_PROVIDERS)
 
 
@@ -112,6 +113,7 @@ def provider_identity(key: str) -> tuple[str, bool]:
     return {
         "ours_filter": ("ours", True),
         "ours_budget": ("ours", False),  # told apart by its record's memory_budget
+        "jax_bindings_budget": ("jax_bindings", False),
         "jax_bindings_filter": ("jax_bindings", True),
         "apple_cce": ("apple_cce", True),
         "apple_cce_exact": ("apple_cce", False),

@@ -26,3 +26,8 @@ class JaxBindingsCmdBuf(JaxBindings):
     name = "jax_bindings_cmdbuf"
     note = JaxProvider.note + "; our custom_vjp, command_buffer_compatible=True (CUDA-graph capture)"
     opts = {"command_buffer_compatible": True}
+
+
+class JaxBindingsBudget(JaxBindings):
+    note = JaxProvider.note + "; our custom_vjp with memory_budget=4 GiB (the gradients come out of the forward)"
+    opts = {"memory_budget": 4 << 30}
