@@ -467,7 +467,8 @@ def ratio_lines(records: list[dict], fl: dict) -> list[str]:
             if pfb and ours_ffb and peer == "torch_compile":
                 out.append(f"- {shape}/{data}: ours filter fwd_bwd / torch_compile fwd_bwd = {ours_ffb / pfb:.3f}")
         for r in (r for r in budgeted if (r["shape"], r["data"]) == (shape, data)):
-            tag = f"{r['provider']}, memory_budget {_fmt_budget(r['memory_budget'])} ({_cell(r['extra_mib'], '.0f')} MiB used)"
+            used = _cell(r["extra_mib"], ".0f")
+            tag = f"{r['provider']}, memory_budget {_fmt_budget(r['memory_budget'])} ({used} MiB used)"
             if f.get("gemm_bwd_sum"):
                 out.append(
                     f"- {shape}/{data}: {tag} fwd_bwd / the 3 GEMMs (gemm_bwd_sum) = {r['ms'] / f['gemm_bwd_sum']:.3f}"
