@@ -34,6 +34,35 @@ def timed(fn) -> float:
     return cp.cuda.get_elapsed_time(start, stop)
 
 
+def make_inputs(shape: str, seed: int = 0):
+    """bf16 e (N, D), c (V, D) with logits of a few units (c scaled by 4 / sqrt(D)), int32 targets."""
+    import ml_dtypes
+
+    n, d, v = SHAPES[shape]
+    rng = cp.random.default_rng(seed)
+    e = rng.standard_normal((n, d), dtype=cp.float32).astype(ml_dtypes.bfloat16)
+    c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(ml_dtypes.bfloat16)
+    return e, c, rng.integers(0, v, n).astype(cp.int32)
+
+
+def gemm_floors(e, c):
+    """(gemm3, gemm4): the three GEMMs of a logit-keeping loss (E @ C^T, G @ C, G^T @ E, with the
+    logits as G) and those plus the recompute, into buffers allocated here."""
+    logits = cp.empty((e.shape[0], c.shape[0]), e.dtype)
+    de, dc = cp.empty_like(e), cp.empty_like(c)
+
+    def gemm3():
+        cp.matmul(e, c.T, out=logits)
+        cp.matmul(logits, c, out=de)
+        cp.matmul(logits.T, e, out=dc)
+
+    def gemm4():
+        gemm3()
+        cp.matmul(e, c.T, out=logits)
+
+    return gemm3, gemm4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
@@ -42,29 +71,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--breakdown", action="store_true", help="time each stage of the budgeted path")
     args = ap.parse_args()
-    import ml_dtypes
-
-    bf16 = ml_dtypes.bfloat16
     records = []
     for shape in args.shapes.split(","):
         n, d, v = SHAPES[shape]
-        rng = cp.random.default_rng(0)
-        e = (rng.standard_normal((n, d), dtype=cp.float32)).astype(bf16)
-        c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(bf16)
-        t = rng.integers(0, v, n).astype(cp.int32)
-        logits = cp.empty((n, v), bf16)
-        de = cp.empty((n, d), bf16)
-        dc = cp.empty((v, d), bf16)
-
-        def gemm3():
-            cp.matmul(e, c.T, out=logits)
-            cp.matmul(logits, c, out=de)
-            cp.matmul(logits.T, e, out=dc)
-
-        def gemm4():
-            gemm3()
-            cp.matmul(e, c.T, out=logits)
-
+        e, c, t = make_inputs(shape)
+        gemm3, gemm4 = gemm_floors(e, c)
         providers = {"gemm3": gemm3, "gemm4": gemm4, "lean": lambda: cce.linear_cross_entropy_with_grad(e, c, t)}
         budgets = [int(b) << 20 for b in args.budgets.split(",")]
         for b in budgets:
@@ -110,7 +121,7 @@ def main() -> None:
                 )
             records.append(rec)
             print(json.dumps(rec), flush=True)
-        e = c = logits = de = dc = de_l = dc_l = None  # free before the next shape
+        e = c = gemm3 = gemm4 = de_l = dc_l = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     if args.breakdown:
         records += breakdown(args.shapes.split(","), int(args.budgets.split(",")[0]) << 20)
@@ -129,10 +140,7 @@ def breakdown(shapes, budget: int) -> list[dict]:
     out = []
     for shape in shapes:
         n, d, v = SHAPES[shape]
-        rng = cp.random.default_rng(0)
-        e = rng.standard_normal((n, d), dtype=cp.float32).astype(ml_dtypes.bfloat16)
-        c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(ml_dtypes.bfloat16)
-        t = rng.integers(0, v, n).astype(cp.int32)
+        e, c, t = make_inputs(shape)
         marks = []
         real_fwd, real_gemm = mod.launch_forward, mod._gemm_rowmajor
 

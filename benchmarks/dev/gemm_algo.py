@@ -1,4 +1,4 @@
-"""Dev: our cuBLAS calls with CUBLAS_GEMM_DEFAULT (-1) against CUBLAS_GEMM_DEFAULT_TENSOR_OP (99,
+"""Dev (PYTHONPATH=. python benchmarks/dev/gemm_algo.py): our cuBLAS calls with CUBLAS_GEMM_DEFAULT (-1) against CUBLAS_GEMM_DEFAULT_TENSOR_OP (99,
 what cupy.matmul passes on sm_80+), on the lean and budgeted paths, shuffled rounds."""
 
 import json
@@ -6,37 +6,14 @@ import random
 import statistics
 
 import cupy as cp
-import ml_dtypes
-import numpy as np
 
 import cce_cupy as cce
+from benchmarks.dev.budget_timing import gemm_floors, make_inputs, timed
 from cce_cupy.cuda import device
 
-bf16 = ml_dtypes.bfloat16
-
-
-def timed(fn):
-    a, b = cp.cuda.Event(), cp.cuda.Event()
-    a.record()
-    fn()
-    b.record()
-    b.synchronize()
-    return cp.cuda.get_elapsed_time(a, b)
-
-
-for name, (n, d, v) in {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}.items():
-    rng = cp.random.default_rng(0)
-    e = rng.standard_normal((n, d), dtype=cp.float32).astype(bf16)
-    c = (rng.standard_normal((v, d), dtype=cp.float32) / np.sqrt(d) * 4).astype(bf16)
-    t = rng.integers(0, v, n).astype(cp.int32)
-    logits = cp.empty((n, v), bf16)
-    de = cp.empty((n, d), bf16)
-    dc = cp.empty((v, d), bf16)
-
-    def gemm3():
-        cp.matmul(e, c.T, out=logits)
-        cp.matmul(logits, c, out=de)
-        cp.matmul(logits.T, e, out=dc)
+for name in ("gemma2", "llama3"):
+    e, c, t = make_inputs(name)
+    gemm3, _ = gemm_floors(e, c)
 
     def with_algo(algo, fn):
         def run():
@@ -71,6 +48,6 @@ for name, (n, d, v) in {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 1
         ),
         flush=True,
     )
-    e = c = logits = de = dc = None
+    e = c = gemm3 = None
     cp.get_default_memory_pool().free_all_blocks()
     device._CUBLAS_GEMM_DEFAULT = -1
