@@ -1,5 +1,8 @@
-"""Dev (PYTHONPATH=. python benchmarks/dev/gemm_algo.py): our cuBLAS calls with CUBLAS_GEMM_DEFAULT (-1) against CUBLAS_GEMM_DEFAULT_TENSOR_OP (99,
-what cupy.matmul passes on sm_80+), on the lean and budgeted paths, shuffled rounds."""
+"""Dev: our cuBLAS calls with CUBLAS_GEMM_DEFAULT (-1) against CUBLAS_GEMM_DEFAULT_TENSOR_OP (99,
+what cupy.matmul passes on sm_80+), on the lean and budgeted paths, shuffled rounds.
+
+    PYTHONPATH=. python benchmarks/dev/gemm_algo.py
+"""
 
 import json
 import random
