@@ -45,6 +45,7 @@ from cce_cupy.options import (
     per_token_loss,
     reduce_loss,
     row_coefficients,
+    row_loss_grads,
     shifted_targets,
 )
 from cce_cupy.validate import check_cross_entropy_args, check_ignore_index, check_linear_ce_args, dtype_of
@@ -159,7 +160,7 @@ def _fused_budgeted(call: _Call, g):
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
     scratch = xp.empty(plan.nbytes, dtype=xp.uint8)
     # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
-    _, row_grad = row_coefficients(xp, call.opts, call.valid, xp.zeros(n, dtype=xp.float32), g)
+    row_grad = row_loss_grads(xp, call.opts, call.valid, g)
     row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (n,)), dtype=xp.float32)
     cuda_budget.launch_fused_budgeted(
         call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad, lse, tgt, de, dc, db, scratch
@@ -355,7 +356,7 @@ def cross_entropy(
         row_grad = None
         if inplace_backward:
             g = _grad_loss_array(xp, grad_loss, call)
-            _, row_grad = row_coefficients(xp, opts, valid, xp.zeros(p.n, dtype=xp.float32), g)
+            row_grad = row_loss_grads(xp, opts, valid, g)
             row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (p.n,)).astype(xp.float32))
         if xp is np:
             lse, tgt = numpy_backend.cross_entropy_logits(x2, t, opts, row_grad)

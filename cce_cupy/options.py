@@ -242,16 +242,25 @@ def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None)
     grad_loss: the upstream gradient of the returned loss: a scalar for "mean"/"sum", an (N,)
     array for "none". grad_lse: optional (N,) upstream gradient of a returned lse.
     """
+    g = row_loss_grads(xp, opts, valid, grad_loss)
+    coef_p = g * (1.0 + z_loss_dlse(opts.z_loss, lse)) if opts.z_loss else g
+    if grad_lse is not None:
+        coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
+    return coef_p.astype(xp.float32), g
+
+
+def row_loss_grads(xp, opts: CCEOptions, valid, grad_loss):
+    """coef_q of row_coefficients: each row's upstream loss gradient, fp32, 0 where ignored (the
+    reduction's scale included). It needs no lse, so callers that form coef_p later (the
+    memory-budgeted path, on the device beside the lse) take it alone. Shaped like valid, or a
+    scalar broadcast where valid is."""
     validf = valid.astype(xp.float32)
     grad_loss = xp.asarray(grad_loss, dtype=xp.float32)
     if opts.reduction == "mean":
         g = validf * (grad_loss / xp.maximum(xp.sum(validf), 1.0))
     else:  # "sum" broadcasts a scalar; "none" is per row
         g = validf * grad_loss
-    coef_p = g * (1.0 + z_loss_dlse(opts.z_loss, lse)) if opts.z_loss else g
-    if grad_lse is not None:
-        coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
-    return coef_p.astype(xp.float32), g.astype(xp.float32)
+    return g.astype(xp.float32)
 
 
 def analytic_smoothing(opts: CCEOptions) -> bool:

@@ -31,6 +31,7 @@ from cce_cupy.cuda import backward as cuda_backward
 from cce_cupy.cuda import budget as cuda_budget
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import plan
+from cce_cupy.cuda.sources import HOPPER_DTYPES
 from cce_cupy.options import CCEOptions, grad_dtype
 
 # Default of `command_buffer_compatible` when the caller passes None. With True, XLA records the
@@ -213,11 +214,9 @@ def budget_plan(e, c, opts: CCEOptions, has_bias: bool):
     process's GPUs, or None where the lean path runs: no budget, no GPU, a GPU other than Hopper,
     inputs other than bf16 / fp16, rows not a multiple of 16 bytes, or a budget below one chunk.
     Decided at trace time, from shapes and dtypes (XLA's buffers are aligned)."""
-    if opts.memory_budget == "lean" or opts.filter_eps is not None:
-        return None
     n, d = e.shape
     dtype = np.dtype(e.dtype)
-    if dtype.name not in ("bfloat16", "float16") or (d * dtype.itemsize) % 16:
+    if dtype.name not in HOPPER_DTYPES or (d * dtype.itemsize) % 16:
         return None
     devices = _gpu_devices()
     try:

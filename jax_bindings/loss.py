@@ -23,6 +23,7 @@ from cce_cupy.options import (
     per_token_loss,
     reduce_loss,
     row_coefficients,
+    row_loss_grads,
     shifted_targets,
     z_loss_dlse,
 )
@@ -142,7 +143,7 @@ def _fused_budgeted(e, c, t, bias, plan, cfg: _Config):
     gdt = grad_dtype(np.dtype(e.dtype), opts)
     valid = t != opts.ignore_index
     # coef_q (each row's loss gradient) needs no lse; coef_p is formed from it beside the lse.
-    _, row_grad = row_coefficients(jnp, opts, valid, jnp.zeros(t.shape, jnp.float32), 1.0)
+    row_grad = row_loss_grads(jnp, opts, valid, 1.0)
 
     def unpack(a):
         return (a[0], a[1], a[2], a[3] if has_bias else None, a[-1])
@@ -225,7 +226,7 @@ def _lce_bwd(cfg: _Config, res, cts):
     grad_lse = g_lse
     if opts.z_loss:
         # The returned z_loss output is reduced like the loss: d z_loss_i / d lse_i = 2 z lse_i.
-        _, w_zl = row_coefficients(xp, opts, valid, lse, g_zl)
+        w_zl = row_loss_grads(xp, opts, valid, g_zl)
         grad_lse = grad_lse + z_loss_dlse(opts.z_loss, lse) * w_zl
     coef_p, coef_q = row_coefficients(xp, opts, valid, lse, g_loss, grad_lse)
     if n == 0:

@@ -12,7 +12,7 @@ from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, re
 import cce_cupy as cce
 from cce_cupy.cuda import backward as cuda_backward
 from cce_cupy.cuda import budget as cuda_budget
-from cce_cupy.options import CCEOptions, grad_dtype, row_coefficients
+from cce_cupy.options import CCEOptions, grad_dtype, row_loss_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -44,9 +44,7 @@ def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     dc = cp.full((v, d), cp.nan, gdt)
     db = None if b is None else cp.full((v,), cp.nan, gdt)
     scratch = cp.full(plan.nbytes, 0xFF, cp.uint8)  # NaN fp16 / fp32 everywhere: unwritten reads show
-    _, row_grad = row_coefficients(
-        cp, o, gt != o.ignore_index, cp.zeros(n, cp.float32), cp.asarray(grad_loss, dtype=cp.float32)
-    )
+    row_grad = row_loss_grads(cp, o, gt != o.ignore_index, cp.asarray(grad_loss, dtype=cp.float32))
     row_grad = cp.ascontiguousarray(cp.broadcast_to(row_grad, (n,)), dtype=cp.float32)
     cuda_budget.launch_fused_budgeted(ge, gc, gt, gb, o, plan, row_grad, lse, tgt, de, dc, db, scratch)
     cp.cuda.Device().synchronize()

@@ -112,9 +112,9 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool 
 
 
 def budget_applies(e, c, opts: CCEOptions) -> bool:
-    """The budgeted path can run these inputs: a budget, no filtering, and the Hopper forward's
-    inputs (bf16 / fp16, 16-byte aligned rows) on an sm_90 GPU."""
-    return opts.memory_budget != "lean" and opts.filter_eps is None and use_hopper(e, c, ld=e.shape[1])
+    """The budgeted path can run these inputs: a budget (CCEOptions refuses one with filter_eps),
+    and the Hopper forward's inputs (bf16 / fp16, 16-byte aligned rows) on an sm_90 GPU."""
+    return opts.memory_budget != "lean" and use_hopper(e, c, ld=e.shape[1])
 
 
 def launch_fused_budgeted(
