@@ -40,7 +40,9 @@ def build(source: str, cluster: int):
     smem = cuda_sources.HOPPER_SMEM_BYTES
     fn.max_dynamic_shared_size_bytes = smem
     tail = (np.uint64(0), np.int64(0), np.uint64(0), np.int32(0), np.uint64(0), np.uint64(0)) if store else ()
-    return fn, smem, cuda_sources.HOPPER_TILE_N // cluster, tail
+    # Since the ROW store went through TMA, a third map (unused here: zeros) follows C's.
+    maps = 3 if "tmap_s" in source else 2
+    return fn, smem, cuda_sources.HOPPER_TILE_N // cluster, tail, maps
 
 
 def lse_of(part, splits, n):
@@ -70,7 +72,7 @@ def main() -> None:
         logits = None  # 4 GB at gemma2
         ref = None
         tma_e = device.tma_desc(e, cuda_sources.HOPPER_TILE_M)
-        for (label, cluster), (fn, smem, box_rows, tail) in kernels.items():
+        for (label, cluster), (fn, smem, box_rows, tail, maps) in kernels.items():
             tma_c = device.tma_desc(c, box_rows)  # each block of a cluster loads its share of the C tile
             splits, per_split = plan.forward_splits(n, v, cuda_sources.HOPPER_TILE_N)
             call = lambda: fn(  # noqa: E731
@@ -79,6 +81,7 @@ def main() -> None:
                 (
                     tma_e,
                     tma_c,
+                    *((np.zeros(1, np.dtype((np.void, 128))),) if maps == 3 else ()),
                     np.uint64(0),
                     part,
                     np.int32(n),

@@ -17,6 +17,7 @@ from cce_cupy.cuda.device import (
     hopper_operands,
     hopper_row_blocks,
     target_error_flag,
+    tma_desc,
     use_hopper,
 )
 from cce_cupy.cuda.loader import get_kernel
@@ -24,6 +25,7 @@ from cce_cupy.cuda.plan import _cdiv, _forward_target_offset, forward_scratch_nb
 from cce_cupy.cuda.sources import (
     GEMM_SMEM_BYTES,
     HOPPER_SMEM_BYTES,
+    HOPPER_STAGING_BYTES,
     HOPPER_THREADS,
     HOPPER_TILE_N,
     THREADS,
@@ -34,6 +36,11 @@ from cce_cupy.cuda.sources import (
     template_name,
 )
 from cce_cupy.options import CCEOptions
+
+
+# The kernel's tmap_s where it is unused (STORE other than ROW): 128 zero bytes.
+_NO_TMA_MAP = np.zeros(1, dtype=np.dtype((np.void, 128)))
+HOPPER_STAGING_ROWS = 64  # a consumer warpgroup's rows: the TMA box of tmap_s is 64 x 64
 
 
 class KeptSoftmax(NamedTuple):
@@ -93,6 +100,8 @@ def launch_forward(
     softcap = np.float32(opts.softcap or 0.0)
 
     if hopper:
+        # ROW writes s through TMA: a map of its first V columns (no store past them), 64 x 64 boxes.
+        s_map = tma_desc(st.s[:, :v], HOPPER_STAGING_ROWS) if st.mode == SoftmaxStore.ROW else _NO_TMA_MAP
 
         def run_partials(cluster: int) -> None:
             name = template_name("lce_forward_partials_sm90", cluster, e.dtype, *flags, st.mode)
@@ -102,6 +111,7 @@ def launch_forward(
                 (HOPPER_THREADS,),
                 (
                     *hopper_operands(e, c, cluster),
+                    s_map,
                     _ptr(bias),
                     part,
                     np.int32(n),
@@ -116,7 +126,7 @@ def launch_forward(
                     _ptr(st.row_shift),
                     _ptr(st.unsafe),
                 ),
-                shared_mem=HOPPER_SMEM_BYTES,
+                shared_mem=HOPPER_SMEM_BYTES + (HOPPER_STAGING_BYTES if st.mode == SoftmaxStore.ROW else 0),
             )
 
         def time_candidate(cluster: int) -> float:

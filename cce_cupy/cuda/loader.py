@@ -16,6 +16,7 @@ from cce_cupy.cuda.sources import (
     CE_SLICE_BYTES_MAX,
     GEMM_SMEM_BYTES,
     HOPPER_SMEM_BYTES,
+    HOPPER_STAGING_BYTES,
     all_instances,
     compile_options,
     device_files,
@@ -30,7 +31,7 @@ _TILED_KERNELS = {
     "lce_forward_partials": GEMM_SMEM_BYTES,
     "lce_grad_logits": GEMM_SMEM_BYTES,
     "lce_gemm": GEMM_SMEM_BYTES,
-    "lce_forward_partials_sm90": HOPPER_SMEM_BYTES,
+    "lce_forward_partials_sm90": HOPPER_SMEM_BYTES + HOPPER_STAGING_BYTES,  # the most any STORE variant uses
     "lce_grad_logits_sm90": HOPPER_SMEM_BYTES,
     "lce_grad_sparse_sm90": HOPPER_SMEM_BYTES,
     "ce_logits_inplace_cluster": CE_SLICE_BYTES_MAX,

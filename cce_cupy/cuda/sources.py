@@ -49,6 +49,10 @@ HOPPER_STAGES = 4  # H_STAGES
 # Each stage holds an E tile and a C tile; +1024: the dynamic shared memory base is only 16-byte
 # aligned, the swizzle needs 1024 (H_SMEM_BYTES).
 HOPPER_SMEM_BYTES = HOPPER_STAGES * (HOPPER_TILE_M + HOPPER_TILE_N) * HOPPER_ROW_BYTES + 1024
+# The forward with SoftmaxStore.ROW also stages its stores in shared memory for TMA (H_STAGING_BYTES):
+# per consumer warpgroup, two 64-row x 128-byte boxes (half of its 64 x 256 tile, in bf16). What is
+# left of the 227 KiB a block may have beside the 4 stages.
+HOPPER_STAGING_BYTES = 2 * 2 * 64 * HOPPER_ROW_BYTES
 HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)
 # Row blocks per cluster of the Hopper kernels (their CLUSTER template parameter), the candidates of
 # cce_cupy.cuda.autotune: each block loads HOPPER_TILE_N / CLUSTER rows of the C tile (its TMA box)
@@ -69,6 +73,7 @@ TILE_DEFINES = {
     "H_ROW_BYTES": HOPPER_ROW_BYTES,
     "H_STAGES": HOPPER_STAGES,
     "H_SMEM_BYTES": HOPPER_SMEM_BYTES,
+    "H_STAGING_BYTES": HOPPER_STAGING_BYTES,
 }
 
 

@@ -144,33 +144,57 @@ __global__ void lce_budget_shift(const T* __restrict__ e, const T* __restrict__ 
 }
 
 // lce_budget_recompute<T, HAS_BIAS, SOFTCAP>
-//   After the forward: the rows it marked unsafe (logits more than 60 nats over the target's: the
-//   GEMMs' sums could overflow) get their s row again, shifted by their lse instead (s = p <= 1),
-//   and shift[row] = lse[row]. The logits are recomputed one dot product per column (a warp each):
-//   slow, for rows with a loss over 60 nats only; other rows return at once.
-//   Grid: min(rows, 65535) blocks striding over rows. Block: 256 threads.
+//   After the forward: the rows it marked unsafe (logits more than 60 nats over the target's, or a
+//   sum against the target's past e^60: the GEMMs' sums could overflow, and the forward's lse may
+//   be inf) get their lse again, lse[row], from their recomputed logits, then their s row shifted
+//   by it (s = p <= 1), and shift[row] = lse[row]. The logits are recomputed one dot product per
+//   column (a warp each), twice: slow, for rows with a loss over 60 nats only; other rows return at
+//   once. Grid: min(rows, 65535) blocks striding over rows. Block: 256 threads.
+template <typename T, bool HAS_BIAS, bool SOFTCAP>
+__device__ __forceinline__ float recompute_logit(const T* er, const T* cr, const T* bias, int j, int D, float softcap) {
+    float dot = 0.f;
+    for (int k = threadIdx.x & 31; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+    dot = warp_sum(dot);  // every lane
+    if (HAS_BIAS) dot += to_f32(bias[j]);
+    return dot;  // z; y = apply_softcap(z)
+}
 template <typename T, bool HAS_BIAS, bool SOFTCAP>
 __global__ void lce_budget_recompute(const int* __restrict__ unsafe, T* __restrict__ S, long long lds,
-                                     float* __restrict__ shift, const float* __restrict__ lse, const T* __restrict__ e,
+                                     float* __restrict__ shift, float* __restrict__ lse, const T* __restrict__ e,
                                      const T* __restrict__ c, const T* __restrict__ bias, int rows, int V, int D,
                                      float softcap) {
+    __shared__ float warp_m[32], warp_s[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         if (!unsafe[row]) continue;  // uniform over the block
-        const float l = lse[row];
         const T* er = e + (i64)row * D;
+        float m = -INFINITY, sum = 0.f;  // this warp's columns, online
         for (int j = warp; j < V; j += warps) {
-            const T* cr = c + (i64)j * D;
-            float dot = 0.f;
-            for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
-            dot = warp_sum(dot);
-            if (HAS_BIAS) dot += to_f32(bias[j]);
-            const float y = apply_softcap<SOFTCAP>(dot, softcap);
-            float sv = __expf(y - l);
-            if (SOFTCAP) sv *= softcap_grad(dot, softcap);
+            const float y = apply_softcap<SOFTCAP>(recompute_logit<T, HAS_BIAS, SOFTCAP>(er, c + (i64)j * D, bias, j, D, softcap), softcap);
+            const float mm = fmaxf(m, y);
+            sum = (mm == -INFINITY) ? 0.f : sum * expf(m - mm) + expf(y - mm);
+            m = mm;
+        }
+        if (lane == 0) {
+            warp_m[warp] = m;
+            warp_s[warp] = sum;
+        }
+        __syncthreads();
+        float mx = -INFINITY, tot = 0.f;
+        for (int w = 0; w < warps; ++w) mx = fmaxf(mx, warp_m[w]);
+        for (int w = 0; w < warps; ++w) tot += (warp_m[w] == -INFINITY) ? 0.f : warp_s[w] * expf(warp_m[w] - mx);
+        const float l = mx + logf(tot);
+        for (int j = warp; j < V; j += warps) {
+            const float z = recompute_logit<T, HAS_BIAS, SOFTCAP>(er, c + (i64)j * D, bias, j, D, softcap);
+            float sv = __expf(apply_softcap<SOFTCAP>(z, softcap) - l);
+            if (SOFTCAP) sv *= softcap_grad(z, softcap);
             if (lane == 0) S[(i64)row * lds + j] = from_f32<T>(sv);
         }
-        if (threadIdx.x == 0) shift[row] = l;
+        __syncthreads();  // warp_m is read by every thread before the next row rewrites it
+        if (threadIdx.x == 0) {
+            shift[row] = l;
+            lse[row] = l;
+        }
     }
 }
 

@@ -160,6 +160,37 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* tmap, int 
         "r"(smem_u32(bar)) : "memory");
 }
 
+// Box of `tmap` at (col0, row0) <- shared memory at src (the layout tma_load_2d writes), as one bulk
+// async group of this thread: cp.async.bulk.commit_group closes it, wait_group(.read) waits on it.
+__device__ __forceinline__ void tma_store_2d(const TmaDesc* tmap, int col0, int row0, unsigned src) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
+                 ::"l"(reinterpret_cast<unsigned long long>(tmap)), "r"(col0), "r"(row0), "r"(src) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// This thread's stores have read their shared memory (it may be rewritten) / have completed.
+__device__ __forceinline__ void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Generic-proxy writes to shared memory become visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Four 8 x 8 matrices of 16-bit values to shared memory: register k of each lane holds its pair of
+// matrix k (row lane / 4, columns 2 (lane % 4), + 1: the MMA accumulator layout); lanes 8 k .. 8 k + 7
+// give the addresses of matrix k's 8 rows (16 bytes each).
+__device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned r1, unsigned r2, unsigned r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+// Barrier `id` over `count` threads (ids 2, 3: one per consumer warpgroup; 4: the warpgroups'
+// start (h_wg_lag); 1 is consumers_any's). named_arrive counts toward it without waiting.
+__device__ __forceinline__ void named_barrier(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+// EXPERIMENT (benchmarks/dev/wg_lag.py sets it per module): consumer warpgroup 1 starts its first
+// MMA after warpgroup 0 has issued this many k-blocks, so that one's epilogue overlaps the other's MMAs.
+__device__ int h_wg_lag = 0;
+
 // Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
 // block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile on the consumer threads. Rows
 // of E >= N and of C >= V and k >= D read as zero (TMA fills them). One producer thread per block
@@ -215,10 +246,13 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
         };
         float acc[128];  // written first by the accumulate = 0 MMA of each tile
         int unreleased = -1;  // the k-block whose stage an MMA may still be reading
+        const int lag = min(min(h_wg_lag, H_STAGES), g.total);  // more would wait on stages warpgroup 1 holds
+        if (cwg == 1 && lag > 0) named_barrier(4, 256);
         for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
             for (int kt = 0; kt < g.KT; ++kt, ++it) {
                 mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
                 hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
+                if (cwg == 0 && it == lag - 1) named_arrive(4, 256);
                 wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
                 if (unreleased >= 0) release(unreleased);
                 unreleased = it;
@@ -280,23 +314,25 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, fl
 //   The partials of lce_forward_partials (lce_forward.cu), with v_per_split a multiple of 256; no
 //   target logits (the finish kernel gathers them). T: bf16, fp16, or fp32 run as TF32 (the
 //   launcher uses it only with allow_tf32). Grid: (ceil(N / 128) rounded up to a multiple of CLUSTER, splits). Block: H_THREADS.
-//   Dynamic smem: H_SMEM_BYTES. tmap_c's box: 256 / CLUSTER rows.
+//   Dynamic smem: H_SMEM_BYTES (+ H_STAGING_BYTES with STORE ROW). tmap_c's box: 256 / CLUSTER rows.
 //   Each thread keeps a running (max, sum exp, sum y) for its two rows over its own columns; the
 //   four threads sharing a row combine once at the end.
-//   STORE (a SoftmaxStore other than NONE; 16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py) also keeps the softmax
-//   for the backward, so that no logit is recomputed; s: (N, lds), lds % 8 == 0, 16-byte aligned.
-//   Rows >= N and columns >= v_end are not written. The lse is computed as without STORE, except
-//   that TILE folds each tile's sum in as a split's partial (see fold_and_store).
+//   STORE (a SoftmaxStore other than NONE; 16-bit T; the memory-budgeted backward, cce_cupy/cuda/budget.py)
+//   also keeps the softmax for the backward, so that no logit is recomputed; s: (N, lds), lds % 8 == 0,
+//   16-byte aligned. Rows >= N and columns >= V are not written.
 //     TILE (fp16 s, read by the gradient pass lce_budget_grad): with m the row's max over the
 //       256-column tile, s[row * lds + col] = exp(y - m) (<= 1; 11 mantissa bits where bf16 has 8)
-//       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i).
-//     ROW (T = bf16 s, read by the GEMMs themselves): with c = row_shift[row] (the target
-//       logit; +inf for a row without gradient, which then stores 0),
+//       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i). The tile's
+//       sum joins the running one as a split's partial would (see fold_and_store).
+//     ROW (T = bf16 s, read by the GEMMs themselves; written through tmap_s, a TMA map of s's
+//       first V columns with 64 x 64 boxes): with c = row_shift[row] (the target logit; +inf for a
+//       row without gradient, which then stores 0),
 //       s[row * lds + col] = exp(y - c) * softcap'(z)   (softcap' = 1 without SOFTCAP),
-//       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). bf16 keeps fp32's exponent range: only a
-//       row whose logits exceed c by more than STORE_ROW_RANGE (60 nats, a loss that large) could
-//       overflow the GEMMs' fp32 sums; such a row sets unsafe[row] = 1 and lce_budget_recompute
-//       rewrites it.
+//       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). The partials of a warp whose rows all have
+//       a finite c are (c, sum exp(y - c), ...) (see shifted_exps). bf16 keeps fp32's exponent
+//       range: only a row whose logits exceed c by more than STORE_ROW_RANGE (60 nats, a loss that
+//       large) could overflow the GEMMs' fp32 sums; such a row (or one whose sum against c passed
+//       e^60) sets unsafe[row] = 1, and lce_budget_recompute recomputes its lse and its s.
 // ---------------------------------------------------------------------------------------------
 #define STORE_ROW_RANGE 60.f
 
@@ -311,6 +347,13 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     const float* row_shift;  // ROW
     int* unsafe;
     int N, m0;
+    // ROW: this thread's warpgroup's staging buffer (shared address), s's TMA map, and whether every
+    // row of this warp has a finite shift c (then run_max stays c, and the exps are taken against
+    // c itself: see shifted_exps); shift_b = c log2 e of the thread's two rows.
+    unsigned staging = 0;
+    const TmaDesc* tmap_s = nullptr;
+    bool shifted = false;
+    float shift_b[2] = {0.f, 0.f};
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -338,6 +381,13 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             fold_and_store(n0, tmax, acc);
             return;
         }
+        if (STORE == SoftmaxStore::ROW && shifted) {
+            shifted_exps<true>(0, acc);
+            stage_half(n0, 0, acc);
+            shifted_exps<true>(1, acc);
+            stage_half(n0, 1, acc);
+            return;
+        }
         raise_max(tmax);
 #pragma unroll
         for (int j = 0; j < 32; ++j)
@@ -346,21 +396,31 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
                 const float y = acc[4 * j + q];
                 const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
                 run_sum[q >> 1] += ex;
-                if (STORE == SoftmaxStore::ROW) {
-                    // softcap'(z) from y = softcap tanh(z / softcap): 1 - (y / softcap)^2. (Relatively
-                    // less accurate where tanh saturates, on elements that small; the target's
-                    // own factor is recomputed exactly by lce_budget_rows.)
-                    const float r = SOFTCAP ? y / softcap : 0.f;
-                    acc[4 * j + q] = (SOFTCAP && ex != 0.f) ? ex * ((1.f - r) * (1.f + r)) : ex;
-                }
+                if (STORE == SoftmaxStore::ROW) acc[4 * j + q] = SOFTCAP ? ex * softcap_factor(y) : ex;
             }
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
+    }
+
+    // softcap'(z) from y = softcap tanh(z / softcap): 1 - (y / softcap)^2 (0 for a masked y = -inf,
+    // whose exp is 0). Relatively less accurate where tanh saturates, on elements that small; the
+    // target's own factor is recomputed exactly by lce_budget_rows.
+    __device__ __forceinline__ float softcap_factor(float y) const {
+        const float r = y / softcap;
+        return (y == -INFINITY) ? 0.f : (1.f - r) * (1.f + r);
     }
 
     // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
     // epilogue stalls the tensor cores (both warpgroups run it at once), so its instruction count is
     // forward time.
     __device__ __forceinline__ void full_tile(int n0, float (&acc)[128]) {
+        if (STORE == SoftmaxStore::ROW && shifted) {  // no max: the exps are against the fixed c
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                shifted_exps<false>(half, acc);
+                stage_half(n0, half, acc);  // its TMA store reads shared memory while the next half's exps run
+            }
+            return;
+        }
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int i = 0; i < 128; ++i) {
@@ -380,6 +440,24 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
         }
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
+    }
+
+    // ROW with a finite shift c: s = exp(y - c) (times softcap') of the 64 values of columns
+    // [128 half, + 128) of the tile, and run_sum += exp(y - c): with run_max = c throughout, the
+    // split's partial is (c, sum exp(y - c)). No running max, no rescaling: the target's own term
+    // is exp(0) = 1, the sum cannot underflow, and only a row whose logits exceed c by ~88 nats
+    // could overflow it (the kernel flags rows whose sum passes e^60 as unsafe; lce_budget_recompute
+    // then recomputes their lse and s). MASKED: acc holds y (-inf past v_end, whose exp is 0), the
+    // smoothing sum is taken already; else acc holds the raw logits.
+    template <bool MASKED> __device__ __forceinline__ void shifted_exps(int half, float (&acc)[128]) {
+#pragma unroll
+        for (int i = 64 * half; i < 64 * half + 64; ++i) {
+            const int h = (i >> 1) & 1;
+            if (!MASKED && SMOOTH) run_y[h] += acc[i];
+            const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -shift_b[h]));
+            run_sum[h] += ex;
+            acc[i] = SOFTCAP ? ex * softcap_factor(acc[i]) : ex;
+        }
     }
 
     // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
@@ -431,8 +509,9 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         store_tile<__half>(n0, one, acc);
     }
 
-    // ROW: acc holds exp(y - run_max) (times softcap'); s = acc exp(run_max - c) in T.
-    __device__ __forceinline__ void store_row_shifted(int n0, const float (&acc)[128]) {
+    // ROW in a warp with a row of infinite shift (no gradient: it stores 0): acc holds
+    // exp(y - run_max) (times softcap'); s = acc exp(run_max - c).
+    __device__ __forceinline__ void store_row_shifted(int n0, float (&acc)[128]) {
         float k[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -442,10 +521,42 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             k[h] = expf(run_max[h] - c);
             if (run_max[h] - c > STORE_ROW_RANGE) unsafe[row] = 1;
         }
-        store_tile<T>(n0, k, acc);
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] *= k[(i >> 1) & 1];
+        stage_half(n0, 0, acc);
+        stage_half(n0, 1, acc);
     }
 
-    // acc * k[h] of rows h = 0, 1 to s, as ST.
+    // ROW: acc's values of columns [n0 + 128 half, + 128) of this warpgroup's 64 rows, as T, to s
+    // through shared memory and two TMA stores, which drain while the next tile's MMAs run (a
+    // direct store from registers stalled the tensor cores: +1 ms at gemma2). The staging buffer is
+    // two 64-row boxes of 64 columns (128-byte rows, swizzled as TMA expects, chunk c of row r at
+    // r * 128 + ((c ^ (r % 8)) * 16)), written with stmatrix straight from the accumulator layout:
+    // x4 covers the rows' two 8-row halves (h) of two 8-column groups. Rows >= N and columns >= V
+    // are clipped by the TMA map (s's shape); tiles never straddle a split (v_per_split % 256 == 0).
+    __device__ __forceinline__ void stage_half(int n0, int half, const float (&acc)[128]) {
+        const int wg = consumer_tid() >> 7, wtid = consumer_tid() & 127, lane = threadIdx.x & 31;
+        if (wtid == 0) bulk_wait_read_all();  // the buffer's previous stores have read it
+        named_barrier(2 + wg, 128);
+        const int k = lane >> 3, r = 16 * (wtid >> 5) + 8 * (k & 1) + (lane & 7);  // matrix k's row r
+#pragma unroll
+        for (int jj = 0; jj < 16; jj += 2) {
+            const int j = 16 * half + jj, jl = jj + (k >> 1);  // jl: this lane's 8-column group in the half
+            const unsigned addr = staging + (jl >> 3) * (64 * H_ROW_BYTES) + r * H_ROW_BYTES + (((jl & 7) ^ (r & 7)) << 4);
+            stmatrix_x4(addr, pack_pair<T>(acc[4 * j], acc[4 * j + 1]), pack_pair<T>(acc[4 * j + 2], acc[4 * j + 3]),
+                        pack_pair<T>(acc[4 * j + 4], acc[4 * j + 5]), pack_pair<T>(acc[4 * j + 6], acc[4 * j + 7]));
+        }
+        fence_proxy_async_smem();
+        named_barrier(2 + wg, 128);
+        if (wtid == 0) {
+            const int row0 = m0 + 64 * wg, col0 = n0 + 128 * half;
+            tma_store_2d(tmap_s, col0, row0, staging);
+            tma_store_2d(tmap_s, col0 + 64, row0, staging + 64 * H_ROW_BYTES);
+            bulk_commit();
+        }
+    }
+
+    // TILE: acc * k[h] of rows h = 0, 1 to s, as ST.
     template <typename ST> __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[128]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -477,18 +588,38 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
 template <int CLUSTER, typename T, bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE>
 __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     lce_forward_partials_sm90(const __grid_constant__ TmaDesc tmap_e, const __grid_constant__ TmaDesc tmap_c,
-                              const T* __restrict__ bias, float* __restrict__ part, int N, int V, int D,
-                              int v_per_split, float softcap, void* __restrict__ s_out, long long lds,
-                              float* __restrict__ scales, int ntiles, const float* __restrict__ row_shift,
-                              int* __restrict__ unsafe) {
+                              const __grid_constant__ TmaDesc tmap_s, const T* __restrict__ bias,
+                              float* __restrict__ part, int N, int V, int D, int v_per_split, float softcap,
+                              void* __restrict__ s_out, long long lds, float* __restrict__ scales, int ntiles,
+                              const float* __restrict__ row_shift, int* __restrict__ unsafe) {
     extern __shared__ __align__(16) char smem[];
     const int m0 = blockIdx.x * H_BM;
     const int split = blockIdx.y, splits = gridDim.y;
     const int v_begin = split * v_per_split, v_end = min(V, v_begin + v_per_split);
     ForwardEpilogue<HAS_BIAS, SOFTCAP, SMOOTH, STORE, T> epi{bias,    v_end,     softcap,   s_out, (i64)lds, scales,
                                                              ntiles, row_shift, unsafe, N,     m0};
+    if (STORE == SoftmaxStore::ROW && is_consumer()) {
+        epi.staging = smem_u32(align_1024(smem) + H_STAGES * H_STAGE_BYTES) + (consumer_tid() >> 7) * (H_STAGING_BYTES / 2);
+        epi.tmap_s = &tmap_s;
+        bool finite = true;
+        float c[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            c[h] = (row < N) ? row_shift[row] : 0.f;  // rows >= N: nothing is stored or kept
+            finite = finite && isfinite(c[h]);
+        }
+        epi.shifted = __all_sync(0xffffffffu, finite);  // warp-uniform: one path per warp
+        if (epi.shifted)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                epi.run_max[h] = c[h];
+                epi.shift_b[h] = c[h] * H_LOG2E;
+            }
+    }
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
+    if (STORE == SoftmaxStore::ROW && (consumer_tid() & 127) == 0) bulk_wait_all();  // before the block's smem goes
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -508,6 +639,8 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
             part[(i64)split * N + row] = m;
             part[stride + (i64)split * N + row] = s;
             part[2 * stride + (i64)split * N + row] = y;
+            // A sum past e^60 (or inf, NaN) relative to c: see shifted_exps.
+            if (STORE == SoftmaxStore::ROW && epi.shifted && !(s <= __expf(STORE_ROW_RANGE))) unsafe[row] = 1;
         }
     }
 }
