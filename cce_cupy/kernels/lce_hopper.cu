@@ -179,17 +179,10 @@ __device__ __forceinline__ void stmatrix_x4(unsigned addr, unsigned r0, unsigned
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
                  ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
 }
-// Barrier `id` over `count` threads (ids 2, 3: one per consumer warpgroup; 4: the warpgroups'
-// start (h_wg_lag); 1 is consumers_any's). named_arrive counts toward it without waiting.
+// Barrier `id` over `count` threads (ids 2, 3: one per consumer warpgroup; 1 is consumers_any's).
 __device__ __forceinline__ void named_barrier(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-__device__ __forceinline__ void named_arrive(int id, int count) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-// EXPERIMENT (benchmarks/dev/wg_lag.py sets it per module): consumer warpgroup 1 starts its first
-// MMA after warpgroup 0 has issued this many k-blocks, so that one's epilogue overlaps the other's MMAs.
-__device__ int h_wg_lag = 0;
 
 // Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
 // block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile on the consumer threads. Rows
@@ -246,13 +239,10 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
         };
         float acc[128];  // written first by the accumulate = 0 MMA of each tile
         int unreleased = -1;  // the k-block whose stage an MMA may still be reading
-        const int lag = min(min(h_wg_lag, H_STAGES), g.total);  // more would wait on stages warpgroup 1 holds
-        if (cwg == 1 && lag > 0) named_barrier(4, 256);
         for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
             for (int kt = 0; kt < g.KT; ++kt, ++it) {
                 mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
                 hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
-                if (cwg == 0 && it == lag - 1) named_arrive(4, 256);
                 wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
                 if (unreleased >= 0) release(unreleased);
                 unreleased = it;
