@@ -36,6 +36,7 @@ from cce_cupy._arrays import _Kind, _take
 from cce_cupy._targets import _WATCH, _check_targets_now
 from cce_cupy.cuda import backward as cuda_backward
 from cce_cupy.cuda import budget as cuda_budget
+from cce_cupy.cuda import filtered as cuda_filtered
 from cce_cupy.cuda import forward as cuda_forward
 from cce_cupy.cuda import logits as cuda_logits
 from cce_cupy.options import (
@@ -169,6 +170,28 @@ def _fused_budgeted(call: _Call, g):
     return lse, tgt, de, dc, db
 
 
+def _fused_filtered(call: _Call, g, stats=None):
+    """(lse, tgt, de, dc, db) by the certified filter with the forward's candidate lists
+    (cce_cupy.cuda.filtered), or None where it does not apply (no filter_eps, NumPy, not the Hopper
+    forward's inputs, no list slots)."""
+    xp = call.kind.xp
+    if call.opts.filter_eps is None or xp is np or not cuda_filtered.filtered_applies(call.e, call.c, call.opts):
+        return None
+    n, d = call.e.shape
+    v = call.c.shape[0]
+    gdt = grad_dtype(call.e.dtype, call.opts)
+    lse = xp.empty(n, dtype=xp.float32)
+    tgt = xp.empty(n, dtype=xp.float32)
+    de = xp.empty((n, d), dtype=gdt)
+    dc = xp.empty((v, d), dtype=gdt)
+    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    cuda_filtered.launch_fused_filtered(
+        call.e, call.c, call.targets, call.bias, call.opts, call.valid, g, lse, tgt, de, dc, db, stats
+    )
+    _WATCH.after_launch(xp)
+    return lse, tgt, de, dc, db
+
+
 def _grad_loss_array(xp, grad_loss, call: _Call, name: str = "grad_loss"):
     """grad_loss as a float32 scalar, or (N,) for reduction="none" (a scalar is broadcast)."""
     g = xp.asarray(grad_loss, dtype=xp.float32)
@@ -247,6 +270,8 @@ def linear_cross_entropy_with_grad(
     with _device_ctx(call):
         g = _grad_loss_array(xp, grad_loss, call)
         fused = _fused_budgeted(call, g)
+        if fused is None:
+            fused = _fused_filtered(call, g)
         if fused is not None:
             lse, tgt, de, dc, db = fused
         else:

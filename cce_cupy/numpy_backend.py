@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cce_cupy.cuda.sources import TILE_M
-from cce_cupy.options import CERTIFICATE_MARGIN, CCEOptions, acc_dtype, analytic_smoothing, grad_dtype, z_loss_dlse
+from cce_cupy.options import CCEOptions, acc_dtype, analytic_smoothing, certificate_margin, grad_dtype, z_loss_dlse
 
 TILE = TILE_M  # the kernels' logit tile (square: TILE_M = TILE_N, asserted in common.cuh)
 BLOCK_BYTES = 16 << 20  # one block of logits (and each temporary like it) stays under this
@@ -164,7 +164,7 @@ class RowCertificate:
     Row i keeps K_i = {j : p_ij >= eps} + {t_i}. Dropping the rest changes the row's logit gradient
     by at most  bound_i = |coef_p_i| * dropped_i  (+ |coef_q_i| ls (V - |K_i|) / V with softcap and
     smoothing) in L1, dropped_i = sum over the dropped columns of p_ij. lower_i = sum over K_i of
-    |g_ij| is a lower bound of ||g_i||_1. Certified: bound_i (1 + CERTIFICATE_MARGIN) <= tol lower_i,
+    |g_ij| is a lower bound of ||g_i||_1. Certified: bound_i (1 + certificate_margin(V)) <= tol lower_i,
     or bound_i = 0. See docs/design.md, "Certified filtering".
     """
 
@@ -192,7 +192,7 @@ class RowCertificate:
     def certified(self, coef_p, coef_q, opts: CCEOptions, v: int, tol: float):
         """Bool per row; NaN anywhere leaves a row uncertified (exact)."""
         b = self.bound(coef_p, coef_q, opts, v)
-        return (b == 0.0) | (b * (1.0 + CERTIFICATE_MARGIN) <= tol * self.lower)
+        return (b == 0.0) | (b * (1.0 + certificate_margin(v)) <= tol * self.lower)
 
 
 def filtered_grad_block(g, p, onehot, coef_q, opts: CCEOptions, v: int, cert: RowCertificate, certified):

@@ -36,9 +36,15 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 # The certificate's default relative tolerance per row (filter_tol=None): the L1 error of a certified
 # row's logit gradient is at most twice the relative rounding (2**-9) of a bf16 gradient element.
 DEFAULT_FILTER_TOL = 2.0**-8
-# fp32 rounding of the certificate's own sums (dropped mass, kept mass): the bound is scaled up by
-# 1 + this before the comparison (docs/design.md, "Certified filtering").
-CERTIFICATE_MARGIN = 2.0**-10
+
+
+def certificate_margin(v: int) -> float:
+    """The certificate's allowance for the fp32 rounding of its own sums: the bound is scaled up by
+    1 + this before the comparison (docs/design.md, "Certified filtering"). A thread of the CUDA
+    kernels adds up to V / 4 of a row's dropped terms in turn (at most a half-ulp each), rescales
+    its sum at most once a 256-column tile, and the threads' sums then combine in a few more steps;
+    each term's exp is within two ulps. 2^-23 a step covers all of them, 2^-10 the kept sum's."""
+    return 2.0**-10 + (v / 4 + v / 256 + 64) * 2.0**-23
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from conftest import (
 
 import cce_cupy as cce
 from cce_cupy import numpy_backend
-from cce_cupy.options import CERTIFICATE_MARGIN, DEFAULT_FILTER_TOL, CCEOptions, row_coefficients
+from cce_cupy.options import DEFAULT_FILTER_TOL, CCEOptions, certificate_margin, row_coefficients
 
 # fp32 arithmetic (logits, exp, the gradient) against float64: relative to a row's L1 norm, plus
 # the fp32 lse's rounding (~|lse| 2**-24 a few times), which moves every p_ij by that relative
@@ -109,7 +109,7 @@ def test_certified_rows_within_tol_of_float64(data, case):
     err = np.abs(gf.astype(np.float64) - g64).sum(1)
     norm1 = np.abs(g64).sum(1)
     tol = o.resolved_filter_tol()
-    limit = np.where(certified, tol * (1 + CERTIFICATE_MARGIN), 0.0) * norm1 + _fp32_slack(ref, norm1)
+    limit = np.where(certified, tol * (1 + certificate_margin(c.shape[0])), 0.0) * norm1 + _fp32_slack(ref, norm1)
     bad = np.flatnonzero(err > limit)
     assert bad.size == 0, (
         f"{bad.size} rows over the certificate; row {bad[0]}: err {err[bad[0]]:.3e} > {limit[bad[0]]:.3e} "
@@ -139,7 +139,7 @@ def test_numpy_backward_meets_certificate_and_counts_rows(data):
     de, dc, _ = numpy_backend.backward(e, c, t, b, o.replace(grad_dtype="float32"), lse, cp, cq, stats=stats)
     ref = dense_reference(e, c, t, b, CCEOptions())
     model = certificate_model(ref, o, c.shape[0])
-    tol = o.resolved_filter_tol() * (1 + CERTIFICATE_MARGIN)
+    tol = o.resolved_filter_tol() * (1 + certificate_margin(c.shape[0]))
     c64, e64 = to_f64(c), to_f64(e)
     cmax = np.linalg.norm(c64, axis=1).max()
     row_err = np.linalg.norm(de - ref["de"], axis=1)

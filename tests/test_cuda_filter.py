@@ -22,9 +22,9 @@ from conftest import (
 
 import cce_cupy as cce
 from cce_cupy.cuda import backward as cuda_backward
-from cce_cupy.cuda import device, sparse
+from cce_cupy.cuda import device, filtered, sparse
 from cce_cupy.cuda import forward as cuda_forward
-from cce_cupy.options import CERTIFICATE_MARGIN, CCEOptions, grad_dtype, row_coefficients
+from cce_cupy.options import CCEOptions, certificate_margin, grad_dtype, row_coefficients
 
 pytestmark = pytest.mark.gpu
 OUT_ROUNDING = 2.0**-8  # two roundings of a 16-bit output element (2**-9 each), relative
@@ -52,16 +52,41 @@ def _run(e, c, t, b, o, grad_loss=1.0, grad_lse=None, **backward_kw):
     return {k: (None if x is None else to_f64(x)) for k, x in out.items()}
 
 
-def _check_certificate(e, c, t, b, o, grad_loss=1.0, grad_lse=None, host_sync=True):
+def _run_fused(e, c, t, b, o, grad_loss=1.0, stats=None):
+    """The fused filtered launcher (candidates from the forward), every output poisoned first."""
+    cp = _cp()
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    gb = None if b is None else cp.asarray(b)
+    n, d = e.shape
+    v = c.shape[0]
+    assert filtered.filtered_applies(ge, gc, o)
+    lse, tgt = cp.full(n, cp.nan, cp.float32), cp.full(n, cp.nan, cp.float32)
+    gdt = grad_dtype(ge.dtype, o)
+    de, dc = cp.full((n, d), cp.nan, gdt), cp.full((v, d), cp.nan, gdt)
+    db = None if b is None else cp.full((v,), cp.nan, gdt)
+    g = cp.asarray(grad_loss, dtype=cp.float32)
+    filtered.launch_fused_filtered(ge, gc, gt, gb, o, gt != o.ignore_index, g, lse, tgt, de, dc, db, stats)
+    cp.cuda.Device().synchronize()
+    out = {"lse": lse, "tgt": tgt, "de": de, "dc": dc, "db": db}
+    _assert_no_nan(out)
+    return {k: (None if x is None else to_f64(x)) for k, x in out.items()}
+
+
+def _check_certificate(e, c, t, b, o, grad_loss=1.0, grad_lse=None, host_sync=True, fused=False):
     """Run filtered and exact; assert the certificate row by row (dE), and summed over rows (dC,
-    dbias), against float64. Returns (stats, float64 model)."""
+    dbias), against float64. fused: the filtered run is the fused launcher's (cce_cupy.cuda.filtered).
+    Returns (stats, float64 model)."""
     stats = {}
-    kw = {"host_sync": host_sync, **({"stats": stats} if host_sync else {})}
-    filt = _run(e, c, t, b, o, grad_loss, grad_lse, **kw)
+    if fused:
+        assert grad_lse is None and host_sync
+        filt = _run_fused(e, c, t, b, o, grad_loss, stats)
+    else:
+        kw = {"host_sync": host_sync, **({"stats": stats} if host_sync else {})}
+        filt = _run(e, c, t, b, o, grad_loss, grad_lse, **kw)
     exact = _run(e, c, t, b, o.replace(filter_eps=None, filter_tol=None), grad_loss, grad_lse)
     ref = dense_reference(e, c, t, b, o.replace(filter_eps=None, filter_tol=None), grad_loss, grad_lse)
     model = certificate_model(ref, o, c.shape[0])
-    tol = o.resolved_filter_tol() * (1 + CERTIFICATE_MARGIN)
+    tol = o.resolved_filter_tol() * (1 + certificate_margin(c.shape[0]))
     e64, c64 = to_f64(e), to_f64(c)
     cmax = np.linalg.norm(c64, axis=1).max()
     norm1 = model["norm1"]
@@ -103,15 +128,26 @@ def _data(kind, dtype, n=512, v=32768, seed=0):
 
 
 class _PathSpy:
-    """Records whether the sparse lists were built and how many rows took the host-side exact path."""
+    """Records whether the sparse lists were built (by the recompute pass: lists; by the forward:
+    fused) and how many rows took the host-side exact path."""
 
     def __init__(self, monkeypatch):
-        self.lists, self.exact_rows = 0, []
-        real_lists, real_rows = sparse.build_lists, cuda_backward._exact_rows
+        self.lists, self.fused, self.exact_rows = 0, 0, []
+        real_lists, real_rows, real_fused = (
+            sparse.build_lists,
+            cuda_backward._exact_rows,
+            filtered.launch_fused_filtered,
+        )
 
         def lists(*a, **k):
             self.lists += 1
             return real_lists(*a, **k)
+
+        def fused(*a, **k):
+            self.fused += 1
+            return real_fused(*a, **k)
+
+        monkeypatch.setattr(filtered, "launch_fused_filtered", fused)
 
         def rows(idx, *a, **k):
             self.exact_rows.append(int(idx.size))
@@ -207,7 +243,7 @@ def test_z_loss_keeps_confident_rows_gradient(kernels, gdt, monkeypatch):
     assert float(cp.linalg.norm(exact.astype(cp.float32))) > 7e-3
     assert_rel_close(filtered, exact, 1e-2, "de(filtered, z_loss)")
     hopper = cp.cuda.Device().compute_capability == "90" and kernels == "auto"
-    assert spy.lists == (1 if hopper else 0)
+    assert (spy.fused, spy.lists) == ((1, 0) if hopper else (0, 0))  # with_grad: lists from the forward
     lse, _ = cce.forward(ge, gc, gt)
     o = CCEOptions(reduction="sum", grad_dtype="float32", filter_eps="auto")
     de = cce.backward(ge, gc, gt, lse, 0.0, grad_lse=cp.ones(4, cp.float32), options=o)[0]
@@ -245,6 +281,79 @@ def test_filter_is_exact_where_no_sparse_path(how, monkeypatch):
     args = (cp.asarray(e), cp.asarray(c), cp.asarray(t))
     exact = cce.linear_cross_entropy_with_grad(*args, options=o)
     filt = cce.linear_cross_entropy_with_grad(*args, options=o.replace(filter_eps="auto"))
-    assert spy.lists == 0
+    assert spy.lists == spy.fused == 0
+    for name, a, bb in zip(("loss", "de", "dc"), exact, filt):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(bb).tobytes(), f"{name} differs from the exact call"
+
+
+# ------------------------------------------------------------- candidates collected by the forward
+@pytest.mark.parametrize("data", ["sharp", "peaked", "uniform", "zipf"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fused_certificate_holds_row_by_row(dtype, data, monkeypatch):
+    """The fused launcher (the forward collects the candidates, no recompute pass) on the same data
+    as test_certificate_holds_row_by_row: the certificate holds row by row, and the GPU decides
+    within 2% of the float64 model."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, b = _data(data, dtype)
+    spy = _PathSpy(monkeypatch)
+    stats, model = _check_certificate(e, c, t, b, CCEOptions(filter_eps="auto"), fused=True)
+    assert spy.lists == 0  # no recompute pass
+    active = t != -100
+    if data == "sharp":
+        assert stats["fallback_rows"] < 0.1 * active.sum()
+
+
+@pytest.mark.parametrize("case", [k for k in CASES if k != "grad_lse"])
+def test_fused_certified_options(case):
+    """Every option of linear_cross_entropy_with_grad through the fused launcher, on ~3/4 sharp and
+    ~1/4 flat rows (test_certified_options' data): the certificate holds row by row."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    kw = dict(CASES[case])
+    has_bias = kw.pop("bias", False)
+    o = CCEOptions(filter_eps="auto", **kw)
+    n, d, v = 300, 256, 8192
+    e, c, t = make_sharp_problem(n, d, v, "float32", seed=5)
+    rng = np.random.default_rng(6)
+    e[: n // 4] = rng.standard_normal((n // 4, d))  # flat rows
+    t[rng.random(n) < 0.15] = o.ignore_index
+    bf = DTYPES["bfloat16"]
+    e, c = e.astype(bf), c.astype(bf)
+    b = (0.1 * rng.standard_normal(v)).astype(bf) if has_bias else None
+    grad_loss = rng.uniform(0.5, 2.0, n) if o.reduction == "none" else 0.7
+    stats, model = _check_certificate(e, c, t, b, o, grad_loss, fused=True)
+    if case not in ("softcap_smoothing", "all"):
+        assert 0 < stats["fallback_rows"] < stats["rows"]  # both paths run
+
+
+def test_fused_overflowed_rows_take_exact_path(monkeypatch):
+    """Rows with more candidates than slots (test_overflowed_rows_take_exact_path's data) overflow
+    their forward lists and take the exact path: all of them, and the result is the exact one."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    o = CCEOptions(filter_eps=1e-4)
+    e, c, t, b = make_problem(260, 64, 3000, "bfloat16", bias=True, seed=12)
+    stats, _ = _check_certificate(e, c, t, b, o, fused=True)
+    assert stats["fallback_rows"] == stats["rows"] == (t != -100).sum()
+    exact = _run(e, c, t, b, CCEOptions())
+    filt = _run_fused(e, c, t, b, o)
+    for name in ("de", "dc", "db"):
+        assert_rel_close(filt[name], exact[name], 1e-2, name)
+
+
+@pytest.mark.parametrize("data", ["zipf", "peaked"])
+def test_fused_uncertified_call_is_the_exact_call(data, monkeypatch):
+    """Where no row certifies (long-tailed and make_problem's peaked rows), the filtered call runs the
+    exact backward on all rows: loss and gradients bitwise those of the exact call (the forward's
+    lse is computed by the same arithmetic with or without its lists)."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, _ = _data(data, "bfloat16")
+    args = (cp.asarray(e), cp.asarray(c), cp.asarray(t))
+    spy = _PathSpy(monkeypatch)
+    exact = cce.linear_cross_entropy_with_grad(*args)
+    filt = cce.linear_cross_entropy_with_grad(*args, filter_eps="auto")
+    assert spy.fused == 1 and spy.exact_rows == []  # no gather: the whole call went exact
     for name, a, bb in zip(("loss", "de", "dc"), exact, filt):
         assert cp.asnumpy(a).tobytes() == cp.asnumpy(bb).tobytes(), f"{name} differs from the exact call"

@@ -59,6 +59,7 @@ def launch_backward(
     host_sync: bool = True,
     accumulate: bool = False,
     stats: dict | None = None,
+    lists_from_forward: bool = False,
 ):
     """dE, dC (and dbias) of the loss whose per-row coefficients are coef_p, coef_q; see CONTRACT.md.
 
@@ -79,6 +80,8 @@ def launch_backward(
     nothing unless the device count is nonzero. Elsewhere, and with deterministic=True, filtered
     gradients are exact (which meets the certificate). `stats`, if a dict and host_sync, gets
     "rows" (with a nonzero coefficient) and "fallback_rows" (uncertified) counts added.
+    lists_from_forward: the lists are in `scratch` already, pruned (cce_cupy.cuda.filtered): only
+    the certificate and what follows run (filtered, host_sync, on Hopper, not accumulate).
     """
     import cupy
 
@@ -96,14 +99,12 @@ def launch_backward(
     certified = opts.filter_eps is not None
     if certified and not (slots and hopper and not accumulate and _aligned(de_out, dc_out, ld=d)):
         opts, certified = opts.replace(filter_eps=None, filter_tol=None), False  # exact: certified trivially
-    layout = _backward_layout(n, v, d, e.dtype, opts, device_fallback=not host_sync)
+    if lists_from_forward and not (certified and host_sync):
+        raise ValueError("lists_from_forward needs the certified filtered backward with host_sync")
     if scratch is None:
         nbytes = backward_scratch_nbytes(n, v, d, e.dtype, opts, device_fallback=not host_sync)
         scratch = cupy.empty(nbytes, dtype=cupy.uint8)
-
-    def buf(name, dtype, shape):
-        off, size = layout[name]
-        return scratch[off : off + size].view(dtype).reshape(shape)
+    buf = scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=not host_sync)
 
     rows, vc_max, need_acc = backward_blocking(n, v, d, e.dtype, opts)
     # The forward of this shape picked (and cached) the cluster size; the recompute uses the same.
@@ -127,10 +128,10 @@ def launch_backward(
     if not certified:
         tiled_plan(None, None).run(*args, coef_p, coef_q, de_out, dc_out, dbias_out, accumulate)
         return
-    bufs = {name: buf(name, np.int32, (-1,)) for name in ("counts", "fallback_rows", "col_start", "entries", "by_col")}
-    for name in ("dropped", "fb_coef_p", "fb_coef_q", "cert_q", "smooth"):
-        bufs[name] = buf(name, np.float32, (-1,))
-    sparse.build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, cluster)
+    bufs = sparse_buffers(buf)
+    if not lists_from_forward:
+        sparse.build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, cluster)
+    sparse.certify(opts, coef_p, coef_q, bufs, n, v, slots)
     fallback = bufs["counts"][:1]
     if not host_sync:
         # The uncertified rows' exact gradients over all rows (the others' coefficients are 0, so the
@@ -140,15 +141,42 @@ def launch_backward(
         plan.run(*args, bufs["fb_coef_p"], bufs["fb_coef_q"], de_out, dc_out, dbias_out, False)
         sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out, accumulate_if=fallback)
         return
-    sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out)
     k = int(fallback.get()[0])
+    active = int(cupy.count_nonzero((coef_p != 0) | (coef_q != 0)))  # rows with a gradient
     if stats is not None:
-        stats["rows"] = stats.get("rows", 0) + int(cupy.count_nonzero((coef_p != 0) | (coef_q != 0)))
+        stats["rows"] = stats.get("rows", 0) + active
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
+    if k == active:  # no row with a gradient certified: the exact backward, as if unfiltered
+        del scratch, bufs, fallback, buf
+        exact = opts.replace(filter_eps=None, filter_tol=None)
+        launch_backward(
+            e, c, targets, bias, exact, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas=use_cublas
+        )
+        return
+    sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out)
     if k:
         idx = cupy.sort(bufs["fallback_rows"][:k])  # a copy: the scratch may be released below
         del scratch, bufs, fallback  # views of the scratch: let the pool reuse it for the exact pass
         _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas)
+
+
+def scratch_buffers(scratch, n: int, v: int, d: int, dtype, opts: CCEOptions, device_fallback: bool):
+    """buf(name, dtype, shape): the views of the backward's scratch (plan._backward_layout)."""
+    layout = _backward_layout(n, v, d, dtype, opts, device_fallback=device_fallback)
+
+    def buf(name, dt, shape):
+        off, size = layout[name]
+        return scratch[off : off + size].view(dt).reshape(shape)
+
+    return buf
+
+
+def sparse_buffers(buf) -> dict:
+    """The certified backward's buffers (flat), by name, from scratch_buffers' buf."""
+    bufs = {name: buf(name, np.int32, (-1,)) for name in ("counts", "fallback_rows", "col_start", "entries", "by_col")}
+    for name in ("dropped", "fb_coef_p", "fb_coef_q", "cert_q", "smooth"):
+        bufs[name] = buf(name, np.float32, (-1,))
+    return bufs
 
 
 def _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas):

@@ -37,7 +37,6 @@ from cce_cupy.cuda.sources import (
 )
 from cce_cupy.options import CCEOptions
 
-
 # The kernel's tmap_s where it is unused (STORE other than ROW): 128 zero bytes.
 _NO_TMA_MAP = np.zeros(1, dtype=np.dtype((np.void, 128)))
 HOPPER_STAGING_ROWS = 64  # a consumer warpgroup's rows: the TMA box of tmap_s is 64 x 64

@@ -107,17 +107,19 @@ CE_SLICE_BYTES_MAX = 200 * 1024
 
 class SoftmaxStore(enum.IntEnum):
     """lce_forward_partials_sm90's STORE argument: what the forward also keeps of each row's softmax
-    for the memory-budgeted backward (cce_cupy/cuda/budget.py; a C++ enum class, like GemmMode)."""
+    for the backward (a C++ enum class, like GemmMode): the memory-budgeted one (cce_cupy/cuda/budget.py)
+    or the certified filtered one (cce_cupy/cuda/filtered.py)."""
 
     NONE = 0
     TILE = 1  # fp16, one scale per 256-column tile (read by lce_budget_grad)
     ROW = 2  # bf16, one shift per row (read by the GEMMs)
+    LISTS = 3  # the candidate (column, logit) pairs of each row and its other mass (sparse_prune_lists)
 
 
 # The STORE modes built per input type: ROW keeps the softmax in T, which needs bf16's range.
 FORWARD_STORES = {
-    "bfloat16": (SoftmaxStore.NONE, SoftmaxStore.TILE, SoftmaxStore.ROW),
-    "float16": (SoftmaxStore.NONE, SoftmaxStore.TILE),
+    "bfloat16": (SoftmaxStore.NONE, SoftmaxStore.TILE, SoftmaxStore.ROW, SoftmaxStore.LISTS),
+    "float16": (SoftmaxStore.NONE, SoftmaxStore.TILE, SoftmaxStore.LISTS),
 }
 # lce_budget.cu's kernels templated like <T, HAS_BIAS, SOFTCAP, TI>.
 BUDGET_KERNELS = (
@@ -245,6 +247,7 @@ def all_instances() -> dict[str, list[str]]:
     ]
     # The sparse backward runs after lce_grad_sparse_sm90, so only for the Hopper input types.
     sparse = ["sparse_certify_rows", "sparse_count_cols", "sparse_scan_cols", "sparse_scatter_cols"]
+    sparse += [template_name("sparse_prune_lists", sc, i) for sc in b for i in idx]  # after a LISTS forward
     sparse += [template_name("sparse_weighted_colsum", t) for t in HOPPER_DTYPES]
     sparse += [template_name("sparse_grad_rows", t, g) for t in HOPPER_DTYPES for g in (t, "float32")]
     sparse += [template_name("sparse_grad_cols", t, g, hb) for t in HOPPER_DTYPES for g in (t, "float32") for hb in b]

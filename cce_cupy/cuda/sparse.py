@@ -13,7 +13,7 @@ from cce_cupy.cuda.device import _ptr, hopper_operands, hopper_row_blocks
 from cce_cupy.cuda.loader import get_kernel
 from cce_cupy.cuda.plan import _cdiv, forward_splits
 from cce_cupy.cuda.sources import HOPPER_SMEM_BYTES, HOPPER_THREADS, HOPPER_TILE_N, template_name
-from cce_cupy.options import CERTIFICATE_MARGIN, analytic_smoothing
+from cce_cupy.options import analytic_smoothing, certificate_margin
 
 COLSUM_ROWS = 256  # rows a block of sparse_weighted_colsum sums
 
@@ -29,17 +29,15 @@ def _kernel(name):
 
 
 def build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, cluster) -> None:
-    """Steps 1-2: the candidate lists and each row's dropped mass (lce_grad_sparse_sm90), then the
-    certificate (sparse_certify_rows). Afterwards bufs["counts"][0] is the number of uncertified
-    rows, listed in bufs["fallback_rows"]; their coefficients are in bufs["fb_coef_p"/"fb_coef_q"]
-    (0 for certified rows), and their row_count is -1 (the sums skip them)."""
+    """Step 1: the candidate lists and each row's dropped mass, by a recompute (lce_grad_sparse_sm90).
+    (cce_cupy.cuda.filtered has the forward collect them instead.)"""
     n, d = e.shape
     v = c.shape[0]
     counts = bufs["counts"]
-    fallback, row_count = counts[:1], counts[1 : 1 + n]
+    row_count = counts[1 : 1 + n]
     _memset0(counts)
     _memset0(bufs["dropped"])
-    eps, tol = opts.resolved_filter_eps(), opts.resolved_filter_tol()
+    eps = opts.resolved_filter_eps()
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N)
     recompute = get_kernel(
         "lce_hopper.cu",
@@ -71,6 +69,17 @@ def build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, clu
         ),
         shared_mem=HOPPER_SMEM_BYTES,
     )
+
+
+def certify(opts, coef_p, coef_q, bufs, n: int, v: int, slots: int) -> None:
+    """Step 2: the certificate (sparse_certify_rows). Afterwards bufs["counts"][0] is the number of
+    uncertified rows, listed in bufs["fallback_rows"]; their coefficients are in
+    bufs["fb_coef_p"/"fb_coef_q"] (0 for certified rows), and their row_count is -1 (the sums skip
+    them). The uncertified-row count starts at 0 here."""
+    counts = bufs["counts"]
+    fallback, row_count = counts[:1], counts[1 : 1 + n]
+    _memset0(fallback)
+    tol = opts.resolved_filter_tol()
     ls = opts.label_smoothing
     _kernel("sparse_certify_rows")(
         (_cdiv(n, 8),),
@@ -90,7 +99,7 @@ def build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, clu
             np.int32(v),
             np.int32(slots),
             np.float32(tol),
-            np.float32(CERTIFICATE_MARGIN),
+            np.float32(certificate_margin(v)),
             np.float32(ls / v if analytic_smoothing(opts) else 0.0),
             np.float32(ls if ls > 0.0 and not analytic_smoothing(opts) else 0.0),
         ),

@@ -323,6 +323,15 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, fl
 //       range: only a row whose logits exceed c by more than STORE_ROW_RANGE (60 nats, a loss that
 //       large) could overflow the GEMMs' fp32 sums; such a row (or one whose sum against c passed
 //       e^60) sets unsafe[row] = 1, and lce_budget_recompute recomputes its lse and its s.
+//     LISTS (the certified filter's candidates, cce_cupy/cuda/filtered.py; no softmax is kept):
+//       with tau = row_shift[row] (the row's target logit + log eps, less a margin; +inf for a row
+//       without gradient), every column whose y >= tau is appended to the row's list:
+//           slot = atomicAdd(&unsafe[row], 1);  s_out[row * lds + slot] = (col, y as float bits) (int2)
+//       (unsafe: the row counts, from 0; lds: the slots a row). A thread stops appending to a row once
+//       a slot it drew is >= lds, so the count ends above lds exactly when the list overflowed. The
+//       other columns' mass, against the split's max m (part's first slot), goes to
+//       scales[split * N + row] = sum_{y < tau} exp(y - m): no column of it has p >= eps, since
+//       lse >= the target logit. sparse_prune_lists finishes the lists against the lse.
 // ---------------------------------------------------------------------------------------------
 #define STORE_ROW_RANGE 60.f
 
@@ -344,6 +353,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     const TmaDesc* tmap_s = nullptr;
     bool shifted = false;
     float shift_b[2] = {0.f, 0.f};
+    // LISTS: the rows' thresholds tau, their other mass against run_max (rescaled with run_sum), and
+    // whether this thread's list of the row has overflowed.
+    float thr[2] = {INFINITY, INFINITY}, drop[2] = {0.f, 0.f};
+    bool overflowed[2] = {false, false};
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -387,6 +400,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
                 const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
                 run_sum[q >> 1] += ex;
                 if (STORE == SoftmaxStore::ROW) acc[4 * j + q] = SOFTCAP ? ex * softcap_factor(y) : ex;
+                if (STORE == SoftmaxStore::LISTS) sort_candidate(n0, 4 * j + q, y, ex);
             }
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
@@ -428,6 +442,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
+            if (STORE == SoftmaxStore::LISTS) sort_candidate(n0, i, acc[i], ex);
         }
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
@@ -450,13 +465,31 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         }
     }
 
+    // LISTS: element i of acc (logit y, ex = exp(y - run_max)) joins its row's list, or its mass the
+    // row's other mass. Candidates are rare on the rows the filter can certify (a few a row); a row
+    // with many overflows its list, and the exact path takes it.
+    __device__ __forceinline__ void sort_candidate(int n0, int i, float y, float ex) {
+        const int h = (i >> 1) & 1;
+        if (y < thr[h]) {
+            drop[h] += ex;
+        } else if (!overflowed[h]) {
+            const int row = m0 + hopper_row0() + 8 * h;  // < N: rows >= N have thr = +inf
+            const int col = n0 + (i >> 2) * 8 + hopper_col0() + (i & 1);
+            const int slot = atomicAdd(unsafe + row, 1);
+            if (slot < (int)lds) reinterpret_cast<int2*>(s_out)[(i64)row * lds + slot] = make_int2(col, __float_as_int(y));
+            else overflowed[h] = true;
+        }
+    }
+
     // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
     // whose columns are all masked keeps max = -inf and sum = 0.
     __device__ __forceinline__ void raise_max(const float (&tmax)[2]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const float new_max = fmaxf(run_max[h], tmax[h]);
-            run_sum[h] = (new_max == -INFINITY) ? 0.f : run_sum[h] * __expf(run_max[h] - new_max);
+            const float scale = (new_max == -INFINITY) ? 0.f : __expf(run_max[h] - new_max);
+            run_sum[h] *= scale;
+            if (STORE == SoftmaxStore::LISTS) drop[h] *= scale;
             run_max[h] = new_max;
         }
     }
@@ -607,19 +640,29 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
                 epi.shift_b[h] = c[h] * H_LOG2E;
             }
     }
+    if (STORE == SoftmaxStore::LISTS && is_consumer())
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + hopper_row0() + 8 * h;
+            epi.thr[h] = (row < N) ? row_shift[row] : INFINITY;
+        }
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
     if (STORE == SoftmaxStore::ROW && (consumer_tid() & 127) == 0) bulk_wait_all();  // before the block's smem goes
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float m = epi.run_max[h], s = epi.run_sum[h], y = epi.run_y[h];
+        float m = epi.run_max[h], s = epi.run_sum[h], y = epi.run_y[h], dr = epi.drop[h];
 #pragma unroll
         for (int o = 1; o < 4; o <<= 1) {
             const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
             const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
             const float mm = fmaxf(m, m2);
             s = (mm == -INFINITY) ? 0.f : s * __expf(m - mm) + s2 * __expf(m2 - mm);
+            if (STORE == SoftmaxStore::LISTS) {
+                const float dr2 = __shfl_xor_sync(0xffffffffu, dr, o);
+                dr = (mm == -INFINITY) ? 0.f : dr * __expf(m - mm) + dr2 * __expf(m2 - mm);
+            }
             m = mm;
             if (SMOOTH) y += __shfl_xor_sync(0xffffffffu, y, o);
         }
@@ -631,6 +674,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
             part[2 * stride + (i64)split * N + row] = y;
             // A sum past e^60 (or inf, NaN) relative to c: see shifted_exps.
             if (STORE == SoftmaxStore::ROW && epi.shifted && !(s <= __expf(STORE_ROW_RANGE))) unsafe[row] = 1;
+            if (STORE == SoftmaxStore::LISTS) scales[(i64)split * N + row] = dr;
         }
     }
 }

@@ -11,6 +11,7 @@
 // D % 8 == 0 and 16-byte aligned E, C, dE, dC (the Hopper path's requirements) are assumed.
 //
 // sparse_certify_rows:       per row, see below. Grid ceil(N / 8), 256 threads: one warp per row.
+// sparse_prune_lists<SOFTCAP, TI>: the lists a LISTS forward collected, made the above (see below).
 // sparse_weighted_colsum<T>: out[d] += sum_i w_i src[i, d] (w_i = 1 without weights), out[D] +=
 //                            sum_i w_i. Grid (ceil(D / 256), ceil(rows / rows_per_block)), 256
 //                            threads: thread d of block (x, y) sums rows [y rows_per_block, ...).
@@ -69,6 +70,61 @@ __global__ void sparse_certify_rows(const int2* __restrict__ entries, int* __res
         row_count[row] = -1;
         fallback_rows[atomicAdd(fallback, 1)] = row;
     }
+}
+
+// sparse_prune_lists<SOFTCAP, TI>: the lists of a LISTS forward (lce_forward_partials_sm90), finished
+//   against the row's lse l into what lce_grad_sparse_sm90 would have built. Row i, n = row_count[i]
+//   candidates (j, y_ij as float bits):
+//     kept (j is the target t_i, or y_ij >= l + log_eps: p_ij >= eps) become (j, g_ij), compacted
+//       to the list's front, g_ij as lce_grad_sparse_sm90's (smooth_t = 1 - ls, smooth_all = ls / V
+//       with SOFTCAP, else 0); row_count[i] = their number;
+//     the others' p_ij go to dropped[i], which also gets the forward's other mass
+//       sum_s dpart[s * N + i] exp(pmax[s * N + i] - l)    (splits s; pmax: the partials' max).
+//   A row whose list overflowed (n > slots) keeps its count (sparse_certify_rows rejects it) and
+//   gets dropped = 0. softcap'(z) = 1 - (y / softcap)^2 from y (the list holds y, not z).
+//   Grid ceil(N / 8), 256 threads: one warp per row.
+template <bool SOFTCAP, typename TI>
+__global__ void sparse_prune_lists(int2* __restrict__ entries, int* __restrict__ row_count, float* __restrict__ dropped,
+                                   const float* __restrict__ dpart, const float* __restrict__ pmax, int splits,
+                                   const float* __restrict__ lse, const float* __restrict__ coef_p,
+                                   const float* __restrict__ coef_q, const TI* __restrict__ targets, int N, int slots,
+                                   float log_eps, float softcap, float smooth_t, float smooth_all) {
+    const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const int n = row_count[row];
+    const float l = lse[row], cp = coef_p[row], cq = coef_q[row];
+    float other = 0.f;
+    if (n <= slots) {
+        for (int s = lane; s < splits; s += 32) {
+            const float d = dpart[(i64)s * N + row];
+            if (d != 0.f) other += d * expf(pmax[(i64)s * N + row] - l);
+        }
+        const long long t = (long long)targets[row];
+        const float threshold = l + log_eps;
+        int2* list = entries + (i64)row * slots;
+        int kept = 0;
+        for (int base = 0; base < n; base += 32) {  // in order: a chunk is read before any write reaches it
+            const int k = base + lane;
+            int2 entry = k < n ? list[k] : make_int2(0, 0);
+            const float y = __int_as_float(entry.y);
+            const bool is_t = (long long)entry.x == t;
+            const bool keep = k < n && (y >= threshold || is_t);
+            if (k < n && !keep) other += expf(y - l);
+            const unsigned keeps = __ballot_sync(0xffffffffu, keep);
+            if (keep) {
+                float g = cp * expf(y - l) - cq * ((is_t ? smooth_t : 0.f) + smooth_all);
+                if (SOFTCAP) {
+                    const float r = y / softcap;
+                    g *= (1.f - r) * (1.f + r);
+                }
+                list[kept + __popc(keeps & ((1u << lane) - 1))] = make_int2(entry.x, __float_as_int(g));
+            }
+            kept += __popc(keeps);
+        }
+        other = warp_sum(other);  // also orders every lane's read of row_count before lane 0 rewrites it
+        if (lane == 0) row_count[row] = kept;
+    }
+    if (lane == 0) dropped[row] = (n <= slots) ? other : 0.f;
 }
 
 template <typename T>

@@ -1,0 +1,109 @@
+"""The certified filter's forward + backward in one call, with the candidate lists collected by the
+forward (lce_forward_partials_sm90, STORE = LISTS) instead of a recompute pass.
+
+The certified backward (cce_cupy.cuda.backward, cce_cupy.cuda.sparse; docs/design.md "Certified
+filtering") needs, per row, the list of kept columns K_i = {t_i} + {j : p_ij >= eps} and the mass
+of the others. With the target logit c_i known before the forward (a gather-dot), the forward can
+collect them: lse_i >= c_i, so every column of K_i has y_ij >= c_i + log eps, and a column below
+that is certainly dropped. The forward appends the columns at or above it (a few a row where the
+certificate can hold) and sums the others' mass; sparse_prune_lists then keeps K_i from them
+against the final lse and adds the rest to the dropped mass. What the certificate and the sums see
+is then what the recompute pass would have given, without that pass: a certified row costs no
+work after the forward but its list sums, and on data where no row certifies, the call is the
+exact backward plus the lists' small cost.
+
+CuPy only, with a host sync (the count of uncertified rows); JAX callbacks use the recompute pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cce_cupy.cuda.backward import launch_backward, scratch_buffers, sparse_buffers
+from cce_cupy.cuda.device import _aligned, _ptr, use_hopper
+from cce_cupy.cuda.forward import KeptSoftmax, launch_forward
+from cce_cupy.cuda.loader import get_kernel
+from cce_cupy.cuda.plan import _cdiv, backward_scratch_nbytes, forward_scratch_nbytes, forward_splits, sparse_slots
+from cce_cupy.cuda.sources import HOPPER_TILE_N, SoftmaxStore, template_name
+from cce_cupy.options import CCEOptions, row_coefficients, row_loss_grads
+
+# Below c_i + log eps by this much, too, for the candidates: the gather-dot's c_i and the forward's
+# own target logit are the same fp32 dot product summed in different orders (~1e-5 apart at |c| ~
+# 20), and K_i must be inside the candidates.
+THRESHOLD_MARGIN = 2.0**-6
+
+
+def filtered_applies(e, c, opts: CCEOptions) -> bool:
+    """This path can run: filtering with list slots (plan.sparse_slots: not deterministic, 16-bit,
+    D % 8 == 0) on the Hopper forward's inputs."""
+    n, d = e.shape
+    return opts.filter_eps is not None and sparse_slots(n, d, e.dtype, opts) > 0 and use_hopper(e, c, ld=d)
+
+
+def launch_fused_filtered(
+    e, c, targets, bias, opts: CCEOptions, valid, grad_loss, lse, tgt, de, dc, dbias, stats=None, bad_target=None
+):
+    """Loss terms (lse, tgt) and certified filtered gradients (de, dc, dbias written whole).
+
+    valid: (N,) bool, the rows that are not ignored; grad_loss: the upstream gradient as for
+    options.row_coefficients. stats: as launch_backward's. Requires filtered_applies.
+    """
+    import cupy
+
+    n, d = e.shape
+    v = c.shape[0]
+    if not _aligned(de, dc, ld=d):
+        raise ValueError("launch_fused_filtered needs 16-byte aligned dE and dC")
+    f32 = np.float32
+    slots = sparse_slots(n, d, e.dtype, opts)
+    scratch = cupy.empty(backward_scratch_nbytes(n, v, d, e.dtype, opts, device_fallback=False), dtype=cupy.uint8)
+    bufs = sparse_buffers(scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=False))
+    bufs["counts"].fill(0)  # row counts (the forward appends from 0) and column counts (the sums)
+    row_count = bufs["counts"][1 : 1 + n]
+    entries = bufs["entries"][: 2 * n * slots]
+
+    # Each row's threshold: its target logit (gather-dot, +inf for a row without gradient) + log eps.
+    row_grad = row_loss_grads(cupy, opts, valid, grad_loss)  # coef_q: needs no lse
+    row_grad = cupy.ascontiguousarray(cupy.broadcast_to(row_grad, (n,)), dtype=cupy.float32)
+    threshold = cupy.empty(n, cupy.float32)
+    z_target = cupy.empty(n, cupy.float32)
+    flags = (bias is not None, opts.softcap is not None, targets.dtype)
+    get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))(
+        (_cdiv(n, 8),),
+        (256,),
+        (e, c, _ptr(bias), targets, row_grad, threshold, z_target, np.int32(n),
+         np.int32(v), np.int32(d), f32(opts.softcap or 0.0)),
+    )  # fmt: skip
+    log_eps = math.log(opts.resolved_filter_eps())
+    threshold += f32(log_eps - THRESHOLD_MARGIN)
+
+    splits = forward_splits(n, v, HOPPER_TILE_N)[0]
+    fwd_scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
+    other_mass = cupy.empty((splits, n), cupy.float32)
+    store = KeptSoftmax(
+        SoftmaxStore.LISTS, entries.view(cupy.int64).reshape(n, slots), scales=other_mass, row_shift=threshold,
+        unsafe=row_count,
+    )  # fmt: skip
+    launch_forward(e, c, targets, bias, opts, lse, tgt, fwd_scratch, bad_target, True, store)
+
+    coef_p, coef_q = row_coefficients(cupy, opts, valid, lse, grad_loss)
+    coef_p = cupy.ascontiguousarray(cupy.broadcast_to(coef_p, (n,)), dtype=cupy.float32)
+    coef_q = cupy.ascontiguousarray(cupy.broadcast_to(coef_q, (n,)), dtype=cupy.float32)
+    part_max = fwd_scratch[: splits * n * 4].view(cupy.float32)  # the partials' first slot
+    ls = opts.label_smoothing
+    get_kernel("lce_sparse.cu", template_name("sparse_prune_lists", opts.softcap is not None, targets.dtype))(
+        (_cdiv(n, 8),),
+        (256,),
+        (entries, row_count, bufs["dropped"], other_mass, part_max, np.int32(splits), lse, coef_p, coef_q, targets,
+         np.int32(n), np.int32(slots), f32(log_eps), f32(opts.softcap or 0.0), f32(1.0 - ls),
+         f32(ls / v if opts.softcap is not None else 0.0)),
+    )  # fmt: skip
+    launch_backward(
+        e, c, targets, bias, opts, lse, coef_p, coef_q, de, dc, dbias, scratch=scratch, stats=stats,
+        lists_from_forward=True,
+    )  # fmt: skip
+
+
+__all__ = ["THRESHOLD_MARGIN", "filtered_applies", "launch_fused_filtered"]
