@@ -11,6 +11,7 @@ before anything can import jax.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,16 @@ MIB = 1 << 20
 PEAK_TARGET = 15.0
 PEAK_DISTRACTOR = 13.0
 
+# Long-tailed data, see make_inputs (tuned at V = 128256 and 256000).
+ZIPF_EXPONENT = 1.076  # prior_r ~ r**-a over the ranks r = 1..V
+TAIL_NOISE = 0.5  # std of every logit's random part
+TAIL_TARGET_LOGIT = -4.2  # each row's target is raised to this logit (against log prior) if below
+TAIL_PRIOR_SCALE = 4.0  # E_i[0]; C_j[0] = log(prior_j) / this, so both are O(1) in bf16
+
+# The trained-LM data: the file `examples/train_lm.py --save-states PATH` writes, its path from
+# bench.py --trained-lm or this environment variable.
+TRAINED_LM_ENV = "CCE_TRAINED_LM"
+
 
 # --------------------------------------------------------------------------------------- inputs
 @dataclass
@@ -44,6 +55,7 @@ class Problem:
     dtype: str
     data: str
     backend: str  # "cupy" or "numpy"
+    source: str | None = None  # the states file of data "trained_lm"
     e: Any = None  # (n, d) in `dtype`, xp array
     c: Any = None  # (v, d) in `dtype`
     t: Any = None  # (n,) int64
@@ -78,6 +90,29 @@ def np_dtype(name: str):
     return np.dtype(name)
 
 
+class _Rng:
+    """The backend's generator with one interface: CuPy's RandomState, or NumPy's Generator."""
+
+    def __init__(self, xp, seed: int):
+        self.gpu = xp is not np
+        self.r = xp.random.RandomState(seed) if self.gpu else np.random.default_rng(seed)
+
+    def normal(self, shape):
+        """N(0, 1), float32."""
+        return self.r.standard_normal(shape, dtype=np.float32)
+
+    def integers(self, high: int, size: int):
+        """Uniform in [0, high)."""
+        return self.r.randint(0, high, size=size) if self.gpu else self.r.integers(0, high, size=size)
+
+    def uniform(self, size: int):
+        """Uniform in [0, 1), float64."""
+        return self.r.random_sample(size) if self.gpu else self.r.random(size)
+
+    def permutation(self, k: int):
+        return self.r.permutation(k)
+
+
 def make_inputs(p: Problem, seed: int = 0) -> None:
     """Fill p.e, p.c, p.t.
 
@@ -93,36 +128,134 @@ def make_inputs(p: Problem, seed: int = 0) -> None:
     (max over V about 5): the target sits ~10 units above the background. With V = 256000 the
     softmax puts about 0.7 on the target, 0.1 on each distractor and 0.1 on the whole
     background (loss about 0.4 nats), so gradient filtering keeps only the tiles holding one of
-    the three hot columns of a row. All rows are valid (no ignore_index). E and C are made in
-    fp32 and rounded once to `dtype`; the ground truth uses the rounded values.
+    the three hot columns of a row.
+
+    ``long_tailed`` (a unigram tail, as in a real LM): a Zipf prior over the vocabulary,
+    prior_r ~ r^-a at rank r (a = ZIPF_EXPONENT = 1.076), the ranks shuffled over the vocabulary
+    ids with the seed; targets are drawn from the prior. The logits are
+
+        y_ij = log prior_j + r_ij + b_i [j = t_i],    b_i = max(0, -4.2 - log prior_{t_i})
+
+    with r_ij ~ N(0, 0.5^2) (TAIL_NOISE) the random part, and b_i the row's knowledge of its
+    target: a target rarer than the logit level -4.2 (TAIL_TARGET_LOGIT, near exp(-4) = 1.8% of
+    the softmax) is raised to it, as a trained LM predicts its token above the unigram prior.
+    Without a bias vector: E_i[0] = 4, C_j[0] = log prior_j / 4; C_j's other D - 1 dimensions
+    are N(0, 0.5^2 / (D - 1)), so z_i . C_j ~ N(0, 0.5^2) for z_i ~ N(0, I) whatever D; and
+    E_i[1:] = k_i z_i + b_i C'_t / |C'_t|^2 (C' = C[:, 1:]). That raises the target by b_i
+    exactly and moves every other logit by b_i C'_t . C'_j / |C'_t|^2, of variance
+    b_i^2 0.5^2 / ((D - 1) |C'_t|^2); k_i^2 = 1 - b_i^2 / ((D - 1) |C'_t|^2) takes as much off
+    z_i's part, so each row's random part has variance 0.5^2 for any D >= 1 + (b_max / 0.5)^2:
+    D >= 449 at V = 128256, >= 517 at V = 256000 (b_max = 10.6, 11.4). Below that (tiny test
+    shapes) the rarest targets' rows get a wider random part. Measured in float64 from the bf16
+    arrays made here (seed 0; mean over rows, 5th-95th percentile over rows in brackets):
+        V = 128256, D = 1024, 400 rows: loss 3.95 nats, 36.4% [32.7-39.5%] of a row's softmax in
+            entries below 2^-12 (D = 4096, 200 rows: 3.96, 36.3%; D = 64: 4.04, 35.8%);
+        V = 256000, D = 1024, 400 rows: loss 4.01 nats, 38.7% [34.9-41.9%] below 2^-12
+            (D = 2304, 200 rows: 4.05, 38.4%).
+    The tail grows with V (about 2.3 points from 128256 to 256000), so one exponent puts both
+    model vocabularies in 36-39% only near these values.
+
+    ``trained_lm``: the hidden states, classifier and targets of a trained
+    examples/train_lm.py model, read from p.source (load_trained_lm); n, d, v must be the file's.
+
+    All rows are valid (no ignore_index). E and C are made in fp32 and rounded once to `dtype`;
+    the ground truth uses the rounded values.
     """
     xp = p.xp
     n, d, v = p.n, p.d, p.v
-    if p.backend == "cupy":
-        rs = xp.random.RandomState(seed)
-        c = (rs.standard_normal((v, d), dtype=xp.float32) / np.float32(np.sqrt(d))).astype(xp.float32)
-        t = rs.randint(0, v, size=n).astype(xp.int64)
-        e = rs.standard_normal((n, d), dtype=xp.float32)
+    rng = _Rng(xp, seed)
+    if p.data in ("uniform", "peaked"):
+        c = rng.normal((v, d)) / np.float32(np.sqrt(d))
+        t = rng.integers(v, n).astype(xp.int64)
+        e = rng.normal((n, d))
         if p.data == "peaked":
-            d1 = rs.randint(0, v, size=n)
-            d2 = rs.randint(0, v, size=n)
+            d1 = rng.integers(v, n)
+            d2 = rng.integers(v, n)
+            e += np.float32(PEAK_TARGET) * c[t] + np.float32(PEAK_DISTRACTOR) * (c[d1] + c[d2])
+    elif p.data == "long_tailed":
+        e, c, t = _long_tailed(xp, rng, n, d, v)
+    elif p.data == "trained_lm":
+        e, c, t = load_trained_lm(p.source)
+        if (e.shape, c.shape) != ((n, d), (v, d)):
+            raise ValueError(f"{p.source} holds N, D, V = {e.shape[0]}, {e.shape[1]}, {c.shape[0]}, not {n}, {d}, {v}")
+        e, c, t = xp.asarray(e), xp.asarray(c), xp.asarray(t)
     else:
-        rng = np.random.default_rng(seed)
-        c = (rng.standard_normal((v, d), dtype=np.float32) / np.float32(np.sqrt(d))).astype(np.float32)
-        t = rng.integers(0, v, size=n).astype(np.int64)
-        e = rng.standard_normal((n, d), dtype=np.float32)
-        if p.data == "peaked":
-            d1 = rng.integers(0, v, size=n)
-            d2 = rng.integers(0, v, size=n)
-    if p.data == "peaked":
-        e += np.float32(PEAK_TARGET) * c[t] + np.float32(PEAK_DISTRACTOR) * (c[d1] + c[d2])
-    elif p.data != "uniform":
-        raise ValueError(f"data must be 'uniform' or 'peaked', got {p.data!r}")
+        raise ValueError(f"data must be 'uniform', 'peaked', 'long_tailed' or 'trained_lm', got {p.data!r}")
     dt = np_dtype(p.dtype)
     p.e = xp.ascontiguousarray(e.astype(dt))
     p.c = xp.ascontiguousarray(c.astype(dt))
     p.t = t
     del e, c
+
+
+def zipf_log_prior(v: int, a: float = ZIPF_EXPONENT) -> np.ndarray:
+    """log prior_r of the ranks r = 1..v, prior_r ~ r**-a, normalized; float64."""
+    lp = -a * np.log(np.arange(1, v + 1, dtype=np.float64))
+    return lp - np.logaddexp.reduce(lp)
+
+
+def _long_tailed(xp, rng: _Rng, n: int, d: int, v: int):
+    """(e, c, targets) of the long-tailed data, fp32 (see make_inputs)."""
+    if d < 2:
+        raise ValueError(f"long_tailed data needs D >= 2 (one dimension carries the log prior), got D={d}")
+    by_rank = zipf_log_prior(v)
+    ids = rng.permutation(v)  # the vocabulary id of each rank
+    log_prior = xp.empty(v, dtype=xp.float64)
+    log_prior[ids] = xp.asarray(by_rank)
+    cdf = xp.asarray(np.cumsum(np.exp(by_rank)))
+    rank = xp.minimum(xp.searchsorted(cdf, rng.uniform(n) * cdf[-1], side="right"), v - 1)
+    t = ids[rank].astype(xp.int64)
+    c = xp.empty((v, d), dtype=xp.float32)
+    c[:, 0] = log_prior / TAIL_PRIOR_SCALE
+    c[:, 1:] = rng.normal((v, d - 1)) * np.float32(TAIL_NOISE / np.sqrt(d - 1))
+    ct = c[t, 1:]
+    norm2 = (ct * ct).sum(axis=1, dtype=xp.float64)
+    boost = xp.maximum(0.0, TAIL_TARGET_LOGIT - log_prior[t])
+    keep = xp.sqrt(xp.maximum(0.0, 1.0 - boost**2 / ((d - 1) * norm2)))
+    e = xp.empty((n, d), dtype=xp.float32)
+    e[:, 0] = TAIL_PRIOR_SCALE
+    e[:, 1:] = keep.astype(xp.float32)[:, None] * rng.normal((n, d - 1))
+    e[:, 1:] += (boost / norm2).astype(xp.float32)[:, None] * ct
+    return e, c, t
+
+
+def trained_lm_dims(path: str) -> tuple[int, int, int]:
+    """(N, D, V) of a states file, from its metadata alone."""
+    with np.load(_states_path(path)) as f:
+        meta = json.loads(str(f["meta"]))
+    return int(meta["n"]), int(meta["d"]), int(meta["v"])
+
+
+def load_trained_lm(path: str | None):
+    """(e (N, D), c (V, D) as float32, exact; targets (N,) int64) of a states file.
+
+    The format (examples/train_lm.py --save-states): an .npz with `e`, `c` (16-bit dtypes stored
+    as their uint16 bits), `targets`, `dtype` (the name of e's and c's dtype) and `meta` (JSON:
+    n, d, v, and how the states were made).
+    """
+    with np.load(_states_path(path)) as f:
+        dt = np_dtype(str(f["dtype"]))
+        e, c = (f[k].view(dt) if dt.itemsize == 2 else f[k] for k in ("e", "c"))
+        t = f["targets"].astype(np.int64)
+    if t.shape != e.shape[:1] or c.shape[1] != e.shape[1] or t.min() < 0 or t.max() >= c.shape[0]:
+        raise ValueError(
+            f"{path}: inconsistent states: e {e.shape}, c {c.shape}, targets {t.shape} in [{t.min()}, {t.max()}]"
+        )
+    return e.astype(np.float32), c.astype(np.float32), t
+
+
+def _states_path(path: str | None) -> str:
+    if not path:
+        raise ValueError(
+            f"data 'trained_lm' needs the saved states: bench.py --trained-lm PATH or ${TRAINED_LM_ENV} "
+            "(written by examples/train_lm.py --save-states PATH)"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"trained-LM states {path!r} (bench.py --trained-lm or ${TRAINED_LM_ENV}) do not exist: "
+            "write them with examples/train_lm.py --save-states PATH"
+        )
+    return path
 
 
 def ground_truth(p: Problem, chunk: int = 16384) -> None:
