@@ -128,18 +128,38 @@ def _forward(call: _Call, allow_tf32: bool = False):
     return lse, tgt
 
 
-def _backward(call: _Call, lse, coef_p, coef_q):
+def _backward(call: _Call, lse, coef_p, coef_q, stats: dict | None = None):
     xp = call.kind.xp
+    counted = None if stats is None else {}
     if xp is np:
-        return numpy_backend.backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q)
-    n, d = call.e.shape
-    v = call.c.shape[0]
-    gdt = grad_dtype(call.e.dtype, call.opts)
-    de = xp.empty((n, d), dtype=gdt)
-    dc = xp.empty((v, d), dtype=gdt)
-    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
-    cuda_backward.launch_backward(call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db)
-    return de, dc, db
+        out = numpy_backend.backward(
+            call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, stats=counted
+        )
+    else:
+        n, d = call.e.shape
+        v = call.c.shape[0]
+        gdt = grad_dtype(call.e.dtype, call.opts)
+        de = xp.empty((n, d), dtype=gdt)
+        dc = xp.empty((v, d), dtype=gdt)
+        db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+        cuda_backward.launch_backward(
+            call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db, stats=counted
+        )
+        out = de, dc, db
+    if stats is not None:
+        stats.update(_filter_stats(xp, counted, coef_p, coef_q))
+    return out
+
+
+def _filter_stats(xp, counted: dict, coef_p, coef_q) -> dict[str, int]:
+    """{"rows", "certified_rows"} of one backward from the backend's counts: the NumPy backend
+    counts certified rows, the CUDA one the uncertified ("fallback") rows; a backward that ran
+    exact (no filter_eps, or a GPU without the sparse backward) counts nothing and certified none."""
+    rows = counted.get("rows")
+    if rows is None:
+        rows = int(xp.count_nonzero((coef_p != 0) | (coef_q != 0)))
+    certified = counted.get("certified_rows", rows - counted.get("fallback_rows", rows))
+    return {"rows": int(rows), "certified_rows": int(certified)}
 
 
 def _fused_budgeted(call: _Call, g):
@@ -250,13 +270,25 @@ def linear_cross_entropy(e, c, targets, bias=None, *, options: CCEOptions | None
 
 
 def linear_cross_entropy_with_grad(
-    e, c, targets, bias=None, *, grad_loss=1.0, options: CCEOptions | None = None, **option_kwargs
+    e,
+    c,
+    targets,
+    bias=None,
+    *,
+    grad_loss=1.0,
+    stats: dict | None = None,
+    options: CCEOptions | None = None,
+    **option_kwargs,
 ):
     """The loss and its gradients in one call (no autograd).
 
     Args:
         grad_loss: the upstream gradient of the loss: a scalar, or for reduction="none" a scalar
             or an array shaped like targets.
+        stats: an optional dict that receives how the backward went: "rows", the rows with a
+            nonzero gradient, and "certified_rows", those of them whose gradient the certified
+            filter gave (filter_eps; the others took the exact path). 0 certified when the
+            backward ran exact. On the GPU, filling it waits for the call (one host sync).
         Others as in `linear_cross_entropy`.
 
     Returns:
@@ -274,10 +306,13 @@ def linear_cross_entropy_with_grad(
             fused = _fused_filtered(call, g)
         if fused is not None:
             lse, tgt, de, dc, db = fused
+            if stats is not None:  # the budgeted backward is exact
+                q = row_loss_grads(xp, call.opts, call.valid, g)
+                stats.update(_filter_stats(xp, {}, q, q))
         else:
             lse, tgt = _forward(call)
             coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse, g)
-            de, dc, db = _backward(call, lse, coef_p, coef_q)
+            de, dc, db = _backward(call, lse, coef_p, coef_q, stats)
         loss, extras = _loss_outputs(call, lse, tgt)
     grads = [de.reshape(*call.batch_shape, de.shape[-1]), dc] + ([db] if db is not None else [])
     return tuple(call.kind.back(x) for x in [loss, *grads, *extras])

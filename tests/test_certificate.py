@@ -189,3 +189,29 @@ def test_confident_rows_keep_z_loss_gradient():
     filtered = cce.linear_cross_entropy_with_grad(e, c, t, options=o.replace(filter_eps="auto"))[1]
     assert np.abs(exact).max() > 3e-3
     assert_rel_close(filtered, exact, 1e-5, "de(filtered, z_loss)")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_api_stats_count_certified_rows(reduction):
+    """linear_cross_entropy_with_grad(stats=...) reports the NumPy backend's own counts: sharp rows
+    certified, a third of the rows made flat (uncertified), a fifth ignored (not counted); an exact
+    call certifies none."""
+    e, c, t = make_sharp_problem(300, 256, 3000, "bfloat16")
+    rng = np.random.default_rng(1)
+    e[::3] = (0.3 * rng.standard_normal((100, 256))).astype(e.dtype)  # flat rows: ~all mass below eps
+    t[rng.random(300) < 0.2] = -100
+    o = CCEOptions(filter_eps="auto", reduction=reduction)
+    lse, _ = numpy_backend.forward(e, c, t, None, o)
+    cp, cq = row_coefficients(np, o, t != -100, lse, np.float32(1.0))
+    direct = {}
+    want = numpy_backend.backward(e, c, t, None, o, lse, cp, cq, stats=direct)
+    stats = {"rows": -1}
+    loss, de, dc = cce.linear_cross_entropy_with_grad(e, c, t, stats=stats, options=o)
+    assert stats == {"rows": int((t != -100).sum()), "certified_rows": direct["certified_rows"]}
+    assert 0 < stats["certified_rows"] < stats["rows"]  # both kinds of rows are there
+    assert stats["certified_rows"] <= ((t != -100) & (np.arange(300) % 3 != 0)).sum()  # flat rows never
+    np.testing.assert_array_equal(to_f64(de), to_f64(want[0]))
+    np.testing.assert_array_equal(to_f64(dc), to_f64(want[1]))
+    exact = {}
+    cce.linear_cross_entropy_with_grad(e, c, t, stats=exact, reduction=reduction)
+    assert exact == {"rows": stats["rows"], "certified_rows": 0}

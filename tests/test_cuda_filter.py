@@ -358,3 +358,27 @@ def test_fused_uncertified_call_is_the_exact_call(data, monkeypatch):
     assert spy.fused == 1 and spy.exact_rows == []  # no gather: the whole call went exact
     for name, a, bb in zip(("loss", "de", "dc"), exact, filt):
         assert cp.asnumpy(a).tobytes() == cp.asnumpy(bb).tobytes(), f"{name} differs from the exact call"
+
+
+@pytest.mark.parametrize("data", ["sharp", "zipf"])
+def test_api_stats_match_the_launcher(data):
+    """linear_cross_entropy_with_grad(stats=...) on CuPy: rows with a gradient, and certified rows =
+    those rows minus the launcher's fallback rows (sharp: most certified; Zipf: none)."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, _ = _data(data, "bfloat16")
+    o = CCEOptions(filter_eps="auto")
+    launcher = _check_certificate(e, c, t, None, o)[0]
+    stats = {}
+    cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), stats=stats, options=o)
+    active = int((t != -100).sum())
+    assert stats["rows"] == launcher["rows"] == active
+    # The certificate's sums end in float atomics: a row at the boundary may go either way per call.
+    assert abs(stats["certified_rows"] - (active - launcher["fallback_rows"])) <= max(2, active // 100)
+    if data == "sharp":
+        assert stats["certified_rows"] > 0.9 * active
+    else:
+        assert stats["certified_rows"] == 0
+    exact = {}
+    cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), stats=exact)
+    assert exact == {"rows": active, "certified_rows": 0}
