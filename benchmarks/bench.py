@@ -1,8 +1,8 @@
 """Fused linear cross-entropy benchmark: ours against the cuBLAS floor and every peer.
 
     python benchmarks/bench.py --out DIR [--shapes gemma2,llama3] [--providers ...]
-        [--modes fwd,bwd,fwd_bwd] [--data uniform,peaked] [--dtype bfloat16] [--label NAME]
-        [--budget-s 420] [--repeats 5] [--sweep-v] [--cpu-smoke]
+        [--modes fwd,bwd,fwd_bwd] [--data uniform,peaked,long_tailed,trained_lm] [--trained-lm PATH]
+        [--dtype bfloat16] [--label NAME] [--budget-s 420] [--repeats 5] [--sweep-v] [--cpu-smoke]
 
 Writes DIR/<gpu>-<yyyymmdd>-<label>.json (a list of records, format in benchmarks/README.md)
 after every (shape, data) case, so a run cut short keeps what it measured, and the Markdown
@@ -34,7 +34,9 @@ SHAPES = P.SHAPES
 SWEEP_V = {f"v{v // 1000}k": (8192, 2304, v) for v in (32000, 64000, 128000, 256000)}
 SMOKE_SHAPES = {"tiny": (64, 32, 1000)}
 MODES = ("fwd", "bwd", "fwd_bwd")
-DATA = ("uniform", "peaked")
+DATA = ("uniform", "peaked", "long_tailed", "trained_lm")
+# trained_lm runs once, at the saved states' own (N, D, V), under this shape name.
+TRAINED_LM = "trained_lm"
 RECORD_KEYS = (
     "gpu",
     "date",
@@ -55,6 +57,7 @@ RECORD_KEYS = (
     "rel_err_dc",
     "note",
     "memory_budget",
+    "certified_fraction",
 )
 DISTS = (
     "numpy",
@@ -147,6 +150,7 @@ def record(
     errs=(None, None, None),
     note: str = "",
     memory_budget: int | None = None,
+    certified_fraction: float | None = None,
 ) -> dict:
     r = dict(meta)
     r.update(
@@ -166,6 +170,7 @@ def record(
         rel_err_dc=_r(errs[2]),
         note=note,
         memory_budget=memory_budget,  # bytes, for ours under a memory budget; None: the lean path
+        certified_fraction=_r(certified_fraction),  # ours filtered, bwd and fwd_bwd: rows certified
     )
     assert tuple(r) == RECORD_KEYS, tuple(r)
     return r
@@ -259,12 +264,29 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
                 log("    budget spent: skipping this provider's other modes")
                 args.skipped.append(f"{p.shape}/{p.data}/{key}: modes after {mode}")
                 break
+        timed_grads = any(got.get(m, {}).get("ms") is not None for m in ("bwd", "fwd_bwd"))
+        cert, cert_note = certified_fraction(prov) if flt and timed_grads else (None, "")
         for mode in want:
             if mode in got:
                 g = got[mode]
-                note = "; ".join(x for x in (prov.note, g["note"]) if x)
+                grad_mode = mode in ("bwd", "fwd_bwd")
+                note = "; ".join(x for x in (prov.note, g["note"], cert_note if grad_mode else "") if x)
                 budget = getattr(prov, "opts", {}).get("memory_budget")
-                recs.append(record(meta, p, name, mode, flt, g["ms"], g["extra"], g["errs"], note, budget))
+                recs.append(
+                    record(
+                        meta,
+                        p,
+                        name,
+                        mode,
+                        flt,
+                        g["ms"],
+                        g["extra"],
+                        g["errs"],
+                        note,
+                        budget,
+                        cert if grad_mode else None,
+                    )
+                )
     except Exception as ex:  # noqa: BLE001 - setup failed: one error record per mode
         msg = f"error: {type(ex).__name__}: {ex}"[:500]
         log(f"    FAILED {msg}")
@@ -279,6 +301,19 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
         del prov
         P.free_device_memory()
     return recs
+
+
+def certified_fraction(prov) -> tuple[float | None, str]:
+    """(fraction of rows certified, note) of a filtered provider, from one untimed call; never raises."""
+    try:
+        frac = prov.certified_fraction()
+        P.Timer(prov.timer).sync()
+    except Exception as ex:  # noqa: BLE001 - the timings stand without it
+        log(f"    certified_fraction: FAILED {type(ex).__name__}: {ex}")
+        return None, f"certified_fraction not measured: {type(ex).__name__}: {ex}"[:200]
+    if frac is not None:
+        log(f"    certified rows {frac:.4f}")
+    return frac, ""
 
 
 def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
@@ -409,8 +444,8 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
         ]
     lines += [
         "| shape | data | provider | mode | filter | budget | ms | × floor | extra MiB "
-        "| err loss | err dE | err dC | note |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| err loss | err dE | err dC | certified | note |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         note = (
@@ -423,7 +458,8 @@ def markdown(records: list[dict], skipped: list[str], paired: list[dict] | None 
             f"| {'yes' if r['filter'] else 'no'} | {_fmt_budget(r.get('memory_budget'))} "
             f"| {_cell(r['ms'], '.3f')} | {_cell(ratio(r, fl), '.3f')} | {_cell(r['extra_mib'], '.1f')} "
             f"| {_cell(r['rel_err_loss'], '.2e')} | {_cell(r['rel_err_de'], '.2e')} "
-            f"| {_cell(r['rel_err_dc'], '.2e')} | {note.replace('|', '/')[:120]} |"
+            f"| {_cell(r['rel_err_dc'], '.2e')} | {_cell(r.get('certified_fraction'), '.1%')} "
+            f"| {note.replace('|', '/')[:120]} |"
         )
     lines += ["", "## Ratios the bars use", ""]
     lines += ratio_lines(records, fl) or ["(no cuBLAS floor or no ours records)"]
@@ -517,7 +553,19 @@ def parse_args(argv=None):
         help=f"comma list of: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)} (default: all but the last)",
     )
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--data", default=",".join(DATA))
+    ap.add_argument(
+        "--data",
+        default=None,
+        help=f"comma list of: {', '.join(DATA)} (see providers.problem.make_inputs; default: all but "
+        f"{TRAINED_LM}, which is added when its states file is given). {TRAINED_LM} runs once, at the "
+        f"file's own N, D, V, as shape {TRAINED_LM!r}",
+    )
+    ap.add_argument(
+        "--trained-lm",
+        default=os.environ.get(P.TRAINED_LM_ENV) or None,
+        metavar="PATH",
+        help=f"the states of data {TRAINED_LM} (examples/train_lm.py --save-states PATH; default ${P.TRAINED_LM_ENV})",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--label", default=None)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip work left after this many seconds")
@@ -550,6 +598,8 @@ def parse_args(argv=None):
         if k not in P.ALL_PROVIDERS + P.EXTRA_PROVIDERS:
             raise SystemExit(f"unknown provider {k!r}; known: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)}")
     args.mode_list = [m for m in args.modes.split(",") if m]
+    if args.data is None:
+        args.data = ",".join(d for d in DATA if d != TRAINED_LM or args.trained_lm)
     args.data_list = [d for d in args.data.split(",") if d]
     for m in args.mode_list:
         if m not in MODES:
@@ -557,7 +607,26 @@ def parse_args(argv=None):
     for d in args.data_list:
         if d not in DATA:
             raise SystemExit(f"unknown data {d!r}; known: {', '.join(DATA)}")
+    args.cases = cases(args.shape_map, args.data_list, args.trained_lm)
     return args
+
+
+def cases(shape_map: dict, data_list: list[str], trained_lm: str | None) -> list[tuple]:
+    """(shape, n, d, v, data) to run: every shape with every synthetic data set, then the trained
+    LM's states once at their own dimensions."""
+    out = [(s, n, d, v, data) for s, (n, d, v) in shape_map.items() for data in data_list if data != TRAINED_LM]
+    if TRAINED_LM in data_list:
+        if not trained_lm:
+            raise SystemExit(
+                f"--data {TRAINED_LM} needs the saved states: pass --trained-lm PATH or set "
+                f"${P.TRAINED_LM_ENV} (examples/train_lm.py --save-states PATH writes them)"
+            )
+        if not os.path.isfile(trained_lm):
+            raise SystemExit(
+                f"--trained-lm {trained_lm!r}: no such file (examples/train_lm.py --save-states writes it)"
+            )
+        out.append((TRAINED_LM, *P.trained_lm_dims(trained_lm), TRAINED_LM))
+    return out
 
 
 def main(argv=None) -> Path:
@@ -589,48 +658,48 @@ def main(argv=None) -> Path:
     def elapsed() -> float:
         return time.time() - args.t_start
 
-    for shape, (n, d, v) in args.shape_map.items():
-        for data in args.data_list:
-            case = f"{shape}/{data}"
-            if args.budget_s and elapsed() > args.budget_s:
-                args.skipped.append(f"{case}: all providers")
+    for shape, n, d, v, data in args.cases:
+        case = f"{shape}/{data}"
+        if args.budget_s and elapsed() > args.budget_s:
+            args.skipped.append(f"{case}: all providers")
+            continue
+        log(f"== {case} N={n} D={d} V={v} {args.dtype} (t={elapsed():.0f} s)")
+        source = args.trained_lm if data == TRAINED_LM else None
+        p = P.Problem(shape, n, d, v, args.dtype, data, args.backend, source)
+        try:
+            t0 = time.time()
+            P.make_inputs(p)
+            P.ground_truth(p)
+            log(f"  inputs + fp32 ground truth {time.time() - t0:.1f} s, loss {p.truth['loss']:.5f}")
+        except Exception as ex:  # noqa: BLE001 - no inputs, nothing to run for this case
+            log(f"  FAILED to make inputs/ground truth: {type(ex).__name__}: {ex}")
+            traceback.print_exc(limit=3)
+            if p.e is None:
+                args.skipped.append(f"{case}: inputs failed ({type(ex).__name__})")
+                p.free()
+                P.free_device_memory()
                 continue
-            log(f"== {case} N={n} D={d} V={v} {args.dtype} (t={elapsed():.0f} s)")
-            p = P.Problem(shape, n, d, v, args.dtype, data, args.backend)
-            try:
-                t0 = time.time()
-                P.make_inputs(p)
-                P.ground_truth(p)
-                log(f"  inputs + fp32 ground truth {time.time() - t0:.1f} s, loss {p.truth['loss']:.5f}")
-            except Exception as ex:  # noqa: BLE001 - no inputs, nothing to run for this case
-                log(f"  FAILED to make inputs/ground truth: {type(ex).__name__}: {ex}")
-                traceback.print_exc(limit=3)
-                if p.e is None:
-                    args.skipped.append(f"{case}: inputs failed ({type(ex).__name__})")
-                    p.free()
-                    P.free_device_memory()
-                    continue
-            for key in args.provider_list:
-                if args.backend == "numpy" and P.provider_identity(key)[0] in P.GPU_ONLY:
-                    log(f"  {key}: skipped on the NumPy backend (needs CUDA)")
-                    continue
-                why = P.skip_reason(key)
-                if why:
-                    args.skipped.append(f"{case}: {key}: {why}")
-                    log(f"  {key}: skipped: {why}")
-                    continue
-                left = args.budget_s - elapsed() if args.budget_s else float("inf")
-                if left <= 0 or (key == "torch_compile" and left < 60):
-                    args.skipped.append(f"{case}: {key}")
-                    log(f"  {key}: skipped, budget spent ({left:.0f} s left)")
-                    continue
-                log(f"  {key} (t={elapsed():.0f} s)")
-                records += run_provider(key, p, args.mode_list, args, meta)
-            if args.paired_rounds and args.backend == "cupy" and {"cublas", "ours"} <= set(args.provider_list):
-                paired += paired_rounds(p, args.paired_rounds)
-            p.free()
-            P.free_device_memory()
-            json_path.write_text(json.dumps(records, indent=1))  # after every case: a cut run keeps it
+        for key in args.provider_list:
+            if args.backend == "numpy" and P.provider_identity(key)[0] in P.GPU_ONLY:
+                log(f"  {key}: skipped on the NumPy backend (needs CUDA)")
+                continue
+            why = P.skip_reason(key)
+            if why:
+                args.skipped.append(f"{case}: {key}: {why}")
+                log(f"  {key}: skipped: {why}")
+                continue
+            left = args.budget_s - elapsed() if args.budget_s else float("inf")
+            if left <= 0 or (key == "torch_compile" and left < 60):
+                args.skipped.append(f"{case}: {key}")
+                log(f"  {key}: skipped, budget spent ({left:.0f} s left)")
+                continue
+            log(f"  {key} (t={elapsed():.0f} s)")
+            records += run_provider(key, p, args.mode_list, args, meta)
+        if args.paired_rounds and args.backend == "cupy" and {"cublas", "ours"} <= set(args.provider_list):
+            paired += paired_rounds(p, args.paired_rounds)
+        p.free()
+        P.free_device_memory()
+        json_path.write_text(json.dumps(records, indent=1))  # after every case: a cut run keeps it
     json_path.write_text(json.dumps(records, indent=1))
     if paired:
         json_path.with_name(f"{stem}-paired.json").write_text(json.dumps(paired, indent=1))

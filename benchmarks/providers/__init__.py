@@ -17,7 +17,18 @@ from .measure import CupyPeak, Timer, block, free_device_memory, median
 from .optax_naive import Optax
 from .ours import OursProvider
 from .ours_jax import JaxBindings, JaxBindingsBudget, JaxBindingsCmdBuf, JaxBindingsFilter
-from .problem import MIB, SHAPES, Problem, ground_truth, make_inputs, rel_err, to_xp_f32
+from .problem import (
+    MIB,
+    SHAPES,
+    TRAINED_LM_ENV,
+    Problem,
+    ground_truth,
+    load_trained_lm,
+    make_inputs,
+    rel_err,
+    to_xp_f32,
+    trained_lm_dims,
+)
 from .quack import Quack, quack_missing
 from .torch_naive import TorchCompile, TorchEager
 
@@ -30,6 +41,7 @@ __all__ = [
     "GPU_ONLY",
     "MIB",
     "SHAPES",
+    "TRAINED_LM_ENV",
     "CupyPeak",
     "Problem",
     "Provider",
@@ -38,6 +50,7 @@ __all__ = [
     "free_device_memory",
     "grad_nbytes",
     "ground_truth",
+    "load_trained_lm",
     "make_inputs",
     "make_provider",
     "median",
@@ -45,6 +58,7 @@ __all__ = [
     "rel_err",
     "skip_reason",
     "to_xp_f32",
+    "trained_lm_dims",
 ]
 
 # ours_budget's memory_budget (issue 17's bar: 4 GiB at gemma2 and llama3).

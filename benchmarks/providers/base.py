@@ -60,6 +60,11 @@ class Provider:
             return t.time(self.fwd_bwd, repeats, warmup)
         return t.time(self.bwd, repeats, warmup, prepare=self.bwd_prepare)
 
+    def certified_fraction(self) -> float | None:
+        """The fraction of rows (with a gradient) that a filtered backward certified, from one
+        untimed call; None where the provider does not report it."""
+        return None
+
     def measure_memory(self, mode: str) -> tuple[int | None, Any]:
         out = self.call(mode)
         Timer(self.timer).sync()

@@ -40,6 +40,13 @@ class OursProvider(Provider):
     def bwd(self, lse):
         return self.cce.backward(self.p.e, self.p.c, self.p.t, lse, 1.0, **self.opts)
 
+    def certified_fraction(self):
+        if not self.filter:
+            return None
+        stats = {}
+        self.cce.linear_cross_entropy_with_grad(self.p.e, self.p.c, self.p.t, stats=stats, **self.opts)
+        return stats["certified_rows"] / stats["rows"] if stats["rows"] else None
+
     def teardown(self):
         self._lse = None
 
