@@ -4,6 +4,7 @@
     python examples/train_lm.py --loss cce --out train_cce.json  # GPU: the real run
     python examples/train_lm.py --loss optax --out train_optax.json
     python examples/train_lm.py --sweep-vocab 32768,65536,131072,262144 --out sweep.json
+    python examples/train_lm.py --loss cce --save-states states.npz  # + a held batch's states
     python examples/plot_train.py --dir <folder with those JSON files>
 
 Data: the Python standard library's own source files (`os.path.dirname(os.__file__)`, without
@@ -20,6 +21,11 @@ Loss (`--loss`), everything else identical (same init, same batches for the same
 Precision: fp32 master weights and Adam state; `--dtype bfloat16` (default) casts the weights to
 bf16 for the forward, so activations, the hidden states and the classifier are bf16; both losses
 accumulate in fp32.
+
+`--save-states PATH` holds the corpus's last max(1, 4096 // seq) windows of seq tokens out of
+training and, after the last step, saves their final hidden states (the LM head's input), the head
+and the next-token targets: the `trained_lm` data of benchmarks/bench.py (format in save_states).
+Training then draws its windows from the rest of the corpus only.
 
 `--sweep-vocab` runs, for each vocabulary size and each loss, a few timed training steps in a fresh
 process (so each peak memory is its own) and records peak memory, step time, or OOM. Vocabulary
@@ -117,6 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="init and batch order")
     ap.add_argument("--out", help="JSON log (per-step loss and step time; the sweep's records)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything, a few steps (CPU, CI)")
+    ap.add_argument(
+        "--save-states",
+        metavar="PATH",
+        help="hold a batch of ~4096 tokens out of training and save its final hidden states, the head "
+        "and the targets as .npz (benchmarks/bench.py --trained-lm PATH); with --loss both, one file "
+        "per loss (PATH's stem + _cce / _optax)",
+    )
     ap.add_argument("--sweep-vocab", help="comma-separated vocabulary sizes, e.g. 32768,65536,131072,262144")
     ap.add_argument("--sweep-steps", type=int, default=6, help="steps per sweep point (the first is not timed)")
     ap.add_argument("--sweep-timeout", type=float, default=300.0, help="seconds per sweep point")
@@ -136,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
     if args.vocab < FIRST_WORD + 1:
         ap.error(f"--vocab must be at least {FIRST_WORD + 1}")
+    if args.save_states and args.sweep_vocab:
+        ap.error("--save-states saves a trained model's states: it does not go with --sweep-vocab")
     return args
 
 
@@ -261,6 +276,18 @@ def load_corpus(vocab_size: int, corpus_mb: float, cache_dir: str, log=print) ->
         f"{meta['tokenize_s']:.1f} s, cached at {stem}.npy"
     )
     return tokens, meta
+
+
+HELD_TOKENS = 4096  # --save-states: about this many tokens of the corpus are held out
+
+
+def hold_out(tokens: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the corpus for training, the held batch (k, seq)): the last k = max(1, HELD_TOKENS // seq)
+    windows of seq tokens, which no training window overlaps."""
+    k = max(1, HELD_TOKENS // seq)
+    if tokens.size <= (k + 1) * seq:
+        raise ValueError(f"corpus of {tokens.size} tokens is too short to hold out {k} x {seq} tokens and train")
+    return tokens[: -k * seq], tokens[-k * seq :].reshape(k, seq)
 
 
 class Batches:
@@ -426,12 +453,19 @@ def xla_estimate(compiled) -> dict:
 
 
 def train(
-    args, loss_name: str, tokens: np.ndarray, model_vocab: int, quiet: bool = False, info: dict | None = None
+    args,
+    loss_name: str,
+    tokens: np.ndarray,
+    model_vocab: int,
+    quiet: bool = False,
+    info: dict | None = None,
+    final: dict | None = None,
 ) -> dict:
     """Compile, then run `args.steps` steps; returns the log record (per-step loss and time).
 
     `info` (if given) receives the compile time and XLA's memory estimate as soon as they are known,
-    so a caller still has them when a step then fails (out of memory)."""
+    so a caller still has them when a step then fails (out of memory). `final` (if given) receives
+    the trained parameters as "params"."""
     info = {} if info is None else info
     dtype = DTYPES[args.dtype]
     init = jax.jit(init_params, static_argnums=(1, 2, 3, 4))
@@ -465,6 +499,8 @@ def train(
         if i < args.steps:
             batch = jnp.asarray(batches.next())
     total_s = time.perf_counter() - t_start
+    if final is not None:
+        final["params"] = params
     timed = step_ms[1:] if len(step_ms) > 1 else step_ms  # the first step pays one-time costs
     med_ms = float(np.median(timed))
     return {
@@ -536,13 +572,69 @@ def out_path(out: str | None, loss_name: str, both: bool):
     return str(p.with_name(f"{p.stem}_{loss_name}{p.suffix or '.json'}"))
 
 
+def save_states(path, params, held: np.ndarray, args, loss_name: str) -> dict:
+    """Write the held batch's final hidden states, the head and the targets to `path` (.npz);
+    returns its metadata.
+
+    Format (read by benchmarks/providers/problem.py, load_trained_lm): `e` (N, D) the hidden
+    states of positions 0..T-2 of each held sequence, `c` (V, D) the head, both in the compute
+    dtype, 16-bit ones stored losslessly as their uint16 bits; `targets` (N,) int32, the next
+    tokens; `dtype` the name of e's and c's dtype; `meta` JSON: n, d, v, steps, loss_impl, loss
+    (the mean cross-entropy of the held batch, by the training loss), seq, held_sequences, config.
+    """
+    dtype = DTYPES[args.dtype]
+
+    def states(params, tokens):
+        h, head = hidden_states(params, tokens, args.heads, dtype, args.attention)
+        return h[:, :-1].reshape(-1, h.shape[-1]), head, LOSSES[loss_name](h, head, tokens)
+
+    e, c, loss = jax.jit(states)(params, jnp.asarray(held))
+    e, c = np.asarray(e), np.asarray(c)
+    t = held[:, 1:].reshape(-1).astype(np.int32)
+    meta = {
+        "n": int(e.shape[0]),
+        "d": int(e.shape[1]),
+        "v": int(c.shape[0]),
+        "steps": args.steps,
+        "loss_impl": loss_name,
+        "loss": float(loss),
+        "seq": args.seq,
+        "held_sequences": int(held.shape[0]),
+        "held_out": "the corpus's last held_sequences x seq tokens, not trained on",
+        "config": {k: getattr(args, k) for k in ("batch", "d_model", "layers", "heads", "lr", "seed", "attention")},
+    }
+    arrays = {
+        "e": e.view(np.uint16) if e.dtype.itemsize == 2 else e,
+        "c": c.view(np.uint16) if c.dtype.itemsize == 2 else c,
+        "targets": t,
+        "dtype": np.asarray(args.dtype),
+        "meta": np.asarray(json.dumps(meta)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return meta
+
+
 def run_training(args, tokens: np.ndarray, meta: dict) -> list[dict]:
     names = ("cce", "optax") if args.loss == "both" else (args.loss,)
+    held = None
+    if args.save_states:
+        tokens, held = hold_out(tokens, args.seq)
     recs = []
     for name in names:
-        rec = train(args, name, tokens, args.vocab)
+        params = {}
+        rec = train(args, name, tokens, args.vocab, final=params)
         rec["corpus"] = meta
         print(summary(rec), flush=True)
+        if held is not None:
+            path = out_path(args.save_states, name, len(names) > 1)
+            rec["states"] = {"path": str(path), **save_states(path, params["params"], held, args, name)}
+            st = rec["states"]
+            print(f"  states: {path} (N={st['n']}, D={st['d']}, V={st['v']}; held-out loss {st['loss']:.4f})")
         path = out_path(args.out, name, len(names) > 1)
         if path:
             write_json(path, rec)

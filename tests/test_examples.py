@@ -36,10 +36,19 @@ def _run(*args, timeout=120):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`train_lm.py --smoke` once for the module: both losses, a few steps on CPU."""
+    """`train_lm.py --smoke` once for the module: both losses, a few steps on CPU, saving the
+    held-out batch's states."""
     tmp = tmp_path_factory.mktemp("train_lm")
     out, wall = _run(
-        EXAMPLES / "train_lm.py", "--smoke", "--out", tmp / "train.json", "--cache-dir", tmp / "cache", timeout=300
+        EXAMPLES / "train_lm.py",
+        "--smoke",
+        "--out",
+        tmp / "train.json",
+        "--cache-dir",
+        tmp / "cache",
+        "--save-states",
+        tmp / "states.npz",
+        timeout=300,
     )
     return tmp, out, wall
 
@@ -57,6 +66,36 @@ def test_train_smoke_both_losses_agree(smoke):
     # XLA's float32 matmuls may run in TF32).
     gap = np.max(np.abs(np.subtract(recs["cce"]["losses"], recs["optax"]["losses"])))
     assert gap < (1e-3 if recs["cce"]["env"]["backend"] == "cpu" else 3e-2), gap
+
+
+def test_saved_states_are_the_held_batch(smoke):
+    """--save-states: per loss, the held batch's final hidden states, the head and the next tokens
+    (the corpus's last windows, which training never drew), readable by the benchmark's loader;
+    their float64 cross-entropy is the held-out loss the run computed."""
+    pytest.importorskip("ml_dtypes")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.providers.problem import load_trained_lm, trained_lm_dims
+
+    tmp, out, _ = smoke
+    lm = _module("train_lm")
+    tokens, _ = lm.load_corpus(lm.SMOKE["vocab"], lm.SMOKE["corpus_mb"], str(tmp / "cache"))
+    _, held = lm.hold_out(tokens, lm.SMOKE["seq"])
+    k, seq = held.shape
+    assert k * seq >= lm.HELD_TOKENS // 2 and held.size < tokens.size
+    for name in ("cce", "optax"):
+        path = tmp / f"states_{name}.npz"
+        rec = json.loads((tmp / f"train_{name}.json").read_text())
+        e, c, t = load_trained_lm(str(path))
+        n = k * (seq - 1)
+        assert e.shape == (n, lm.SMOKE["d_model"]) and c.shape == (lm.SMOKE["vocab"], lm.SMOKE["d_model"])
+        assert trained_lm_dims(str(path)) == (n, e.shape[1], c.shape[0])
+        np.testing.assert_array_equal(t, held[:, 1:].reshape(-1))
+        z = e.astype(np.float64) @ c.astype(np.float64).T
+        m = z.max(1)
+        loss = np.mean(m + np.log(np.exp(z - m[:, None]).sum(1)) - z[np.arange(n), t])
+        assert rec["states"]["loss_impl"] == name and rec["states"]["steps"] == lm.SMOKE["steps"]
+        assert abs(loss - rec["states"]["loss"]) < 1e-4 * loss, (loss, rec["states"]["loss"])
+        assert f"states: {path}" in out
 
 
 def test_sweep_and_plots(smoke, tmp_path):
