@@ -4,7 +4,9 @@
 # backward), forward (the forward against cuBLAS, per kernel, by split length; FORWARD_ARGS), blocking
 # (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
 # gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs), cold
-# (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6), bench (all providers; extra
+# (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6),
+# trained_lm (train the README's model 300 steps, save a held batch's states to $OUT/trained_lm.npz and export
+# CCE_TRAINED_LM, so a later bench step of the same call adds data trained_lm), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs),
 # quack_install (QuACK's wheels from .whl-quack/part1 and part2, over two calls; put it before bench)
 set -uo pipefail
@@ -20,6 +22,7 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even when the editable install is refused
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 t0=$(date +%s)
+LM_MODEL="--batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16"  # the README's
 # CuPy's compiled-kernel cache from an earlier call (carried as .kcache): unchanged sources skip NVRTC.
 CACHE_DIR=${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}
 if [ -f .kcache/kcache.tgz ]; then mkdir -p "$CACHE_DIR" && tar -xzf .kcache/kcache.tgz -C "$CACHE_DIR"; fi
@@ -86,8 +89,7 @@ for step in "$@"; do
     gpu)   timeout 400 python3 -m pytest -m gpu -q -rs ${GPU_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1 ;;
     first_step) # examples/train_lm.py's first step on this machine, empty kernel caches (the README's model)
            CUPY_CACHE_DIR=/tmp/fresh-cupy-cache timeout 300 python3 examples/train_lm.py --loss cce --steps 3 \
-             --batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16 \
-             --out "$OUT/train_first_step.json" 2>&1 | tail -3 | tee "$OUT/first_step.log" || rc=1
+             $LM_MODEL --out "$OUT/train_first_step.json" 2>&1 | tail -3 | tee "$OUT/first_step.log" || rc=1
            python3 -c "import json; r = json.load(open('$OUT/train_first_step.json')); print('first step', r['first_step_s'], 's; compile', r['compile_s'], 's')" ;;
     readme_shard) # the shard_map example of docs/sharding.md, exactly as written, on this machine's GPUs
            python3 -c "
@@ -111,13 +113,19 @@ print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['
              && PYTHONPATH=/tmp/wheelsite${PYTHONPATH_DEPS:+:$PYTHONPATH_DEPS} python3 benchmarks/cold_start.py \
                   --out "$OUT/cold.json"; } 2>&1 | tee "$OUT/cold.log" || rc=1 ;;
     logits) timeout 150 python3 benchmarks/bench_logits.py --out "$OUT" 2>&1 | tee "$OUT/logits.log" || rc=1 ;;
-    train) M="--batch 16 --seq 1024 --d-model 1024 --layers 8 --heads 16 --vocab 65536 --dtype bfloat16"
+    train) M=$LM_MODEL
            { python3 examples/train_lm.py --loss optax --steps 300 $M --out "$OUT/train_optax.json" \
              && python3 examples/train_lm.py --loss cce --steps 300 $M --out "$OUT/train_cce.json" \
              && python3 examples/cupy_pipeline.py \
              && python3 examples/train_lm.py --sweep-vocab 32768,65536,131072,262144,524288 --sweep-steps 5 \
                   --sweep-budget 240 $M --out "$OUT/sweep.json" \
              && python3 examples/plot_train.py --dir "$OUT"; } 2>&1 | tee "$OUT/train.log" || rc=1 ;;
+    trained_lm) # issue 14's trained-LM data: the states of a held-out batch after 300 steps
+           timeout 400 python3 examples/train_lm.py --loss cce --steps 300 $LM_MODEL --out "$OUT/train_states.json" \
+             --save-states "$OUT/trained_lm.npz" 2>&1 | tail -4 | tee "$OUT/trained_lm.log"
+           if [ "${PIPESTATUS[0]}" = 0 ] && [ -f "$OUT/trained_lm.npz" ]; then
+             export CCE_TRAINED_LM="$OUT/trained_lm.npz"  # bench's default data then include trained_lm
+           else rc=1; fi ;;
     quack_install) # QuACK's staged wheels (see quack_install above); later steps of this call see them
            quack_install 2>&1 | tee "$OUT/quack_install.log"
            [ "${PIPESTATUS[0]}" = 0 ] || rc=1
