@@ -265,7 +265,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
                 args.skipped.append(f"{p.shape}/{p.data}/{key}: modes after {mode}")
                 break
         timed_grads = any(got.get(m, {}).get("ms") is not None for m in ("bwd", "fwd_bwd"))
-        cert, cert_note = certified_fraction(prov) if flt and timed_grads else (None, "")
+        cert, cert_note = measure_certified_fraction(prov) if flt and timed_grads else (None, "")
         for mode in want:
             if mode in got:
                 g = got[mode]
@@ -303,7 +303,7 @@ def run_provider(key: str, p: P.Problem, modes: list[str], args, meta: dict) -> 
     return recs
 
 
-def certified_fraction(prov) -> tuple[float | None, str]:
+def measure_certified_fraction(prov) -> tuple[float | None, str]:
     """(fraction of rows certified, note) of a filtered provider, from one untimed call; never raises."""
     try:
         frac = prov.certified_fraction()

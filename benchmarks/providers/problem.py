@@ -206,7 +206,7 @@ def _long_tailed(xp, rng: _Rng, n: int, d: int, v: int):
     rank = xp.minimum(xp.searchsorted(cdf, rng.uniform(n) * cdf[-1], side="right"), v - 1)
     t = ids[rank].astype(xp.int64)
     c = xp.empty((v, d), dtype=xp.float32)
-    c[:, 0] = log_prior / TAIL_PRIOR_SCALE
+    c[:, 0] = (log_prior / TAIL_PRIOR_SCALE).astype(xp.float32)
     c[:, 1:] = rng.normal((v, d - 1)) * np.float32(TAIL_NOISE / np.sqrt(d - 1))
     ct = c[t, 1:]
     norm2 = (ct * ct).sum(axis=1, dtype=xp.float64)
