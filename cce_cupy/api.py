@@ -301,14 +301,15 @@ def linear_cross_entropy_with_grad(
     xp = call.kind.xp
     with _device_ctx(call):
         g = _grad_loss_array(xp, grad_loss, call)
+        counted = None if stats is None else {}  # the fused filtered call's counts (budgeted: exact, none)
         fused = _fused_budgeted(call, g)
         if fused is None:
-            fused = _fused_filtered(call, g)
+            fused = _fused_filtered(call, g, counted)
         if fused is not None:
             lse, tgt, de, dc, db = fused
-            if stats is not None:  # the budgeted backward is exact
+            if stats is not None:
                 q = row_loss_grads(xp, call.opts, call.valid, g)
-                stats.update(_filter_stats(xp, {}, q, q))
+                stats.update(_filter_stats(xp, counted, q, q))
         else:
             lse, tgt = _forward(call)
             coef_p, coef_q = row_coefficients(xp, call.opts, call.valid, lse, g)

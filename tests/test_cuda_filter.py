@@ -362,13 +362,14 @@ def test_fused_uncertified_call_is_the_exact_call(data, monkeypatch):
 
 @pytest.mark.parametrize("data", ["sharp", "zipf"])
 def test_api_stats_match_the_launcher(data):
-    """linear_cross_entropy_with_grad(stats=...) on CuPy: rows with a gradient, and certified rows =
-    those rows minus the launcher's fallback rows (sharp: most certified; Zipf: none)."""
+    """linear_cross_entropy_with_grad(stats=...) on CuPy (the fused filtered call): rows with a
+    gradient, and certified rows = those rows minus the fused launcher's fallback rows (sharp: most
+    certified; Zipf: none)."""
     cp = _cp()
     _skip_unless_hopper(cp)
     e, c, t, _ = _data(data, "bfloat16")
     o = CCEOptions(filter_eps="auto")
-    launcher = _check_certificate(e, c, t, None, o)[0]
+    launcher = _check_certificate(e, c, t, None, o, fused=True)[0]
     stats = {}
     cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), stats=stats, options=o)
     active = int((t != -100).sum())
