@@ -41,6 +41,12 @@ from cce_cupy.cuda.sources import (
 )
 from cce_cupy.options import CCEOptions
 
+# The list sums run only when at least this share of the rows with a gradient certified; below it
+# every row takes the exact backward (which meets the certificate): the list sums, the gather and
+# the second exact call cost more than the certified rows save. Measured on an H200: trained-LM
+# states (N=4092, D=1024, V=65536) with 11% certified took 1.69x the exact call that way.
+MIN_CERTIFIED_FRACTION = 0.5
+
 
 def launch_backward(
     e,
@@ -75,7 +81,8 @@ def launch_backward(
     lists, certifies each row (docs/design.md, "Certified filtering") and sums dE and dC of the
     certified rows over the lists; the uncertified rows (those whose lists overflowed included)
     take the exact gradient. host_sync: read their count on the host and run the exact backward on
-    just those rows (gathered; dC and dbias accumulated). False (JAX callbacks): the exact pass
+    just those rows (gathered; dC and dbias accumulated), or on all rows where fewer than
+    MIN_CERTIFIED_FRACTION of them certified. False (JAX callbacks): the exact pass
     runs over all rows with the certified rows' coefficients zeroed, launched anyway and doing
     nothing unless the device count is nonzero. Elsewhere, and with deterministic=True, filtered
     gradients are exact (which meets the certificate). `stats`, if a dict and host_sync, gets
@@ -146,7 +153,7 @@ def launch_backward(
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + active
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
-    if k == active:  # no row with a gradient certified: the exact backward, as if unfiltered
+    if active - k < MIN_CERTIFIED_FRACTION * active:  # few rows certified: the exact backward for all
         del scratch, bufs, fallback, buf
         exact = opts.replace(filter_eps=None, filter_tol=None)
         launch_backward(

@@ -356,7 +356,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // LISTS: the rows' thresholds tau, their other mass against run_max (rescaled with run_sum), and
     // whether this thread's list of the row has overflowed.
     float thr[2] = {INFINITY, INFINITY}, drop[2] = {0.f, 0.f};
-    bool overflowed[2] = {false, false};
+    bool overflowed[2] = {false, false}, any_candidate = false;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -400,8 +400,9 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
                 const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
                 run_sum[q >> 1] += ex;
                 if (STORE == SoftmaxStore::ROW) acc[4 * j + q] = SOFTCAP ? ex * softcap_factor(y) : ex;
-                if (STORE == SoftmaxStore::LISTS) sort_candidate(n0, 4 * j + q, y, ex);
+                if (STORE == SoftmaxStore::LISTS) add_other_mass(4 * j + q, y, ex);
             }
+        if (STORE == SoftmaxStore::LISTS) append_candidates(n0, acc);
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
@@ -442,8 +443,9 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
-            if (STORE == SoftmaxStore::LISTS) sort_candidate(n0, i, acc[i], ex);
+            if (STORE == SoftmaxStore::LISTS) add_other_mass(i, acc[i], ex);
         }
+        if (STORE == SoftmaxStore::LISTS) append_candidates(n0, acc);
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
@@ -465,19 +467,33 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         }
     }
 
-    // LISTS: element i of acc (logit y, ex = exp(y - run_max)) joins its row's list, or its mass the
-    // row's other mass. Candidates are rare on the rows the filter can certify (a few a row); a row
-    // with many overflows its list, and the exact path takes it.
-    __device__ __forceinline__ void sort_candidate(int n0, int i, float y, float ex) {
+    // LISTS: element i of acc (logit y, ex = exp(y - run_max)) is a candidate, or its mass joins the
+    // row's other mass: no branch here, in the epilogue's straight-line exps.
+    __device__ __forceinline__ void add_other_mass(int i, float y, float ex) {
         const int h = (i >> 1) & 1;
-        if (y < thr[h]) {
-            drop[h] += ex;
-        } else if (!overflowed[h]) {
-            const int row = m0 + hopper_row0() + 8 * h;  // < N: rows >= N have thr = +inf
-            const int col = n0 + (i >> 2) * 8 + hopper_col0() + (i & 1);
-            const int slot = atomicAdd(unsafe + row, 1);
-            if (slot < (int)lds) reinterpret_cast<int2*>(s_out)[(i64)row * lds + slot] = make_int2(col, __float_as_int(y));
-            else overflowed[h] = true;
+        const bool candidate = y >= thr[h];
+        drop[h] += candidate ? 0.f : ex;
+        any_candidate |= candidate;
+    }
+
+    // LISTS, after the tile's exps: its candidates (acc holds the logits y) join their rows' lists.
+    // Candidates are rare on the rows the filter can certify (a few a row); a row with many
+    // overflows its list, and the exact path takes it.
+    __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
+        if (!any_candidate) return;
+        any_candidate = false;
+#pragma unroll
+        for (int i = 0; i < 128; ++i) {
+            const int h = (i >> 1) & 1;
+            if (acc[i] >= thr[h] && !overflowed[h]) {
+                const int row = m0 + hopper_row0() + 8 * h;  // < N: rows >= N have thr = +inf
+                const int col = n0 + (i >> 2) * 8 + hopper_col0() + (i & 1);
+                const int slot = atomicAdd(unsafe + row, 1);
+                if (slot < (int)lds)
+                    reinterpret_cast<int2*>(s_out)[(i64)row * lds + slot] = make_int2(col, __float_as_int(acc[i]));
+                else
+                    overflowed[h] = true;
+            }
         }
     }
 
@@ -658,10 +674,13 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
             const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
             const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
             const float mm = fmaxf(m, m2);
-            s = (mm == -INFINITY) ? 0.f : s * __expf(m - mm) + s2 * __expf(m2 - mm);
+            // Rounded as written (no contraction left to the compiler): every STORE variant then
+            // gives the same lse, so a filtered call that certifies nothing is the exact call bit for bit.
+            const float a = __expf(m - mm), b = __expf(m2 - mm);
+            s = (mm == -INFINITY) ? 0.f : __fadd_rn(__fmul_rn(s, a), __fmul_rn(s2, b));
             if (STORE == SoftmaxStore::LISTS) {
                 const float dr2 = __shfl_xor_sync(0xffffffffu, dr, o);
-                dr = (mm == -INFINITY) ? 0.f : dr * __expf(m - mm) + dr2 * __expf(m2 - mm);
+                dr = (mm == -INFINITY) ? 0.f : __fadd_rn(__fmul_rn(dr, a), __fmul_rn(dr2, b));
             }
             m = mm;
             if (SMOOTH) y += __shfl_xor_sync(0xffffffffu, y, o);
