@@ -400,9 +400,13 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
                 const float ex = (y == -INFINITY) ? 0.f : __expf(y - run_max[q >> 1]);
                 run_sum[q >> 1] += ex;
                 if (STORE == SoftmaxStore::ROW) acc[4 * j + q] = SOFTCAP ? ex * softcap_factor(y) : ex;
-                if (STORE == SoftmaxStore::LISTS) add_other_mass(4 * j + q, y, ex);
+                // Inline here: a second pass over the tile (as full_tile's) would keep too many
+                // registers alive with bias or softcap, and serialize the MMAs (ptxas C7511).
+                if (STORE == SoftmaxStore::LISTS) {
+                    add_other_mass(4 * j + q, y, ex);
+                    if (y >= thr[q >> 1]) append(n0, 4 * j + q, y);
+                }
             }
-        if (STORE == SoftmaxStore::LISTS) append_candidates(n0, acc);
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
@@ -483,18 +487,19 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         if (!any_candidate) return;
         any_candidate = false;
 #pragma unroll
-        for (int i = 0; i < 128; ++i) {
-            const int h = (i >> 1) & 1;
-            if (acc[i] >= thr[h] && !overflowed[h]) {
-                const int row = m0 + hopper_row0() + 8 * h;  // < N: rows >= N have thr = +inf
-                const int col = n0 + (i >> 2) * 8 + hopper_col0() + (i & 1);
-                const int slot = atomicAdd(unsafe + row, 1);
-                if (slot < (int)lds)
-                    reinterpret_cast<int2*>(s_out)[(i64)row * lds + slot] = make_int2(col, __float_as_int(acc[i]));
-                else
-                    overflowed[h] = true;
-            }
-        }
+        for (int i = 0; i < 128; ++i)
+            if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
+    }
+
+    // Candidate i of the tile (logit y) to its row's list, unless this thread saw the list full.
+    __device__ __forceinline__ void append(int n0, int i, float y) {
+        const int h = (i >> 1) & 1;
+        if (overflowed[h]) return;
+        const int row = m0 + hopper_row0() + 8 * h;  // < N: rows >= N have thr = +inf
+        const int col = n0 + (i >> 2) * 8 + hopper_col0() + (i & 1);
+        const int slot = atomicAdd(unsafe + row, 1);
+        if (slot < (int)lds) reinterpret_cast<int2*>(s_out)[(i64)row * lds + slot] = make_int2(col, __float_as_int(y));
+        else overflowed[h] = true;
     }
 
     // Folds this tile's row maxima into the running ones, rescaling the running sums. A thread
