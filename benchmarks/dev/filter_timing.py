@@ -44,6 +44,33 @@ def make_sharp(shape: str, seed: int = 0):
     return e.astype(ml_dtypes.bfloat16), c.astype(ml_dtypes.bfloat16), t
 
 
+def stage_times(e, c, t, o, g, lse, tgt, de, dc, calls: int = 5) -> dict:
+    """Median ms of each stage of the fused filtered call (its events), and of the forward alone
+    with and without its lists (launch_forward, STORE NONE against LISTS, alternating)."""
+    from cce_cupy.cuda import forward as cuda_forward
+
+    per_stage: dict[str, list[float]] = {}
+    for _ in range(calls):
+        events: list = []
+        filtered.launch_fused_filtered(
+            e, c, t, None, o, t != o.ignore_index, g, lse, tgt, de, dc, None, None, None, events
+        )
+        events[-1][1].synchronize()
+        for (_, a), (name, b) in zip(events, events[1:]):
+            per_stage.setdefault(name, []).append(cp.cuda.get_elapsed_time(a, b))
+    out = {k: statistics.median(v) for k, v in per_stage.items()}
+    plain = lambda: cuda_forward.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)  # noqa: E731
+    fwd = {"forward_plain": [], "forward_with_lists": []}
+    for _ in range(calls):
+        fwd["forward_plain"].append(timed(plain))
+        ev: list = []
+        filtered.launch_fused_filtered(e, c, t, None, o, t != o.ignore_index, g, lse, tgt, de, dc, None, None, None, ev)
+        ev[-1][1].synchronize()
+        fwd["forward_with_lists"].append(cp.cuda.get_elapsed_time(ev[1][1], ev[2][1]))
+    out.update({k: statistics.median(v) for k, v in fwd.items()})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
@@ -83,6 +110,7 @@ def main() -> None:
             o = CCEOptions(filter_eps="auto")
             g = cp.asarray(1.0, cp.float32)  # grad_loss, as the calls above
             filtered.launch_fused_filtered(e, c, t, None, o, t != o.ignore_index, g, lse, tgt, de, dc, None, stats)
+            stages = stage_times(e, c, t, o, g, lse, tgt, de, dc)
             _, de_x, dc_x = cce.linear_cross_entropy_with_grad(e, c, t)
 
             def rdiff(a, b):
@@ -100,6 +128,7 @@ def main() -> None:
                 "ratio_gemm3": {k: m / ms["gemm3"] for k, m in ms.items()},
                 "ratio_exact": {k: m / ms["exact"] for k, m in ms.items()},
                 "certified_fraction": 1.0 - stats["fallback_rows"] / max(stats["rows"], 1),
+                "stages_ms": stages,
                 "de_rel_vs_exact": rdiff(de, de_x),
                 "dc_rel_vs_exact": rdiff(dc, dc_x),
             }

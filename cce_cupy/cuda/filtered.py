@@ -43,14 +43,37 @@ def filtered_applies(e, c, opts: CCEOptions) -> bool:
 
 
 def launch_fused_filtered(
-    e, c, targets, bias, opts: CCEOptions, valid, grad_loss, lse, tgt, de, dc, dbias, stats=None, bad_target=None
+    e,
+    c,
+    targets,
+    bias,
+    opts: CCEOptions,
+    valid,
+    grad_loss,
+    lse,
+    tgt,
+    de,
+    dc,
+    dbias,
+    stats=None,
+    bad_target=None,
+    events: list | None = None,
 ):
     """Loss terms (lse, tgt) and certified filtered gradients (de, dc, dbias written whole).
 
     valid: (N,) bool, the rows that are not ignored; grad_loss: the upstream gradient as for
-    options.row_coefficients. stats: as launch_backward's. Requires filtered_applies.
+    options.row_coefficients. stats: as launch_backward's. events: a list that gets (stage, CUDA
+    event recorded at its end) pairs, for timing the stages (benchmarks/dev/filter_timing.py).
+    Requires filtered_applies.
     """
     import cupy
+
+    def mark(stage: str) -> None:
+        if events is not None:
+            events.append((stage, cupy.cuda.Event()))
+            events[-1][1].record()
+
+    mark("start")
 
     n, d = e.shape
     v = c.shape[0]
@@ -78,6 +101,7 @@ def launch_fused_filtered(
     )  # fmt: skip
     log_eps = math.log(opts.resolved_filter_eps())
     threshold += f32(log_eps - THRESHOLD_MARGIN)
+    mark("thresholds")
 
     splits = forward_splits(n, v, HOPPER_TILE_N)[0]
     fwd_scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
@@ -87,6 +111,7 @@ def launch_fused_filtered(
         unsafe=row_count,
     )  # fmt: skip
     launch_forward(e, c, targets, bias, opts, lse, tgt, fwd_scratch, bad_target, True, store)
+    mark("forward")
 
     coef_p, coef_q = row_coefficients(cupy, opts, valid, lse, grad_loss)
     coef_p = cupy.ascontiguousarray(cupy.broadcast_to(coef_p, (n,)), dtype=cupy.float32)
@@ -100,10 +125,12 @@ def launch_fused_filtered(
          np.int32(n), np.int32(slots), f32(log_eps), f32(opts.softcap or 0.0), f32(1.0 - ls),
          f32(ls / v if opts.softcap is not None else 0.0)),
     )  # fmt: skip
+    mark("prune")
     launch_backward(
         e, c, targets, bias, opts, lse, coef_p, coef_q, de, dc, dbias, scratch=scratch, stats=stats,
         lists_from_forward=True,
     )  # fmt: skip
+    mark("backward")
 
 
 __all__ = ["THRESHOLD_MARGIN", "filtered_applies", "launch_fused_filtered"]

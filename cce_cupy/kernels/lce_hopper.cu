@@ -486,6 +486,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
         if (!any_candidate) return;
         any_candidate = false;
+        if (overflowed[0] && overflowed[1]) return;  // long-tailed rows: every tile has candidates
 #pragma unroll
         for (int i = 0; i < 128; ++i)
             if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
