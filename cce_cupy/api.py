@@ -162,6 +162,18 @@ def _filter_stats(xp, counted: dict, coef_p, coef_q) -> dict[str, int]:
     return {"rows": int(rows), "certified_rows": int(certified)}
 
 
+def _fused_outputs(call: _Call):
+    """Uninitialized (lse, tgt, de, dc, db) on the call's device for the fused launchers: fp32
+    (N,) loss terms, gradients in grad_dtype (db None without bias)."""
+    xp = call.kind.xp
+    n, d = call.e.shape
+    v = call.c.shape[0]
+    gdt = grad_dtype(call.e.dtype, call.opts)
+    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    return (xp.empty(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32), xp.empty((n, d), dtype=gdt),
+            xp.empty((v, d), dtype=gdt), db)  # fmt: skip
+
+
 def _fused_budgeted(call: _Call, g):
     """(lse, tgt, de, dc, db) by the memory-budgeted path (cce_cupy.cuda.budget), or None where
     it does not apply (no budget, NumPy, not the Hopper forward's inputs, a budget below one chunk)."""
@@ -173,12 +185,7 @@ def _fused_budgeted(call: _Call, g):
     plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts, call.bias is not None)
     if plan is None:
         return None
-    gdt = grad_dtype(call.e.dtype, call.opts)
-    lse = xp.empty(n, dtype=xp.float32)
-    tgt = xp.empty(n, dtype=xp.float32)
-    de = xp.empty((n, d), dtype=gdt)
-    dc = xp.empty((v, d), dtype=gdt)
-    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    lse, tgt, de, dc, db = _fused_outputs(call)
     scratch = xp.empty(plan.nbytes, dtype=xp.uint8)
     # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
     row_grad = row_loss_grads(xp, call.opts, call.valid, g)
@@ -197,14 +204,7 @@ def _fused_filtered(call: _Call, g, stats=None):
     xp = call.kind.xp
     if call.opts.filter_eps is None or xp is np or not cuda_filtered.filtered_applies(call.e, call.c, call.opts):
         return None
-    n, d = call.e.shape
-    v = call.c.shape[0]
-    gdt = grad_dtype(call.e.dtype, call.opts)
-    lse = xp.empty(n, dtype=xp.float32)
-    tgt = xp.empty(n, dtype=xp.float32)
-    de = xp.empty((n, d), dtype=gdt)
-    dc = xp.empty((v, d), dtype=gdt)
-    db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+    lse, tgt, de, dc, db = _fused_outputs(call)
     cuda_filtered.launch_fused_filtered(
         call.e, call.c, call.targets, call.bias, call.opts, call.valid, g, lse, tgt, de, dc, db, stats
     )

@@ -21,6 +21,20 @@ def _cp():
     return cupy
 
 
+def _poisoned_outputs(n: int, d: int, v: int, gdt, has_bias: bool):
+    """(lse, tgt, de, dc, db) on the GPU, all NaN (db None without bias): unwritten elements show."""
+    cp = _cp()
+    nan = cp.nan
+    db = cp.full((v,), nan, gdt) if has_bias else None
+    return (
+        cp.full(n, nan, cp.float32),
+        cp.full(n, nan, cp.float32),
+        cp.full((n, d), nan, gdt),
+        cp.full((v, d), nan, gdt),
+        db,
+    )
+
+
 def _run_launchers(e, c, t, b, o: CCEOptions, grad_loss, **backward_kw):
     """Forward + backward through the cce_cupy.cuda launchers with every output poisoned with NaN first."""
     cp = _cp()

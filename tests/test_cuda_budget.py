@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gpu_helpers import TOL, _assert_no_nan, _cp, _skip_unless_hopper
+from _gpu_helpers import TOL, _assert_no_nan, _cp, _poisoned_outputs, _skip_unless_hopper
 from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, rel_err
 
 import cce_cupy as cce
@@ -37,12 +37,7 @@ def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     assert cuda_budget.budget_applies(ge, gc, o)
     plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o, b is not None)
     assert plan is not None
-    gdt = grad_dtype(ge.dtype, o)
-    lse = cp.full(n, cp.nan, cp.float32)
-    tgt = cp.full(n, cp.nan, cp.float32)
-    de = cp.full((n, d), cp.nan, gdt)
-    dc = cp.full((v, d), cp.nan, gdt)
-    db = None if b is None else cp.full((v,), cp.nan, gdt)
+    lse, tgt, de, dc, db = _poisoned_outputs(n, d, v, grad_dtype(ge.dtype, o), b is not None)
     scratch = cp.full(plan.nbytes, 0xFF, cp.uint8)  # NaN fp16 / fp32 everywhere: unwritten reads show
     row_grad = row_loss_grads(cp, o, gt != o.ignore_index, cp.asarray(grad_loss, dtype=cp.float32))
     row_grad = cp.ascontiguousarray(cp.broadcast_to(row_grad, (n,)), dtype=cp.float32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gpu_helpers import _assert_no_nan, _cp, _skip_unless_hopper
+from _gpu_helpers import _assert_no_nan, _cp, _poisoned_outputs, _skip_unless_hopper
 from conftest import (
     DTYPES,
     assert_rel_close,
@@ -60,10 +60,7 @@ def _run_fused(e, c, t, b, o, grad_loss=1.0, stats=None):
     n, d = e.shape
     v = c.shape[0]
     assert filtered.filtered_applies(ge, gc, o)
-    lse, tgt = cp.full(n, cp.nan, cp.float32), cp.full(n, cp.nan, cp.float32)
-    gdt = grad_dtype(ge.dtype, o)
-    de, dc = cp.full((n, d), cp.nan, gdt), cp.full((v, d), cp.nan, gdt)
-    db = None if b is None else cp.full((v,), cp.nan, gdt)
+    lse, tgt, de, dc, db = _poisoned_outputs(n, d, v, grad_dtype(ge.dtype, o), b is not None)
     g = cp.asarray(grad_loss, dtype=cp.float32)
     filtered.launch_fused_filtered(ge, gc, gt, gb, o, gt != o.ignore_index, g, lse, tgt, de, dc, db, stats)
     cp.cuda.Device().synchronize()
@@ -194,13 +191,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("host_sync", [True, False], ids=["sync", "nosync"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_certified_options(case, host_sync):
-    """Every option through the certified path, on rows of which ~3/4 are sharp (certifiable) and
-    ~1/4 flat (exact path): the certificate holds row by row. 3 row blocks, D = 256."""
-    cp = _cp()
-    _skip_unless_hopper(cp)
+def _mixed_rows(case: str):
+    """(options, e, c, t, bias, grad_loss, grad_lse) of CASES[case] on 300 rows (3 row blocks,
+    D = 256, V = 8192) of which ~3/4 are sharp (certifiable) and ~1/4 flat (exact path), 15% of
+    them ignored; bf16."""
     kw = dict(CASES[case])
     has_bias, has_grad_lse = kw.pop("bias", False), kw.pop("grad_lse", False)
     o = CCEOptions(filter_eps="auto", **kw)
@@ -214,6 +208,17 @@ def test_certified_options(case, host_sync):
     b = (0.1 * rng.standard_normal(v)).astype(bf) if has_bias else None
     grad_loss = rng.uniform(0.5, 2.0, n) if o.reduction == "none" else 0.7
     grad_lse = rng.standard_normal(n) * 0.1 if has_grad_lse else None
+    return o, e, c, t, b, grad_loss, grad_lse
+
+
+@pytest.mark.parametrize("host_sync", [True, False], ids=["sync", "nosync"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_certified_options(case, host_sync):
+    """Every option through the certified path, on rows of which ~3/4 are sharp (certifiable) and
+    ~1/4 flat (exact path): the certificate holds row by row. 3 row blocks, D = 256."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    o, e, c, t, b, grad_loss, grad_lse = _mixed_rows(case)
     _, model = _check_certificate(e, c, t, b, o, grad_loss, grad_lse, host_sync=host_sync)
     if case == "softcap_smoothing" or case == "all":  # the smoothing term alone breaks every bound
         assert not model["certified"][t != o.ignore_index].any()
@@ -311,18 +316,7 @@ def test_fused_certified_options(case):
     ~1/4 flat rows (test_certified_options' data): the certificate holds row by row."""
     cp = _cp()
     _skip_unless_hopper(cp)
-    kw = dict(CASES[case])
-    has_bias = kw.pop("bias", False)
-    o = CCEOptions(filter_eps="auto", **kw)
-    n, d, v = 300, 256, 8192
-    e, c, t = make_sharp_problem(n, d, v, "float32", seed=5)
-    rng = np.random.default_rng(6)
-    e[: n // 4] = rng.standard_normal((n // 4, d))  # flat rows
-    t[rng.random(n) < 0.15] = o.ignore_index
-    bf = DTYPES["bfloat16"]
-    e, c = e.astype(bf), c.astype(bf)
-    b = (0.1 * rng.standard_normal(v)).astype(bf) if has_bias else None
-    grad_loss = rng.uniform(0.5, 2.0, n) if o.reduction == "none" else 0.7
+    o, e, c, t, b, grad_loss, _ = _mixed_rows(case)
     stats, model = _check_certificate(e, c, t, b, o, grad_loss, fused=True)
     if case not in ("softcap_smoothing", "all"):
         assert 0 < stats["fallback_rows"] < stats["rows"]  # both paths run

@@ -45,6 +45,21 @@ def make_inputs(shape: str, seed: int = 0):
     return e, c, rng.integers(0, v, n).astype(cp.int32)
 
 
+def shuffled_rounds(providers: dict, rounds: int) -> dict:
+    """{name: [ms, ...]}: each provider called once untimed, then once a round in a shuffled order
+    (a fixed order biases these GPUs' clocks)."""
+    for fn in providers.values():
+        fn()
+    cp.cuda.Device().synchronize()
+    times = {k: [] for k in providers}
+    for _ in range(rounds):
+        order = list(providers)
+        random.shuffle(order)
+        for k in order:
+            times[k].append(timed(providers[k]))
+    return times
+
+
 def gemm_floors(e, c):
     """(gemm3, gemm4): the three GEMMs of a logit-keeping loss (E @ C^T, G @ C, G^T @ E, with the
     logits as G) and those plus the recompute, into buffers allocated here."""
@@ -80,15 +95,7 @@ def main() -> None:
         budgets = [int(b) << 20 for b in args.budgets.split(",")]
         for b in budgets:
             providers[f"budget_{b >> 20}MiB"] = lambda b=b: cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=b)
-        for fn in providers.values():
-            fn()
-        cp.cuda.Device().synchronize()
-        times = {k: [] for k in providers}
-        for _ in range(args.rounds):
-            order = list(providers)
-            random.shuffle(order)
-            for k in order:
-                times[k].append(timed(providers[k]))
+        times = shuffled_rounds(providers, args.rounds)
         loss_l, de_l, dc_l = cce.linear_cross_entropy_with_grad(e, c, t)
         g3 = statistics.median(times["gemm3"])
         for k, ts in times.items():

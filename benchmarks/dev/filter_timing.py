@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 
 import cupy as cp
 import numpy as np
 
 import cce_cupy as cce
-from benchmarks.dev.budget_timing import SHAPES, gemm_floors, make_inputs, timed
+from benchmarks.dev.budget_timing import SHAPES, gemm_floors, make_inputs, shuffled_rounds, timed
 from cce_cupy.cuda import filtered
 from cce_cupy.options import CCEOptions
 
@@ -94,14 +93,7 @@ def main() -> None:
                 "filtered": lambda: cce.linear_cross_entropy_with_grad(e, c, t, filter_eps="auto"),
                 "filtered_recompute": recompute,
             }
-            for fn in providers.values():
-                fn()
-            times = {k: [] for k in providers}
-            for _ in range(args.rounds):
-                order = list(providers)
-                random.shuffle(order)
-                for k in order:
-                    times[k].append(timed(providers[k]))
+            times = shuffled_rounds(providers, args.rounds)
             stats = {}
             n, d = e.shape
             v = c.shape[0]

@@ -5,13 +5,12 @@ what cupy.matmul passes on sm_80+), on the lean and budgeted paths, shuffled rou
 """
 
 import json
-import random
 import statistics
 
 import cupy as cp
 
 import cce_cupy as cce
-from benchmarks.dev.budget_timing import gemm_floors, make_inputs, timed
+from benchmarks.dev.budget_timing import gemm_floors, make_inputs, shuffled_rounds
 from cce_cupy.cuda import device
 
 for name in ("gemma2", "llama3"):
@@ -31,15 +30,7 @@ for name in ("gemma2", "llama3"):
         prov[f"budget_{algo}"] = with_algo(
             algo, lambda: cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=4 << 30)
         )
-    for f in prov.values():
-        f()
-    cp.cuda.Device().synchronize()
-    times = {k: [] for k in prov}
-    for _ in range(7):
-        order = list(prov)
-        random.shuffle(order)
-        for k in order:
-            times[k].append(timed(prov[k]))
+    times = shuffled_rounds(prov, 7)
     g3 = statistics.median(times["gemm3"])
     print(
         json.dumps(
