@@ -75,7 +75,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if "--cpu-smoke" in sys.argv:  # before JAX starts: host devices are fixed at its first use
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -272,17 +274,27 @@ def _timed(fn, *args) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def run_shape(name: str, shape, counts, reduce_dtypes, ref_gpus: int, rounds: int, budget: Budget, smoke: bool):
-    """(records, summary line) of one shape: every setup built, checked and timed in shuffled rounds."""
+def _base(name: str, shape, smoke: bool) -> dict:
     n, d, v = shape
-    dtype = jnp.float32 if smoke else jnp.bfloat16
+    return {
+        "shape": name,
+        "d": d,
+        "v": v,
+        "dtype": "float32" if smoke else "bfloat16",
+        "subset_rows": min(SUBSET_ROWS, n),
+    }
+
+
+def run_shape(name: str, shape, counts, reduce_dtypes, ref_gpus: int, rounds: int, budget: Budget, smoke: bool):
+    """The records of one shape: every setup built, checked, then timed in shuffled rounds."""
+    n, d, v = shape
+    base = _base(name, shape, smoke)
+    dtype, rows_n = jnp.dtype(base["dtype"]), base["subset_rows"]
     devs = jax.devices()
     dev0 = devs[0]
     setups = requested_setups(counts, reduce_dtypes)
-    rows_n = min(SUBSET_ROWS, n)
     chunk_rows = SMOKE_CHUNK_ROWS if smoke else max(1, F64_CHUNK_BYTES // (8 * d))
     tokens_max = n * max(s.dp for s in setups)
-    base = {"shape": name, "d": d, "v": v, "dtype": jnp.dtype(dtype).name, "subset_rows": rows_n}
 
     e_all, c, y_all = _inputs(tokens_max, d, v, dtype)
     t0 = time.perf_counter()
@@ -371,6 +383,21 @@ def run_shape(name: str, shape, counts, reduce_dtypes, ref_gpus: int, rounds: in
                 s.note = _err(exc)
                 live.remove(s)
 
+    records = shape_records(base, n, setups, ref)
+
+    # Free this shape's device memory before the next one.
+    for s in setups:
+        for x in (*s.args, s.c):
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+    for x in (e_all, c, y_all):
+        if not x.is_deleted():
+            x.delete()
+    return records
+
+
+def shape_records(base: dict, n: int, setups: list[Setup], ref: Setup | None) -> list[dict]:
+    """One record per setup (every key always present; null where not measured)."""
     records = []
     t_ref = float(np.median(ref.times)) if ref is not None and ref.times else None
     for s in sorted(setups, key=lambda s: (s.gpus, s.dp, s.reduce)):
@@ -403,29 +430,15 @@ def run_shape(name: str, shape, counts, reduce_dtypes, ref_gpus: int, rounds: in
                 "note": note or s.errs.get("agreement"),
             }
         )
-
-    # Free this shape's device memory before the next one.
-    for s in setups:
-        for x in (*s.args, s.c):
-            if isinstance(x, jax.Array) and not x.is_deleted():
-                x.delete()
-    for x in (e_all, c, y_all):
-        if not x.is_deleted():
-            x.delete()
-    del setups, placed, ref, ref_out
-    gc.collect()
-    jax.clear_caches()
     return records
 
 
-def skipped_shape(name: str, shape, counts, reduce_dtypes) -> list[dict]:
+def skipped_shape(name: str, shape, counts, reduce_dtypes, smoke: bool) -> list[dict]:
     n, d, v = shape
-    return [
-        {"shape": name, "n": s.dp * n, "d": d, "v": v, "gpus": s.gpus, "parallel": s.parallel, "dp": s.dp,
-         "tp": s.tp, "grad_reduce_dtype": s.reduce if s.tp > 1 else None, "ms": None, "efficiency": None,
-         "note": "skipped: --budget-s spent before this shape"}
-        for s in requested_setups(counts, reduce_dtypes)
-    ]  # fmt: skip
+    setups = requested_setups(counts, reduce_dtypes)
+    for s in setups:
+        s.note = "skipped: --budget-s spent before this shape"
+    return shape_records(_base(name, shape, smoke), n, setups, None)
 
 
 def _fmt(x, spec: str) -> str:
@@ -458,10 +471,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON file, rewritten after every shape")
     ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} (default: gemma2,llama3; all with --cpu-smoke)")
+    ap.add_argument(
+        "--shapes", help=f"comma list of {', '.join(SHAPES)} (default: gemma2,llama3; all with --cpu-smoke)"
+    )
     ap.add_argument("--gpu-counts", default=None, help="comma list, e.g. 2,4,8 (default: powers of 2 up to all)")
     ap.add_argument(
-        "--reduce-dtypes", help="grad_reduce_dtype values of the tp meshes (default input,float32; input with --cpu-smoke)"
+        "--reduce-dtypes",
+        help="grad_reduce_dtype values of the tp meshes (default input,float32; input with --cpu-smoke)",
     )
     ap.add_argument("--ref-gpus", default=REF_GPUS, help="SHAPE=r,...: reference tp=r instead of one GPU")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting new work after this (0: no limit)")
@@ -499,11 +515,13 @@ def main(argv=None) -> None:
     for name in names:
         t0 = time.perf_counter()
         if budget.spent():
-            recs = skipped_shape(name, shapes[name], counts, reduce_dtypes)
+            recs = skipped_shape(name, shapes[name], counts, reduce_dtypes, args.cpu_smoke)
         else:
             recs = run_shape(
                 name, shapes[name], counts, reduce_dtypes, ref_gpus.get(name, 1), args.rounds, budget, args.cpu_smoke
             )
+        gc.collect()  # the shape's functions and arrays (deleted above) and compiled programs go now
+        jax.clear_caches()
         for r in recs:
             r.update(meta)
             print_record(r)
