@@ -3,7 +3,7 @@
 # steps: check (kernel_check correctness), time (kernel_check timing), profile (per-kernel times of one
 # backward), forward (the forward against cuBLAS, per kernel, by split length; FORWARD_ARGS), blocking
 # (the backward under several chunk / dE-accumulator budgets; BLOCKING_ARGS), variants (Hopper forward variants; VARIANT_ARGS, e.g. --baseline old/lce_hopper.cu),
-# gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs), cold
+# gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs; SCALE_ARGS, SCALE_BUDGET), cold
 # (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6),
 # trained_lm (train the README's model 300 steps, save a held batch's states to $OUT/trained_lm.npz and export
 # CCE_TRAINED_LM, so a later bench step of the same call adds data trained_lm), bench (all providers; extra
@@ -106,7 +106,13 @@ print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['
              && (cd /tmp && PYTHONPATH=/tmp/old python3 -c "from cce_cupy.kernel_sources import precompile; precompile()") \
              && python3 benchmarks/compare_commits.py --before /tmp/old --after . --out "$OUT/compare.json"; } 2>&1 \
              | tee "$OUT/compare.log" || rc=1 ;;
-    scale) timeout 400 python3 benchmarks/scale.py --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
+    scale) # SCALE_ARGS, e.g. "--gpu-counts 2,4,8 --shapes gemma2,llama3,vocab1m"; scale.py starts no new work
+           # after SCALE_BUDGET s (default 420) and rewrites the JSON after every shape; the timeout is the backstop
+           # under the device's 600 s a call; the plot is drawn from whatever the JSON holds
+           ( timeout 540 python3 benchmarks/scale.py --out "$OUT/scale.json" --budget-s "${SCALE_BUDGET:-420}" \
+               ${SCALE_ARGS:-}; st=$?
+             if [ -s "$OUT/scale.json" ]; then python3 benchmarks/plot_scale.py "$OUT/scale.json" -o "$OUT/scale.png"; fi
+             exit $st ) 2>&1 | tee "$OUT/scale.log" || rc=1 ;;
     cold)  # from a wheel built here, installed outside the checkout, in fresh processes with empty caches
            { rm -rf /tmp/dist /tmp/wheelsite && python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/dist . \
              && ls -l /tmp/dist && python3 -m pip install -q --no-deps --target /tmp/wheelsite /tmp/dist/*.whl \

@@ -495,7 +495,12 @@ def main(argv=None) -> None:
     bad = [rd for rd in reduce_dtypes if rd not in ("input", "float32")]
     if bad:
         raise SystemExit(f"--reduce-dtypes: {bad} not among input, float32")
-    ref_gpus = {k: int(r) for k, r in (kv.split("=") for kv in args.ref_gpus.split(",") if kv)}
+    try:
+        ref_gpus = {k: int(r) for k, r in (kv.split("=") for kv in args.ref_gpus.split(",") if kv)}
+    except ValueError:
+        raise SystemExit(f"--ref-gpus: expected SHAPE=r,... (e.g. vocab1m=2), got {args.ref_gpus!r}") from None
+    if any(k not in shapes or r < 1 for k, r in ref_gpus.items()):
+        raise SystemExit(f"--ref-gpus: shapes among {list(shapes)}, r >= 1; got {args.ref_gpus!r}")
     # CCE_COMMIT: the checkout's commit where the device copy's git history is not this checkout's.
     git = ["git", "rev-parse", "--short", "HEAD"]
     commit = (
