@@ -104,15 +104,23 @@ F64_CHUNK_BYTES = 2**28  # C rows pulled to the host at a time for the float64 c
 
 # ------------------------------------------------------------------------------ problem
 def _inputs(tokens: int, d: int, v: int, dtype, seed: int = 0):
-    """e (tokens, D), c (V, D) ~ N(0, 1/D) (logits ~ N(0, 1)), targets (tokens,) on the default
-    device, drawn in float32 and rounded once, in one jitted program (no float32 copy of C kept)."""
+    """e (tokens, D) ~ N(0, 1), c (V, D) ~ N(0, 1/D) (logits ~ N(0, 1)), targets (tokens,), on the
+    default device, drawn in float32 and rounded once, in one jitted program. C is drawn in blocks
+    of 2**28 elements: at vocab1m (2**32 elements) a single draw would hold 16 GiB of random bits
+    and 16 GiB of float32 before the rounding."""
+    rows = max(1, 2**28 // d)
+
+    def normal(key, n, scale):
+        blocks = [
+            (jax.random.normal(jax.random.fold_in(key, i), (min(rows, n - r0), d), jnp.float32) * scale).astype(dtype)
+            for i, r0 in enumerate(range(0, n, rows))
+        ]
+        return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks)
 
     @jax.jit
     def draw(key):
         k1, k2, k3 = jax.random.split(key, 3)
-        e = jax.random.normal(k1, (tokens, d), jnp.float32).astype(dtype)
-        c = (jax.random.normal(k2, (v, d), jnp.float32) / d**0.5).astype(dtype)
-        return e, c, jax.random.randint(k3, (tokens,), 0, v, jnp.int32)
+        return normal(k1, tokens, 1.0), normal(k2, v, d**-0.5), jax.random.randint(k3, (tokens,), 0, v, jnp.int32)
 
     return draw(jax.random.key(seed))
 
