@@ -34,7 +34,14 @@ dp * N tokens of a dp setup): `loss_rel_err_vs_ref` = |loss - ref| / |ref|, `de_
 there). `loss_rel_err_vs_f64_subset`: the setup's per-row losses (reduction="none") of the first
 `subset_rows` (64) tokens against a float64 NumPy reference from the same rounded inputs, C pulled
 to the host 2**25 / D rows at a time (256 MiB of float64; 8192 rows at D=4096): at vocab1m 128
-chunks of ~0.2 s each on 2 cores (0.06 s bf16 -> float64, 0.10 s matmul), ~25 s once per shape.
+chunks of ~0.2 s each on 2 cores (0.06 s bf16 -> float64, 0.10 s matmul), ~25 s once for the shape
+(gemma2: 18 such chunks, ~3 s); plus one compile of the per-row loss per setup.
+
+Records (a JSON list; one per setup, every key always present, null where not measured): shape, n
+(global tokens), d, v, dtype, gpus, parallel ("none", "tp", "dp", "dp2xtp2", ...), dp, tp,
+grad_reduce_dtype (tp > 1), ms, rounds, efficiency, efficiency_vs, reference, loss_rel_err_vs_ref,
+de_rel_err_vs_ref, dc_rel_err_vs_ref, loss_rel_err_vs_f64_subset, subset_rows, first_call_s, note;
+and gpu, platform, jax, commit, date, cpu_smoke.
 
 Memory at vocab1m: C is 8 GiB in bf16 and dC another 8 GiB (the N x V logits, 64 GiB in fp32,
 never exist); E is 128 MiB for N tokens, 1 GiB for the 8 N of dp=8. One H200 (141 GB) holds C + dC
