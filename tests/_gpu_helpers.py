@@ -21,6 +21,12 @@ def _cp():
     return cupy
 
 
+def _device_inputs(e, c, t, b):
+    """(e, c, t, bias) as CuPy arrays (bias None stays None)."""
+    cp = _cp()
+    return cp.asarray(e), cp.asarray(c), cp.asarray(t), None if b is None else cp.asarray(b)
+
+
 def _poisoned_outputs(n: int, d: int, v: int, gdt, has_bias: bool):
     """(lse, tgt, de, dc, db) on the GPU, all NaN (db None without bias): unwritten elements show."""
     cp = _cp()
@@ -38,8 +44,7 @@ def _poisoned_outputs(n: int, d: int, v: int, gdt, has_bias: bool):
 def _run_launchers(e, c, t, b, o: CCEOptions, grad_loss, **backward_kw):
     """Forward + backward through the cce_cupy.cuda launchers with every output poisoned with NaN first."""
     cp = _cp()
-    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
-    gb = None if b is None else cp.asarray(b)
+    ge, gc, gt, gb = _device_inputs(e, c, t, b)
     n, d = e.shape
     v = c.shape[0]
     lse = cp.full(n, cp.nan, cp.float32)

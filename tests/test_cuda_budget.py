@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gpu_helpers import TOL, _assert_no_nan, _cp, _poisoned_outputs, _skip_unless_hopper
+from _gpu_helpers import TOL, _assert_no_nan, _cp, _device_inputs, _poisoned_outputs, _skip_unless_hopper
 from conftest import DTYPES, assert_rel_close, dense_reference, make_problem, rel_err
 
 import cce_cupy as cce
@@ -30,8 +30,7 @@ def mode(request, monkeypatch):
 def _run_budgeted(e, c, t, b, o: CCEOptions, grad_loss=1.0):
     """The budgeted launcher with every output poisoned with NaN first."""
     cp = _cp()
-    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
-    gb = None if b is None else cp.asarray(b)
+    ge, gc, gt, gb = _device_inputs(e, c, t, b)
     n, d = ge.shape
     v = gc.shape[0]
     assert cuda_budget.budget_applies(ge, gc, o)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gpu_helpers import _assert_no_nan, _cp, _poisoned_outputs, _skip_unless_hopper
+from _gpu_helpers import _assert_no_nan, _cp, _device_inputs, _poisoned_outputs, _skip_unless_hopper
 from conftest import (
     DTYPES,
     assert_rel_close,
@@ -55,8 +55,7 @@ def _run(e, c, t, b, o, grad_loss=1.0, grad_lse=None, **backward_kw):
 def _run_fused(e, c, t, b, o, grad_loss=1.0, stats=None):
     """The fused filtered launcher (candidates from the forward), every output poisoned first."""
     cp = _cp()
-    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
-    gb = None if b is None else cp.asarray(b)
+    ge, gc, gt, gb = _device_inputs(e, c, t, b)
     n, d = e.shape
     v = c.shape[0]
     assert filtered.filtered_applies(ge, gc, o)
