@@ -136,12 +136,7 @@ def _backward(call: _Call, lse, coef_p, coef_q, stats: dict | None = None):
             call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, stats=counted
         )
     else:
-        n, d = call.e.shape
-        v = call.c.shape[0]
-        gdt = grad_dtype(call.e.dtype, call.opts)
-        de = xp.empty((n, d), dtype=gdt)
-        dc = xp.empty((v, d), dtype=gdt)
-        db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
+        de, dc, db = _grad_outputs(call)
         cuda_backward.launch_backward(
             call.e, call.c, call.targets, call.bias, call.opts, lse, coef_p, coef_q, de, dc, db, stats=counted
         )
@@ -162,16 +157,21 @@ def _filter_stats(xp, counted: dict, coef_p, coef_q) -> dict[str, int]:
     return {"rows": int(rows), "certified_rows": int(certified)}
 
 
-def _fused_outputs(call: _Call):
-    """Uninitialized (lse, tgt, de, dc, db) on the call's device for the fused launchers: fp32
-    (N,) loss terms, gradients in grad_dtype (db None without bias)."""
+def _grad_outputs(call: _Call):
+    """Uninitialized (de, dc, db) on the call's device, in grad_dtype (db None without bias)."""
     xp = call.kind.xp
     n, d = call.e.shape
     v = call.c.shape[0]
     gdt = grad_dtype(call.e.dtype, call.opts)
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
-    return (xp.empty(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32), xp.empty((n, d), dtype=gdt),
-            xp.empty((v, d), dtype=gdt), db)  # fmt: skip
+    return xp.empty((n, d), dtype=gdt), xp.empty((v, d), dtype=gdt), db
+
+
+def _fused_outputs(call: _Call):
+    """Uninitialized (lse, tgt, de, dc, db) for the fused launchers: fp32 (N,) loss terms and
+    _grad_outputs."""
+    xp, n = call.kind.xp, call.e.shape[0]
+    return (xp.empty(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32), *_grad_outputs(call))
 
 
 def _fused_budgeted(call: _Call, g):

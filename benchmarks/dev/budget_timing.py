@@ -20,18 +20,10 @@ import numpy as np
 
 import cce_cupy as cce
 from cce_cupy.cuda import budget as cuda_budget
+from cce_cupy.cuda.autotune import time_on_stream
 from cce_cupy.options import CCEOptions
 
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256), "quack": (4096, 4096, 128256)}
-
-
-def timed(fn) -> float:
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    fn()
-    stop.record()
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop)
 
 
 def make_inputs(shape: str, seed: int = 0):
@@ -56,7 +48,7 @@ def shuffled_rounds(providers: dict, rounds: int) -> dict:
         order = list(providers)
         random.shuffle(order)
         for k in order:
-            times[k].append(timed(providers[k]))
+            times[k].append(time_on_stream(providers[k]))
     return times
 
 
@@ -178,9 +170,13 @@ def breakdown(shapes, budget: int) -> list[dict]:
         finally:
             mod.launch_forward, mod._gemm_rowmajor = real_fwd, real_gemm
         rec = {"shape": shape, "breakdown_ms": {k: statistics.median(x[1:]) for k, x in stages.items()}}
-        rec["lean_forward_ms"] = statistics.median(timed(lambda: cce.linear_cross_entropy(e, c, t)) for _ in range(5))
+        rec["lean_forward_ms"] = statistics.median(
+            time_on_stream(lambda: cce.linear_cross_entropy(e, c, t)) for _ in range(5)
+        )
         logits = cp.empty((n, v), ml_dtypes.bfloat16)
-        rec["cublas_logits_ms"] = statistics.median(timed(lambda: cp.matmul(e, c.T, out=logits)) for _ in range(5))
+        rec["cublas_logits_ms"] = statistics.median(
+            time_on_stream(lambda: cp.matmul(e, c.T, out=logits)) for _ in range(5)
+        )
         logits = None
         print(json.dumps(rec), flush=True)
         out.append(rec)

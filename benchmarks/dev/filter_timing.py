@@ -21,8 +21,9 @@ import cupy as cp
 import numpy as np
 
 import cce_cupy as cce
-from benchmarks.dev.budget_timing import SHAPES, gemm_floors, make_inputs, shuffled_rounds, timed
+from benchmarks.dev.budget_timing import SHAPES, gemm_floors, make_inputs, shuffled_rounds
 from cce_cupy.cuda import filtered
+from cce_cupy.cuda.autotune import time_on_stream
 from cce_cupy.options import CCEOptions
 
 
@@ -61,7 +62,7 @@ def stage_times(e, c, t, o, g, lse, tgt, de, dc, calls: int = 5) -> dict:
     plain = lambda: cuda_forward.launch_forward(e, c, t, None, CCEOptions(), lse, tgt)  # noqa: E731
     fwd = {"forward_plain": [], "forward_with_lists": []}
     for _ in range(calls):
-        fwd["forward_plain"].append(timed(plain))
+        fwd["forward_plain"].append(time_on_stream(plain))
         ev: list = []
         filtered.launch_fused_filtered(e, c, t, None, o, t != o.ignore_index, g, lse, tgt, de, dc, None, None, None, ev)
         ev[-1][1].synchronize()
