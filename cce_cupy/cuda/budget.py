@@ -157,6 +157,21 @@ def launch_fused_budgeted(
         dc_out[...] = dc_target
 
 
+def launch_target_logits(e, c, targets, bias, opts: CCEOptions, row_grad, shift_out, z_target_out) -> None:
+    """Each row's target logit y_t (softcapped, with bias) into shift_out and its logit before
+    softcap into z_target_out, by a gather-dot (lce_budget_shift); +inf in shift_out for a row
+    without gradient (row_grad 0) or with a target outside [0, V). All (N,) fp32 but e, c, targets."""
+    n, d = e.shape
+    v = c.shape[0]
+    flags = (bias is not None, opts.softcap is not None, targets.dtype)
+    get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))(
+        (_cdiv(n, 8),),
+        (256,),
+        (e, c, _ptr(bias), targets, row_grad, shift_out, z_target_out, np.int32(n), np.int32(v), np.int32(d),
+         np.float32(opts.softcap or 0.0)),
+    )  # fmt: skip
+
+
 def _chunks(n: int, plan: BudgetPlan):
     for r0 in range(0, n, plan.rows):
         yield r0, min(n, r0 + plan.rows)
@@ -218,7 +233,6 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
     f32 = np.float32
     has_bias, softcap = bias is not None, opts.softcap is not None
     flags = (has_bias, softcap, targets.dtype)
-    shift_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))
     recompute = get_kernel("lce_budget.cu", template_name("lce_budget_recompute", e.dtype, has_bias, softcap))
     rows_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_rows", e.dtype, *flags))
     de_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_de", de.dtype))
@@ -253,23 +267,7 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         x = de_chunk if de.dtype == f32 else buf("x", f32, (plan.rows, d))[:rows]
         e_chunk, t_chunk, rg_chunk, lse_chunk = e[r0:r1], targets[r0:r1], row_grad[r0:r1], lse[r0:r1]
         unsafe.fill(0)
-        shift_kernel(
-            (_cdiv(rows, 8),),
-            (256,),
-            (
-                e_chunk,
-                c,
-                _ptr(bias),
-                t_chunk,
-                rg_chunk,
-                shift,
-                z_target,
-                np.int32(rows),
-                np.int32(v),
-                np.int32(d),
-                f32(opts.softcap or 0.0),
-            ),
-        )
+        launch_target_logits(e_chunk, c, t_chunk, bias, opts, rg_chunk, shift, z_target)
         store = KeptSoftmax(SoftmaxStore.ROW, s, row_shift=shift, unsafe=unsafe)
         launch_forward(e_chunk, c, t_chunk, bias, opts, lse_chunk, tgt[r0:r1], fwd_scratch, bad_target, tune, store)
         grid = (min(rows, _MAX_GRID),)
@@ -326,4 +324,11 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         )
 
 
-__all__ = ["BudgetPlan", "budget_applies", "budget_mode", "budget_plan", "launch_fused_budgeted"]
+__all__ = [
+    "BudgetPlan",
+    "budget_applies",
+    "budget_mode",
+    "budget_plan",
+    "launch_fused_budgeted",
+    "launch_target_logits",
+]

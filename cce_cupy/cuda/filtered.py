@@ -22,7 +22,8 @@ import math
 import numpy as np
 
 from cce_cupy.cuda.backward import launch_backward, scratch_buffers, sparse_buffers
-from cce_cupy.cuda.device import _aligned, _ptr, use_hopper
+from cce_cupy.cuda.budget import launch_target_logits
+from cce_cupy.cuda.device import _aligned, use_hopper
 from cce_cupy.cuda.forward import KeptSoftmax, launch_forward
 from cce_cupy.cuda.loader import get_kernel
 from cce_cupy.cuda.plan import _cdiv, backward_scratch_nbytes, forward_scratch_nbytes, forward_splits, sparse_slots
@@ -91,14 +92,7 @@ def launch_fused_filtered(
     row_grad = row_loss_grads(cupy, opts, valid, grad_loss)  # coef_q: needs no lse
     row_grad = cupy.ascontiguousarray(cupy.broadcast_to(row_grad, (n,)), dtype=cupy.float32)
     threshold = cupy.empty(n, cupy.float32)
-    z_target = cupy.empty(n, cupy.float32)
-    flags = (bias is not None, opts.softcap is not None, targets.dtype)
-    get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))(
-        (_cdiv(n, 8),),
-        (256,),
-        (e, c, _ptr(bias), targets, row_grad, threshold, z_target, np.int32(n),
-         np.int32(v), np.int32(d), f32(opts.softcap or 0.0)),
-    )  # fmt: skip
+    launch_target_logits(e, c, targets, bias, opts, row_grad, threshold, cupy.empty(n, cupy.float32))
     log_eps = math.log(opts.resolved_filter_eps())
     threshold += f32(log_eps - THRESHOLD_MARGIN)
     mark("thresholds")
