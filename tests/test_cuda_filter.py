@@ -376,3 +376,37 @@ def test_api_stats_match_the_launcher(data):
     exact = {}
     cce.linear_cross_entropy_with_grad(cp.asarray(e), cp.asarray(c), cp.asarray(t), stats=exact)
     assert exact == {"rows": active, "certified_rows": 0}
+
+
+@pytest.mark.parametrize("data", ["zipf", "sharp"])
+def test_fused_filtered_memory(data):
+    """The filtered call's memory beyond its outputs, against the two lists (entries and their
+    column-sorted copy, N x slots x 8 bytes each): within issue 14's 64 MiB plus the lists, and at
+    most the larger of the lists and the exact call's memory plus a few MiB (the forward's partials,
+    the counters), not their sum: rows that fall back to the exact path run it in the lists'
+    bytes (launch_backward reuses the scratch) instead of a G chunk allocated beside them."""
+    from benchmarks.providers.measure import CupyPeak
+    from cce_cupy.cuda.plan import sparse_slots
+
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 4096, 512, 50000
+    if data == "zipf":
+        e, c, t = make_zipf_problem(n, d, v, "bfloat16", seed=3)
+    else:
+        e, c, t = make_sharp_problem(n, d, v, "bfloat16", seed=3)
+    args = (cp.asarray(e), cp.asarray(c), cp.asarray(t))
+    outputs = 4 + n * d * 2 + v * d * 2  # loss, dE, dC
+
+    def extra(**kw):
+        cce.linear_cross_entropy_with_grad(*args, **kw)  # warm: kernels loaded, cuBLAS workspace
+        cp.cuda.Device().synchronize()
+        with CupyPeak() as peak:
+            cce.linear_cross_entropy_with_grad(*args, **kw)
+            cp.cuda.Device().synchronize()
+        return peak.peak - outputs
+
+    lists = 2 * n * sparse_slots(n, d, "bfloat16", CCEOptions(filter_eps="auto")) * 8
+    exact, filt = extra(), extra(filter_eps="auto")
+    assert filt <= max(exact, lists) + 8 * 2**20, (filt, exact, lists)
+    assert filt <= 64 * 2**20 + lists, (filt, lists)

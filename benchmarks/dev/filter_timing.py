@@ -6,9 +6,9 @@ model shapes, in shuffled rounds (median ms), with each data set's certified fra
 Providers: gemm3 (E @ C^T, G @ C, G^T @ E), exact (linear_cross_entropy_with_grad), filtered (the
 same with filter_eps="auto": candidates from the forward, cce_cupy.cuda.filtered) and
 filtered_recompute (forward, then backward with filter_eps: the recompute pass builds the lists, as
-under JAX). Data: "uniform" (logits of a few units: nothing certifies) and "sharp" (the target ~22
+under JAX). Data: "uniform" (logits of a few units: nothing certifies), "sharp" (the target ~22
 and two distractors ~20 above a N(0, ~1) background, conftest.make_sharp_problem at scale: most
-rows certify).
+rows certify) and "long_tailed" (bench.py's: a Zipf prior, thousands of candidates a row).
 """
 
 from __future__ import annotations
@@ -42,6 +42,24 @@ def make_sharp(shape: str, seed: int = 0):
     e = 0.3 * rng.standard_normal((n, d), dtype=cp.float32) + 22 * unit_logit(t)
     e += 20 * (unit_logit(hot[:, 0]) + unit_logit(hot[:, 1]))
     return e.astype(ml_dtypes.bfloat16), c.astype(ml_dtypes.bfloat16), t
+
+
+def make_long_tailed(shape: str, seed: int = 0):
+    """bench.py's long_tailed data (a Zipf prior, loss ~4 nats) at this shape, bf16."""
+    import ml_dtypes
+
+    from benchmarks.providers.problem import _long_tailed, _Rng
+
+    n, d, v = SHAPES[shape]
+    e, c, t = _long_tailed(cp, _Rng(cp, seed), n, d, v)
+    return e.astype(ml_dtypes.bfloat16), c.astype(ml_dtypes.bfloat16), t.astype(cp.int32)
+
+
+def make_data(shape: str, data: str):
+    makers = {"uniform": make_inputs, "sharp": make_sharp, "long_tailed": make_long_tailed}
+    if data not in makers:
+        raise ValueError(f"--data: {data!r} is not one of {', '.join(makers)}")
+    return makers[data](shape)
 
 
 def stage_times(e, c, t, o, g, lse, tgt, de, dc, calls: int = 5) -> dict:
@@ -81,7 +99,7 @@ def main() -> None:
     records = []
     for shape in args.shapes.split(","):
         for data in args.data.split(","):
-            e, c, t = make_inputs(shape) if data == "uniform" else make_sharp(shape)
+            e, c, t = make_data(shape, data)
             gemm3, _ = gemm_floors(e, c)
 
             def recompute():

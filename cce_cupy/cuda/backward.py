@@ -148,23 +148,33 @@ def launch_backward(
         plan.run(*args, bufs["fb_coef_p"], bufs["fb_coef_q"], de_out, dc_out, dbias_out, False)
         sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out, accumulate_if=fallback)
         return
-    k = int(fallback.get()[0])
-    active = int(cupy.count_nonzero((coef_p != 0) | (coef_q != 0)))  # rows with a gradient
+    # The uncertified rows and the rows with a gradient, read in one host sync.
+    counts = cupy.stack([fallback[0].astype(cupy.int64), cupy.count_nonzero((coef_p != 0) | (coef_q != 0))])
+    k, active = (int(x) for x in counts.get())
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + active
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
+    exact = opts.replace(filter_eps=None, filter_tol=None)
     if active - k < MIN_CERTIFIED_FRACTION * active:  # few rows certified: the exact backward for all
-        del scratch, bufs, fallback, buf
-        exact = opts.replace(filter_eps=None, filter_tol=None)
+        del bufs, fallback, buf  # the lists are done with: the exact pass reuses their bytes
+        reuse = _reusable(scratch, n, v, d, e.dtype, exact)
         launch_backward(
-            e, c, targets, bias, exact, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas=use_cublas
+            e, c, targets, bias, exact, lse, coef_p, coef_q, de_out, dc_out, dbias_out, reuse, use_cublas=use_cublas
         )
         return
     sparse.sum_lists(e, c, opts, coef_q, bufs, slots, de_out, dc_out, dbias_out)
     if k:
-        idx = cupy.sort(bufs["fallback_rows"][:k])  # a copy: the scratch may be released below
-        del scratch, bufs, fallback  # views of the scratch: let the pool reuse it for the exact pass
-        _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas)
+        idx = cupy.sort(bufs["fallback_rows"][:k])  # a copy: the exact pass may overwrite the scratch
+        del bufs, fallback, buf
+        reuse = _reusable(scratch, k, v, d, e.dtype, exact)
+        _exact_rows(idx, e, c, targets, bias, exact, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas, reuse)
+
+
+def _reusable(scratch, n: int, v: int, d: int, dtype, exact: CCEOptions):
+    """`scratch` if it holds the exact backward's buffers for n rows, else None (it allocates its
+    own). The filtered call's caller still holds its scratch, so a second allocation beside it would
+    add the exact path's G chunk to the lists' bytes at the peak."""
+    return scratch if scratch.nbytes >= backward_scratch_nbytes(n, v, d, dtype, exact) else None
 
 
 def scratch_buffers(scratch, n: int, v: int, d: int, dtype, opts: CCEOptions, device_fallback: bool):
@@ -186,8 +196,9 @@ def sparse_buffers(buf) -> dict:
     return bufs
 
 
-def _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas):
-    """The exact gradient of rows `idx` (sorted, on the device): dE rows written, dC and dbias added."""
+def _exact_rows(idx, e, c, targets, bias, exact, lse, coef_p, coef_q, de_out, dc_out, dbias_out, use_cublas, scratch):
+    """The exact gradient (options `exact`) of rows `idx` (sorted, on the device): dE rows written,
+    dC and dbias added. scratch: as launch_backward's."""
     import cupy
 
     de_rows = cupy.empty((idx.size, e.shape[1]), dtype=de_out.dtype)
@@ -196,13 +207,14 @@ def _exact_rows(idx, e, c, targets, bias, opts, lse, coef_p, coef_q, de_out, dc_
         c,
         targets[idx],
         bias,
-        opts.replace(filter_eps=None, filter_tol=None),
+        exact,
         lse[idx],
         coef_p[idx],
         coef_q[idx],
         de_rows,
         dc_out,
         dbias_out,
+        scratch,
         use_cublas=use_cublas,
         accumulate=True,
     )

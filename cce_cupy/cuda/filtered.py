@@ -82,7 +82,11 @@ def launch_fused_filtered(
         raise ValueError("launch_fused_filtered needs 16-byte aligned dE and dC")
     f32 = np.float32
     slots = sparse_slots(n, d, e.dtype, opts)
-    scratch = cupy.empty(backward_scratch_nbytes(n, v, d, e.dtype, opts, device_fallback=False), dtype=cupy.uint8)
+    # Large enough for the exact backward of all rows too, which then runs in these bytes once the
+    # lists are done with (launch_backward): the call's peak is the larger of the two, not their sum.
+    exact = opts.replace(filter_eps=None, filter_tol=None)
+    nbytes = max(backward_scratch_nbytes(n, v, d, e.dtype, o, device_fallback=False) for o in (opts, exact))
+    scratch = cupy.empty(nbytes, dtype=cupy.uint8)
     bufs = sparse_buffers(scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=False))
     bufs["counts"].fill(0)  # row counts (the forward appends from 0) and column counts (the sums)
     row_count = bufs["counts"][1 : 1 + n]

@@ -356,7 +356,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // LISTS: the rows' thresholds tau, their other mass against run_max (rescaled with run_sum), and
     // whether this thread's list of the row has overflowed.
     float thr[2] = {INFINITY, INFINITY}, drop[2] = {0.f, 0.f};
-    bool overflowed[2] = {false, false}, any_candidate = false;
+    bool overflowed[2] = {false, false};
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -442,14 +442,15 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         }
         raise_max(tmax);
         const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
+        float tsum[2] = {0.f, 0.f};  // LISTS: the tile's exps, a row's other mass where it has no candidate
 #pragma unroll
         for (int i = 0; i < 128; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
-            if (STORE == SoftmaxStore::LISTS) add_other_mass(i, acc[i], ex);
+            if (STORE == SoftmaxStore::LISTS) tsum[(i >> 1) & 1] += ex;
         }
-        if (STORE == SoftmaxStore::LISTS) append_candidates(n0, acc);
+        if (STORE == SoftmaxStore::LISTS) sort_tile(n0, tmax, tsum, mb, acc);
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
@@ -471,25 +472,35 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         }
     }
 
-    // LISTS: element i of acc (logit y, ex = exp(y - run_max)) is a candidate, or its mass joins the
-    // row's other mass: no branch here, in the epilogue's straight-line exps.
+    // LISTS, the general path: element i of acc (logit y, ex = exp(y - run_max)) is a candidate, or
+    // its mass joins the row's other mass.
     __device__ __forceinline__ void add_other_mass(int i, float y, float ex) {
         const int h = (i >> 1) & 1;
-        const bool candidate = y >= thr[h];
-        drop[h] += candidate ? 0.f : ex;
-        any_candidate |= candidate;
+        drop[h] += (y >= thr[h]) ? 0.f : ex;
     }
 
-    // LISTS, after the tile's exps: its candidates (acc holds the logits y) join their rows' lists.
-    // Candidates are rare on the rows the filter can certify (a few a row); a row with many
-    // overflows its list, and the exact path takes it.
-    __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
-        if (!any_candidate) return;
-        any_candidate = false;
-        if (overflowed[0] && overflowed[1]) return;  // long-tailed rows: every tile has candidates
+    // LISTS, a full tile after its exps (acc holds the logits y; tmax, tsum: this thread's max and
+    // sum of exps of each row's 64 elements; mb: run_max log2 e). A row with no candidate here (the
+    // rule on the rows the filter can certify: a few candidates in a thousand tiles) adds tsum to its
+    // other mass, which costs the epilogue one add an element. Otherwise its elements are sorted
+    // one by one (the exps taken again), unless this thread saw the row's list full: the exact path
+    // takes that row, and its other mass no longer matters.
+    __device__ __forceinline__ void sort_tile(int n0, const float (&tmax)[2], const float (&tsum)[2],
+                                              const float (&mb)[2], const float (&acc)[128]) {
+        bool sort[2];
 #pragma unroll
-        for (int i = 0; i < 128; ++i)
-            if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
+        for (int h = 0; h < 2; ++h) {
+            sort[h] = tmax[h] >= thr[h] && !overflowed[h];
+            if (tmax[h] < thr[h]) drop[h] += tsum[h];
+        }
+        if (!sort[0] && !sort[1]) return;
+#pragma unroll
+        for (int i = 0; i < 128; ++i) {
+            const int h = (i >> 1) & 1;
+            if (!sort[h]) continue;
+            if (acc[i] >= thr[h]) append(n0, i, acc[i]);
+            else drop[h] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[h]));
+        }
     }
 
     // Candidate i of the tile (logit y) to its row's list, unless this thread saw the list full.
