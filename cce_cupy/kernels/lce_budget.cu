@@ -134,7 +134,20 @@ __global__ void lce_budget_shift(const T* __restrict__ e, const T* __restrict__ 
     const T* er = e + (i64)row * D;
     const T* cr = c + t * (i64)D;
     float dot = 0.f;
-    for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+    if ((D & 7) == 0 && ((reinterpret_cast<size_t>(er) | reinterpret_cast<size_t>(cr)) & 15) == 0) {
+        // 8 elements a lane a step in 16-byte loads (the Hopper paths' rows qualify): one element a
+        // lane a step took 0.3-0.7 ms at N = 8192, D = 2304, 20x the time to read the 75 MB.
+#pragma unroll 4
+        for (int k = 8 * lane; k < D; k += 256) {
+            float a[8], b[8];
+            load8(er + k, a);
+            load8(cr + k, b);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) dot = fmaf(a[u], b[u], dot);
+        }
+    } else {
+        for (int k = lane; k < D; k += 32) dot = fmaf(to_f32(er[k]), to_f32(cr[k]), dot);
+    }
     dot = warp_sum(dot);
     if (HAS_BIAS) dot += to_f32(bias[t]);
     if (lane == 0) {

@@ -325,13 +325,15 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, fl
 //       e^60) sets unsafe[row] = 1, and lce_budget_recompute recomputes its lse and its s.
 //     LISTS (the certified filter's candidates, cce_cupy/cuda/filtered.py; no softmax is kept):
 //       with tau = row_shift[row] (the row's target logit + log eps, less a margin; +inf for a row
-//       without gradient), every column whose y >= tau is appended to the row's list:
+//       without any gradient, coef_p = coef_q = 0), every column whose y >= tau is appended to the row's list:
 //           slot = atomicAdd(&unsafe[row], 1);  s_out[row * lds + slot] = (col, y as float bits) (int2)
 //       (unsafe: the row counts, from 0; lds: the slots a row). A thread stops appending to a row once
 //       a slot it drew is >= lds, so the count ends above lds exactly when the list overflowed. The
 //       other columns' mass, against the split's max m (part's first slot), goes to
 //       scales[split * N + row] = sum_{y < tau} exp(y - m): no column of it has p >= eps, since
-//       lse >= the target logit. sparse_prune_lists finishes the lists against the lse.
+//       lse >= the target logit. sparse_prune_lists finishes the lists against the lse. The other
+//       mass is complete only for rows whose list did not overflow and that have a gradient: the
+//       others' sums stop early (the exact path takes them, or they need nothing).
 // ---------------------------------------------------------------------------------------------
 #define STORE_ROW_RANGE 60.f
 
@@ -354,9 +356,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     bool shifted = false;
     float shift_b[2] = {0.f, 0.f};
     // LISTS: the rows' thresholds tau, their other mass against run_max (rescaled with run_sum), and
-    // whether this thread's list of the row has overflowed.
+    // whether this thread's list of the row has overflowed (or the row has no gradient): its other
+    // mass is then no longer needed.
     float thr[2] = {INFINITY, INFINITY}, drop[2] = {0.f, 0.f};
-    bool overflowed[2] = {false, false};
+    bool overflowed[2] = {false, false}, any_candidate = false;
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
@@ -441,17 +444,29 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             return;
         }
         raise_max(tmax);
+        // LISTS: once every row of the warp has a full list (long-tailed rows fill theirs within the
+        // first few tiles), the rows go to the exact path, and the tile costs what STORE NONE's does.
+        if (STORE == SoftmaxStore::LISTS && !__all_sync(0xffffffffu, overflowed[0] && overflowed[1])) {
+            tile_exps<true>(acc);
+            append_candidates(n0, acc);
+            return;
+        }
+        tile_exps<false>(acc);
+        if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
+    }
+
+    // A full tile's exps against the running max into run_sum (ROW: acc = the exps); with COLLECT
+    // (LISTS), each element's mass also joins its row's other mass unless it is a candidate. The
+    // sums are the same arithmetic either way, so the lse does not depend on COLLECT.
+    template <bool COLLECT> __device__ __forceinline__ void tile_exps(float (&acc)[128]) {
         const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
-        float tsum[2] = {0.f, 0.f};  // LISTS: the tile's exps, a row's other mass where it has no candidate
 #pragma unroll
         for (int i = 0; i < 128; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
-            if (STORE == SoftmaxStore::LISTS) tsum[(i >> 1) & 1] += ex;
+            if (COLLECT) add_other_mass(i, acc[i], ex);
         }
-        if (STORE == SoftmaxStore::LISTS) sort_tile(n0, tmax, tsum, mb, acc);
-        if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
     }
 
     // ROW with a finite shift c: s = exp(y - c) (times softcap') of the 64 values of columns
@@ -472,35 +487,25 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         }
     }
 
-    // LISTS, the general path: element i of acc (logit y, ex = exp(y - run_max)) is a candidate, or
-    // its mass joins the row's other mass.
+    // LISTS: element i of acc (logit y, ex = exp(y - run_max)) is a candidate, or its mass joins the
+    // row's other mass: no branch here, in the epilogue's straight-line exps.
     __device__ __forceinline__ void add_other_mass(int i, float y, float ex) {
         const int h = (i >> 1) & 1;
-        drop[h] += (y >= thr[h]) ? 0.f : ex;
+        const bool candidate = y >= thr[h];
+        drop[h] += candidate ? 0.f : ex;
+        any_candidate |= candidate;
     }
 
-    // LISTS, a full tile after its exps (acc holds the logits y; tmax, tsum: this thread's max and
-    // sum of exps of each row's 64 elements; mb: run_max log2 e). A row with no candidate here (the
-    // rule on the rows the filter can certify: a few candidates in a thousand tiles) adds tsum to its
-    // other mass, which costs the epilogue one add an element. Otherwise its elements are sorted
-    // one by one (the exps taken again), unless this thread saw the row's list full: the exact path
-    // takes that row, and its other mass no longer matters.
-    __device__ __forceinline__ void sort_tile(int n0, const float (&tmax)[2], const float (&tsum)[2],
-                                              const float (&mb)[2], const float (&acc)[128]) {
-        bool sort[2];
+    // LISTS, after the tile's exps: its candidates (acc holds the logits y) join their rows' lists.
+    // Candidates are rare on the rows the filter can certify (a few a row); a row with many
+    // overflows its list, and the exact path takes it.
+    __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
+        if (!any_candidate) return;
+        any_candidate = false;
+        if (overflowed[0] && overflowed[1]) return;  // long-tailed rows: every tile has candidates
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            sort[h] = tmax[h] >= thr[h] && !overflowed[h];
-            if (tmax[h] < thr[h]) drop[h] += tsum[h];
-        }
-        if (!sort[0] && !sort[1]) return;
-#pragma unroll
-        for (int i = 0; i < 128; ++i) {
-            const int h = (i >> 1) & 1;
-            if (!sort[h]) continue;
-            if (acc[i] >= thr[h]) append(n0, i, acc[i]);
-            else drop[h] += fast_exp2(fmaf(acc[i], H_LOG2E, -mb[h]));
-        }
+        for (int i = 0; i < 128; ++i)
+            if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
     }
 
     // Candidate i of the tile (logit y) to its row's list, unless this thread saw the list full.
@@ -678,6 +683,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
             epi.thr[h] = (row < N) ? row_shift[row] : INFINITY;
+            epi.overflowed[h] = epi.thr[h] == INFINITY;  // no gradient: no list, no other mass needed
         }
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;

@@ -41,7 +41,8 @@
 //                                                   smooth_entry = ls / V where entries omit it)
 //   bound = |cp| dropped[i] + smooth_bound |cq| (V - n) / V   (the dropped part's L1 norm, at most;
 //                                                   smooth_bound = ls with softcap, else 0)
-//   certified iff n <= slots and (bound == 0 or bound (1 + margin) <= tol lower); NaN: not.
+//   certified iff the row has no gradient (cp = cq = 0), or 1 <= n <= slots and (bound == 0 or
+//   bound (1 + margin) <= tol lower); NaN: not.
 // Outputs: uncertified rows get row_count[i] = -1 and a place in fallback_rows (via the counter
 // *fallback, which starts at 0); fb_coef_p/q = the coefficients of uncertified rows, 0 for
 // certified ones (the device-side exact pass); cert_q = coef_q of certified rows, 0 for others.
@@ -61,7 +62,11 @@ __global__ void sparse_certify_rows(const int2* __restrict__ entries, int* __res
         for (int k = lane; k < n; k += 32) lower += fabsf(__int_as_float(entries[(i64)row * slots + k].y) - shift);
     lower = warp_sum(lower);  // also orders every lane's read of row_count before lane 0 rewrites it
     const float bound = fabsf(cp) * dropped[row] + smooth_bound * fabsf(cq) * (float)(V - min(n, V)) / (float)V;
-    const bool certified = n <= slots && (bound == 0.f || bound * (1.f + margin) <= tol * lower);
+    // A row with a gradient has its target in the list (n >= 1), unless the list was never
+    // collected (the forward's lists skip rows with threshold +inf and leave their other mass unsummed).
+    const bool no_gradient = cp == 0.f && cq == 0.f;
+    const bool certified =
+        no_gradient || (n >= 1 && n <= slots && (bound == 0.f || bound * (1.f + margin) <= tol * lower));
     if (lane != 0) return;
     fb_coef_p[row] = certified ? 0.f : cp;
     fb_coef_q[row] = certified ? 0.f : cq;
