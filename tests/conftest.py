@@ -39,6 +39,15 @@ def _private_autotune_cache(tmp_path_factory):
         os.environ["CCE_CUPY_AUTOTUNE_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _fresh_filter_history():
+    """Each test starts with no certified-filter history (cce_cupy.cuda.filter_history): a test on
+    uncertifiable data must not turn the filter off for a later test of the same shapes."""
+    from cce_cupy.cuda.filter_history import HISTORY
+
+    HISTORY.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return

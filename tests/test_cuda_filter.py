@@ -410,3 +410,34 @@ def test_fused_filtered_memory(data):
     exact, filt = extra(), extra(filter_eps="auto")
     assert filt <= max(exact, lists) + 8 * 2**20, (filt, exact, lists)
     assert filt <= 64 * 2**20 + lists, (filt, lists)
+
+
+def test_api_skips_the_filter_after_a_call_that_did_not_pay(monkeypatch):
+    """linear_cross_entropy_with_grad on Zipf data (nothing certifies): the first call runs the
+    fused filter, the next PROBE_EVERY - 1 run the exact path (no lists: certified 0, gradients
+    bitwise the exact call's), the one after probes again; on sharp data every call filters."""
+    from cce_cupy.cuda.filter_history import PROBE_EVERY
+
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    e, c, t, _ = _data("zipf", "bfloat16")
+    args = (cp.asarray(e), cp.asarray(c), cp.asarray(t))
+    spy = _PathSpy(monkeypatch)
+    exact = cce.linear_cross_entropy_with_grad(*args)
+    for call in range(PROBE_EVERY + 1):
+        stats = {}
+        out = cce.linear_cross_entropy_with_grad(*args, filter_eps="auto", stats=stats)
+        probe = call in (0, PROBE_EVERY)
+        assert spy.fused == 1 + (call >= PROBE_EVERY), call
+        assert spy.lists == 0 and stats["certified_rows"] == 0
+        if not probe:
+            for name, a, b in zip(("loss", "de", "dc"), exact, out):
+                assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes(), f"call {call}: {name}"
+    es, cs, ts, _ = _data("sharp", "bfloat16")
+    sharp = (cp.asarray(es), cp.asarray(cs), cp.asarray(ts))
+    before = spy.fused
+    for _ in range(3):
+        stats = {}
+        cce.linear_cross_entropy_with_grad(*sharp, filter_eps="auto", stats=stats)
+        assert stats["certified_rows"] > 0.9 * stats["rows"]
+    assert spy.fused == before + 3

@@ -4,7 +4,9 @@ model shapes, in shuffled rounds (median ms), with each data set's certified fra
     python benchmarks/dev/filter_timing.py [--rounds 7] [--shapes gemma2,llama3] [--out FILE]
 
 Providers: gemm3 (E @ C^T, G @ C, G^T @ E), exact (linear_cross_entropy_with_grad), filtered (the
-same with filter_eps="auto": candidates from the forward, cce_cupy.cuda.filtered) and
+same with filter_eps="auto": candidates from the forward, cce_cupy.cuda.filtered; repeated calls, so
+on data that does not certify 15 of 16 run exact: cce_cupy.cuda.filter_history), filtered_probe
+(the same with that history cleared before each call: every call runs the filter) and
 filtered_recompute (forward, then backward with filter_eps: the recompute pass builds the lists, as
 under JAX). Data: "uniform" (logits of a few units: nothing certifies), "sharp" (the target ~22
 and two distractors ~20 above a N(0, ~1) background, conftest.make_sharp_problem at scale: most
@@ -24,6 +26,7 @@ import cce_cupy as cce
 from benchmarks.dev.budget_timing import SHAPES, gemm_floors, make_inputs, shuffled_rounds
 from cce_cupy.cuda import filtered
 from cce_cupy.cuda.autotune import time_on_stream
+from cce_cupy.cuda.filter_history import HISTORY
 from cce_cupy.options import CCEOptions
 
 
@@ -110,6 +113,10 @@ def main() -> None:
                 "gemm3": gemm3,
                 "exact": lambda: cce.linear_cross_entropy_with_grad(e, c, t),
                 "filtered": lambda: cce.linear_cross_entropy_with_grad(e, c, t, filter_eps="auto"),
+                "filtered_probe": lambda: (
+                    HISTORY.clear(),
+                    cce.linear_cross_entropy_with_grad(e, c, t, filter_eps="auto"),
+                ),
                 "filtered_recompute": recompute,
             }
             times = shuffled_rounds(providers, args.rounds)
