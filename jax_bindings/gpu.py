@@ -248,7 +248,8 @@ class _CertifiedHistory:
         self._counts: dict[tuple, np.ndarray] = {}
 
     def counts(self, key: tuple) -> np.ndarray:
-        """The pinned (2,) int32 array of `key`, created (at the start value) on first use."""
+        """The pinned (2,) int32 array of `key` (see key()), created at the start value on first
+        use: at trace time for this process's GPUs, so that no callback allocates it."""
         with self._lock:
             counts = self._counts.get(key)
             if counts is None:
@@ -256,6 +257,10 @@ class _CertifiedHistory:
                 counts[:] = (0, self.NO_CALL)
                 self._counts[key] = counts
         return counts
+
+    @staticmethod
+    def key(opts: CCEOptions, has_bias: bool, device: int, n: int, d: int, v: int) -> tuple:
+        return (opts, has_bias, device, n, d, v)
 
     @staticmethod
     def gated(counts: np.ndarray) -> bool:
@@ -324,7 +329,9 @@ def _lists_backward_callback(opts: CCEOptions, has_bias: bool):
             scratch = scratch[(0,) * len(batch)]
             for idx in np.ndindex(*batch):
                 e_i, c_i = _pick(e, idx, 2), _pick(c, idx, 2)
-                counts = _CERTIFIED_HISTORY.counts((opts, has_bias, device, *e_i.shape, c_i.shape[0]))
+                counts = _CERTIFIED_HISTORY.counts(
+                    _CertifiedHistory.key(opts, has_bias, device, *e_i.shape, c_i.shape[0])
+                )
                 BRIDGE.launch_backward_from_lists(
                     e_i,
                     c_i,
@@ -506,6 +513,8 @@ def backward_from_lists(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef
     if bias is not None:
         result.append(jax.ShapeDtypeStruct((v,), gdt))
     result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
+    for device in _gpu_devices():
+        _CERTIFIED_HISTORY.counts(_CertifiedHistory.key(opts, bias is not None, device, n, d, v))
     call = buffer_callback(
         _lists_backward_callback(opts, bias is not None),
         tuple(result),
