@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cce_cupy.cuda import filtered as cuda_filtered
 from cce_cupy.options import (
     CCEOptions,
     grad_dtype,
@@ -113,6 +114,91 @@ class _KeptGrads(NamedTuple):
     e_dtype: Any
 
 
+class _KeptLists(NamedTuple):
+    """Residuals of the forward that also collected the certified filter's candidate lists
+    (jax_bindings.gpu.forward_with_lists): the lean residuals and the lists, n x slots x 8 bytes
+    and (2 splits + 1) x n x 4 more."""
+
+    e: Any
+    c: Any
+    t: Any
+    bias: Any
+    lse: Any
+    lists: tuple  # entries (N, slots, 2) int32, row_count (N,) int32, other_mass, part_max (splits, N) f32
+
+
+def _filter_list_slots(e, c, cfg: _Config) -> int:
+    """List slots per row where the differentiated forward collects the certified filter's
+    candidates (gpu.filter_list_slots), else 0: the lean path. The reference backward and
+    CUDA-graph capture (the backward runs cuBLAS and reads host state) keep the lean path."""
+    if (
+        cfg.opts.filter_eps is None
+        or not cfg.kernels
+        or cfg.backward_impl != "kernel"
+        or cfg.command_buffer_compatible
+        or cfg.opts.memory_budget != "lean"
+        or e.shape[0] == 0
+    ):
+        return 0
+    return gpu.filter_list_slots(e, c, cfg.opts)
+
+
+def _forward_with_lists(e, c, t, bias, slots: int, cfg: _Config):
+    """(lse, tgt, lists) with the candidate lists on CUDA; the pure-JAX forward elsewhere, with
+    empty lists of the same shapes (its backward is the exact reference, which needs none)."""
+    opts = cfg.opts
+    has_bias = bias is not None
+    n, v = e.shape[0], c.shape[0]
+    splits = cuda_filtered.list_splits(n, v)
+    # Thresholds for the rows that may get a gradient: those not ignored (a cotangent of another
+    # row, through lse, sends that row to the exact path).
+    row_grad = (t != opts.ignore_index).astype(jnp.float32)
+
+    def unpack(a):
+        return (a[0], a[1], a[2], a[3] if has_bias else None, a[-1])
+
+    def ref_fn(*a):
+        e_, c_, t_, b_, _ = unpack(a)
+        lse, tgt = jax_reference.forward(e_, c_, t_, b_, opts, cfg.block_v)
+        f32 = jnp.float32
+        empty = (
+            jnp.zeros((n, slots, 2), jnp.int32),
+            jnp.zeros((n,), jnp.int32),
+            jnp.zeros((splits, n), f32),
+            jnp.zeros((splits, n), f32),
+        )
+        return lse.astype(f32), tgt.astype(f32), empty
+
+    def gpu_fn(*a):
+        e_, c_, t_, b_, rg = unpack(a)
+        return gpu.forward_with_lists(e_, c_, t_, b_, rg, opts, slots, vmap_method=cfg.vmap_method)
+
+    args = (e, c, t) + ((bias,) if has_bias else ()) + (row_grad,)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
+
+
+def _backward_from_lists(e, c, t, bias, lse, coef_p, coef_q, lists, cfg: _Config):
+    """(dE, dC, dbias) from the forward's lists on CUDA, the exact pure-JAX backward elsewhere."""
+    opts = cfg.opts
+    has_bias = bias is not None
+    gdt = grad_dtype(np.dtype(e.dtype), opts)
+
+    def unpack(a):
+        return (a[0], a[1], a[2], a[3] if has_bias else None, *a[3 + has_bias :])
+
+    def ref_fn(*a):
+        e_, c_, t_, b_, lse_, p_, q_, *_ = unpack(a)
+        de, dc, db = jax_reference.backward(e_, c_, t_, b_, opts, lse_, p_, q_, cfg.block_v)
+        return de.astype(gdt), dc.astype(gdt), (None if db is None else db.astype(gdt))
+
+    def gpu_fn(*a):
+        e_, c_, t_, b_, lse_, p_, q_, *lists_ = unpack(a)
+        return gpu.backward_from_lists(e_, c_, t_, b_, opts, lse_, p_, q_, lists_, vmap_method=cfg.vmap_method)
+
+    args = (e, c, t) + ((bias,) if has_bias else ()) + (lse, coef_p, coef_q, *lists)
+    return dispatch(cfg.kernels, ref_fn, gpu_fn, *args)
+
+
 def _budget_plan(e, c, has_bias: bool, cfg: _Config):
     """The budgeted path's plan when the differentiated forward can take it, else None (lean).
 
@@ -183,29 +269,34 @@ def _lce_fwd(e, c, t, bias, cfg: _Config):
     if cfg.opts.allow_tf32:
         cfg = dataclasses.replace(cfg, opts=cfg.opts.replace(allow_tf32=False))
     plan = _budget_plan(e, c, bias is not None, cfg)
-    if plan is None:
-        return _lce_forward_pass(e, c, t, bias, cfg)
-    # Memory budget: the gradients come out of the forward (three GEMMs' work, no recompute).
-    opts = cfg.opts
-    lse, tgt, de, dc, db = _fused_budgeted(e, c, t, bias, plan, cfg)
-    valid = t != opts.ignore_index
-    loss_tok, zl_tok = per_token_loss(jnp, opts, valid, lse, tgt)
-    out = (reduce_loss(jnp, opts, valid, loss_tok), reduce_loss(jnp, opts, valid, zl_tok), lse)
-    return out, _KeptGrads(de, dc, db, jnp.zeros((0,), e.dtype))
+    if plan is not None:
+        # Memory budget: the gradients come out of the forward (three GEMMs' work, no recompute).
+        lse, tgt, de, dc, db = _fused_budgeted(e, c, t, bias, plan, cfg)
+        return _loss_outputs(t, lse, tgt, cfg), _KeptGrads(de, dc, db, jnp.zeros((0,), e.dtype))
+    slots = _filter_list_slots(e, c, cfg)
+    if slots:
+        # Certified filter: the forward also collects the candidate lists, so the backward needs
+        # no recompute pass to build them.
+        lse, tgt, lists = _forward_with_lists(e, c, t, bias, slots, cfg)
+        return _loss_outputs(t, lse, tgt, cfg), _KeptLists(e, c, t, bias, lse, lists)
+    return _lce_forward_pass(e, c, t, bias, cfg)
 
 
 def _lce_forward_pass(e, c, t, bias, cfg: _Config):
-    opts = cfg.opts
-    xp = jax_reference.namespace(e.dtype)
     if e.shape[0] == 0:  # no rows: nothing to launch
         lse = tgt = jnp.zeros((0,), jax_reference.acc_dtype(e.dtype))
     else:
         lse, tgt = _forward(e, c, t, bias, cfg)
+    return _loss_outputs(t, lse, tgt, cfg), (e, c, t, bias, lse)
+
+
+def _loss_outputs(t, lse, tgt, cfg: _Config):
+    """(loss, z_loss, lse): the reduced loss terms of the per-row lse and tgt."""
+    opts = cfg.opts
+    xp = jax_reference.namespace(lse.dtype)
     valid = t != opts.ignore_index
     loss_tok, zl_tok = per_token_loss(xp, opts, valid, lse, tgt)
-    loss = reduce_loss(xp, opts, valid, loss_tok)
-    zl = reduce_loss(xp, opts, valid, zl_tok)
-    return (loss, zl, lse), (e, c, t, bias, lse)
+    return reduce_loss(xp, opts, valid, loss_tok), reduce_loss(xp, opts, valid, zl_tok), lse
 
 
 def _lce_bwd(cfg: _Config, res, cts):
@@ -216,7 +307,7 @@ def _lce_bwd(cfg: _Config, res, cts):
         db = None if res.db is None else (res.db.astype(jnp.float32) * g_loss).astype(dtype)
         return de, dc, None, db
     opts = cfg.opts
-    e, c, t, bias, lse = res
+    e, c, t, bias, lse = res[:5]
     g_loss, g_zl, g_lse = cts
     n = e.shape[0]
     assert lse.shape == (n,), (lse.shape, n)
@@ -232,6 +323,8 @@ def _lce_bwd(cfg: _Config, res, cts):
     if n == 0:
         de, dc = jnp.zeros(e.shape, e.dtype), jnp.zeros(c.shape, c.dtype)
         db = None if bias is None else jnp.zeros(bias.shape, bias.dtype)
+    elif isinstance(res, _KeptLists):
+        de, dc, db = _backward_from_lists(e, c, t, bias, lse, coef_p, coef_q, res.lists, cfg)
     else:
         de, dc, db = _backward(e, c, t, bias, lse, coef_p, coef_q, cfg)
     # Cotangents take the primal dtypes (custom_vjp requires it); grad_dtype="float32" means the

@@ -150,10 +150,10 @@ def test_matches_reference(dtype, case, cbc, shape):
 @pytest.mark.parametrize("data", ["sharp", "mixed"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_filter_eps_auto(dtype, data):
-    """Certified filtered gradients through the bridge (no host sync: on Hopper with bf16 the exact
-    pass of the uncertified rows is gated on the device count). Sharp rows: all certified, and
-    the certified gradient is within the bf16 tolerance of exact. Mixed: a quarter of the rows are
-    flat (uncertified: the gated exact pass runs); the rest as above. fp32: exact."""
+    """Certified filtered gradients through the bridge, one call (no host sync; on Hopper with bf16
+    the forward collects the lists and a first call takes the exact path: test_jax_filter.py runs
+    several calls, both paths). Sharp rows: the gradient is within the bf16 tolerance of exact.
+    Mixed: a quarter of the rows are flat (uncertified); the rest as above. fp32: exact."""
     from conftest import make_sharp_problem
 
     e, c, t = make_sharp_problem(256, 256, 2000, "float32", seed=3)

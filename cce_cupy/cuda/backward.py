@@ -88,7 +88,8 @@ def launch_backward(
     gradients are exact (which meets the certificate). `stats`, if a dict and host_sync, gets
     "rows" (with a nonzero coefficient) and "fallback_rows" (uncertified) counts added.
     lists_from_forward: the lists are in `scratch` already, pruned (cce_cupy.cuda.filtered): only
-    the certificate and what follows run (filtered, host_sync, on Hopper, not accumulate).
+    the certificate and what follows run (filtered, on Hopper, not accumulate; host_sync=False:
+    its scratch laid out with device_fallback=True, as JAX's launch_backward_from_lists does).
     """
     import cupy
 
@@ -106,8 +107,8 @@ def launch_backward(
     certified = opts.filter_eps is not None
     if certified and not (slots and hopper and not accumulate and _aligned(de_out, dc_out, ld=d)):
         opts, certified = opts.replace(filter_eps=None, filter_tol=None), False  # exact: certified trivially
-    if lists_from_forward and not (certified and host_sync):
-        raise ValueError("lists_from_forward needs the certified filtered backward with host_sync")
+    if lists_from_forward and not certified:
+        raise ValueError("lists_from_forward needs the certified filtered backward (Hopper, aligned, not accumulate)")
     if scratch is None:
         nbytes = backward_scratch_nbytes(n, v, d, e.dtype, opts, device_fallback=not host_sync)
         scratch = cupy.empty(nbytes, dtype=cupy.uint8)

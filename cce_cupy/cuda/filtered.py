@@ -1,5 +1,5 @@
-"""The certified filter's forward + backward in one call, with the candidate lists collected by the
-forward (lce_forward_partials_sm90, STORE = LISTS) instead of a recompute pass.
+"""The certified filter's forward + backward with the candidate lists collected by the forward
+(lce_forward_partials_sm90, STORE = LISTS) instead of a recompute pass.
 
 The certified backward (cce_cupy.cuda.backward, cce_cupy.cuda.sparse; docs/design.md "Certified
 filtering") needs, per row, the list of kept columns K_i = {t_i} + {j : p_ij >= eps} and the mass
@@ -12,15 +12,20 @@ is then what the recompute pass would have given, without that pass: a certified
 work after the forward but its list sums, and on data where no row certifies, the call is the
 exact backward plus the lists' small cost.
 
-CuPy only, with a host sync (the count of uncertified rows); JAX callbacks use the recompute pass.
+Two callers share the two steps (launch_lists_forward: thresholds + LISTS forward;
+launch_prune_lists): CuPy's launch_fused_filtered, one call with a host sync (the count of
+uncertified rows), and JAX (jax_bindings), whose differentiated forward keeps the lists as
+residuals and whose backward (launch_backward_from_lists) picks its path without a host sync.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from cce_cupy.cuda import sparse
 from cce_cupy.cuda.backward import launch_backward, scratch_buffers, sparse_buffers
 from cce_cupy.cuda.budget import launch_target_logits
 from cce_cupy.cuda.device import _aligned, use_hopper
@@ -34,6 +39,17 @@ from cce_cupy.options import CCEOptions, row_coefficients, row_loss_grads
 # own target logit are the same fp32 dot product summed in different orders (~1e-5 apart at |c| ~
 # 20), and K_i must be inside the candidates.
 THRESHOLD_MARGIN = 2.0**-6
+_ALIGN = 256  # the thresholds start on this boundary after the forward's scratch
+
+
+class ForwardLists(NamedTuple):
+    """What the LISTS forward writes (lce_hopper.cu, "LISTS"): entries (N, slots) int64, each a
+    (column, y as float bits) int2; row_count (N,) int32, above slots where a list overflowed;
+    other_mass (splits, N) fp32, each split's mass of the other columns against its partial max."""
+
+    entries: Any
+    row_count: Any
+    other_mass: Any
 
 
 def filtered_applies(e, c, opts: CCEOptions) -> bool:
@@ -41,6 +57,90 @@ def filtered_applies(e, c, opts: CCEOptions) -> bool:
     D % 8 == 0) on the Hopper forward's inputs."""
     n, d = e.shape
     return opts.filter_eps is not None and sparse_slots(n, d, e.dtype, opts) > 0 and use_hopper(e, c, ld=d)
+
+
+def list_splits(n: int, v: int) -> int:
+    """The Hopper forward's vocabulary splits: other_mass and part_max are (splits, N)."""
+    return forward_splits(n, v, HOPPER_TILE_N)[0]
+
+
+def lists_forward_scratch_nbytes(n: int, v: int, d: int, dtype) -> int:
+    """Bytes of launch_lists_forward's scratch: the forward's, then two (N,) fp32 for the thresholds."""
+    return _thresholds_offset(n, v, d, dtype) + 2 * n * 4
+
+
+def _thresholds_offset(n: int, v: int, d: int, dtype) -> int:
+    return _cdiv(forward_scratch_nbytes(n, v, d, dtype), _ALIGN) * _ALIGN
+
+
+def partial_max(scratch, n: int, v: int):
+    """The view of launch_lists_forward's scratch that prune needs as part_max: the forward's
+    partials' first slot, each split's max, (splits, N) fp32."""
+    splits = list_splits(n, v)
+    return scratch[: splits * n * 4].view(np.float32).reshape(splits, n)
+
+
+def launch_lists_forward(
+    e,
+    c,
+    targets,
+    bias,
+    opts: CCEOptions,
+    row_grad,
+    lse,
+    tgt,
+    lists: ForwardLists,
+    scratch,
+    bad_target=None,
+    tune: bool = True,
+    mark: Callable[[str], None] | None = None,
+) -> None:
+    """Loss terms (lse, tgt, as launch_forward's) and the candidate lists (written whole).
+
+    Each row's threshold is its target logit (gather-dot) + log eps - THRESHOLD_MARGIN, +inf for a
+    row whose row_grad is 0 (its list is not collected: a row that gets a gradient anyway is not
+    certified and takes the exact path). row_grad: (N,) fp32, nonzero for the rows that may get a
+    gradient. scratch: uint8 of lists_forward_scratch_nbytes; partial_max(scratch) afterwards.
+    mark: called with "thresholds" between the gather-dot and the forward (stage timing).
+    Requires filtered_applies.
+    """
+    n, d = e.shape
+    v = c.shape[0]
+    off = _thresholds_offset(n, v, d, e.dtype)
+    thresholds = scratch[off : off + 2 * n * 4].view(np.float32)
+    threshold, unused_z = thresholds[:n], thresholds[n:]
+    sparse._memset0(lists.row_count)  # the forward appends from 0
+    launch_target_logits(e, c, targets, bias, opts, row_grad, threshold, unused_z)
+    threshold += np.float32(math.log(opts.resolved_filter_eps()) - THRESHOLD_MARGIN)
+    if mark is not None:
+        mark("thresholds")
+    store = KeptSoftmax(
+        SoftmaxStore.LISTS, lists.entries, scales=lists.other_mass, row_shift=threshold, unsafe=lists.row_count
+    )
+    launch_forward(e, c, targets, bias, opts, lse, tgt, scratch, bad_target, tune, store)
+
+
+def launch_prune_lists(targets, opts: CCEOptions, v: int, lse, coef_p, coef_q, lists: ForwardLists, part_max, dropped):
+    """sparse_prune_lists: the forward's lists finished in place against the lse into the lists of
+    the certified backward (kept entries as gradients, row_count their number), and each row's
+    dropped mass into dropped ((N,) fp32). part_max: partial_max of the forward's scratch."""
+    n, slots = lists.entries.shape
+    splits = lists.other_mass.shape[0]
+    f32 = np.float32
+    ls = opts.label_smoothing
+    get_kernel("lce_sparse.cu", template_name("sparse_prune_lists", opts.softcap is not None, targets.dtype))(
+        (_cdiv(n, 8),),
+        (256,),
+        (lists.entries, lists.row_count, dropped, lists.other_mass, part_max, np.int32(splits), lse, coef_p, coef_q,
+         targets, np.int32(n), np.int32(slots), f32(math.log(opts.resolved_filter_eps())), f32(opts.softcap or 0.0),
+         f32(1.0 - ls), f32(ls / v if opts.softcap is not None else 0.0)),
+    )  # fmt: skip
+
+
+def _list_buffers(bufs, n: int, slots: int, other_mass) -> ForwardLists:
+    """The lists' places in the backward's scratch (sparse_buffers): entries and the row counts."""
+    entries = bufs["entries"][: 2 * n * slots].view(np.int64).reshape(n, slots)
+    return ForwardLists(entries, bufs["counts"][1 : 1 + n], other_mass)
 
 
 def launch_fused_filtered(
@@ -80,7 +180,6 @@ def launch_fused_filtered(
     v = c.shape[0]
     if not _aligned(de, dc, ld=d):
         raise ValueError("launch_fused_filtered needs 16-byte aligned dE and dC")
-    f32 = np.float32
     slots = sparse_slots(n, d, e.dtype, opts)
     # Large enough for the exact backward of all rows too, which then runs in these bytes once the
     # lists are done with (launch_backward): the call's peak is the larger of the two, not their sum.
@@ -88,41 +187,20 @@ def launch_fused_filtered(
     nbytes = max(backward_scratch_nbytes(n, v, d, e.dtype, o, device_fallback=False) for o in (opts, exact))
     scratch = cupy.empty(nbytes, dtype=cupy.uint8)
     bufs = sparse_buffers(scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=False))
-    bufs["counts"].fill(0)  # row counts (the forward appends from 0) and column counts (the sums)
-    row_count = bufs["counts"][1 : 1 + n]
-    entries = bufs["entries"][: 2 * n * slots]
+    bufs["counts"].fill(0)  # the column counts (the sums count from 0)
+    lists = _list_buffers(bufs, n, slots, cupy.empty((list_splits(n, v), n), cupy.float32))
 
-    # Each row's threshold: its target logit (gather-dot, +inf for a row without gradient) + log eps.
-    row_grad = row_loss_grads(cupy, opts, valid, grad_loss)  # coef_q: needs no lse
+    # coef_q alone needs no lse: the rows with a gradient get thresholds.
+    row_grad = row_loss_grads(cupy, opts, valid, grad_loss)
     row_grad = cupy.ascontiguousarray(cupy.broadcast_to(row_grad, (n,)), dtype=cupy.float32)
-    threshold = cupy.empty(n, cupy.float32)
-    launch_target_logits(e, c, targets, bias, opts, row_grad, threshold, cupy.empty(n, cupy.float32))
-    log_eps = math.log(opts.resolved_filter_eps())
-    threshold += f32(log_eps - THRESHOLD_MARGIN)
-    mark("thresholds")
-
-    splits = forward_splits(n, v, HOPPER_TILE_N)[0]
-    fwd_scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
-    other_mass = cupy.empty((splits, n), cupy.float32)
-    store = KeptSoftmax(
-        SoftmaxStore.LISTS, entries.view(cupy.int64).reshape(n, slots), scales=other_mass, row_shift=threshold,
-        unsafe=row_count,
-    )  # fmt: skip
-    launch_forward(e, c, targets, bias, opts, lse, tgt, fwd_scratch, bad_target, True, store)
+    fwd_scratch = cupy.empty(lists_forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
+    launch_lists_forward(e, c, targets, bias, opts, row_grad, lse, tgt, lists, fwd_scratch, bad_target, True, mark)
     mark("forward")
 
     coef_p, coef_q = row_coefficients(cupy, opts, valid, lse, grad_loss)
     coef_p = cupy.ascontiguousarray(cupy.broadcast_to(coef_p, (n,)), dtype=cupy.float32)
     coef_q = cupy.ascontiguousarray(cupy.broadcast_to(coef_q, (n,)), dtype=cupy.float32)
-    part_max = fwd_scratch[: splits * n * 4].view(cupy.float32)  # the partials' first slot
-    ls = opts.label_smoothing
-    get_kernel("lce_sparse.cu", template_name("sparse_prune_lists", opts.softcap is not None, targets.dtype))(
-        (_cdiv(n, 8),),
-        (256,),
-        (entries, row_count, bufs["dropped"], other_mass, part_max, np.int32(splits), lse, coef_p, coef_q, targets,
-         np.int32(n), np.int32(slots), f32(log_eps), f32(opts.softcap or 0.0), f32(1.0 - ls),
-         f32(ls / v if opts.softcap is not None else 0.0)),
-    )  # fmt: skip
+    launch_prune_lists(targets, opts, v, lse, coef_p, coef_q, lists, partial_max(fwd_scratch, n, v), bufs["dropped"])
     mark("prune")
     launch_backward(
         e, c, targets, bias, opts, lse, coef_p, coef_q, de, dc, dbias, scratch=scratch, stats=stats,
@@ -131,4 +209,92 @@ def launch_fused_filtered(
     mark("backward")
 
 
-__all__ = ["THRESHOLD_MARGIN", "filtered_applies", "launch_fused_filtered"]
+def backward_from_lists_scratch_nbytes(n: int, v: int, d: int, dtype, opts: CCEOptions) -> int:
+    """Bytes of launch_backward_from_lists' scratch: the certified backward's with the gated exact
+    pass (device_fallback), which also holds the exact backward of all rows."""
+    return backward_scratch_nbytes(n, v, d, dtype, opts, device_fallback=True)
+
+
+def launch_backward_from_lists(
+    e,
+    c,
+    targets,
+    bias,
+    opts: CCEOptions,
+    lse,
+    coef_p,
+    coef_q,
+    active,
+    lists: ForwardLists,
+    part_max,
+    de,
+    dc,
+    dbias,
+    scratch,
+    gated: bool,
+    report,
+) -> None:
+    """Certified filtered gradients (de, dc, dbias written whole) from the lists of a
+    launch_lists_forward call (JAX keeps them as residuals; they are read, not written), with no
+    host sync.
+
+    The lists are copied into the scratch (prune and the certificate rewrite them in place), pruned
+    and certified. Then gated: the exact pass of the uncertified rows on our tiled GEMMs, gated on
+    their device count, and the list sums of the certified rows (launch_backward, host_sync=False).
+    Not gated: the exact backward of all rows with cuBLAS, which meets the certificate. Both are
+    correct for any data; `gated` only picks the faster one, from an earlier call's counts.
+    active: (1,) int32 on the device, the rows with a gradient (nonzero coef_p or coef_q).
+    report: (2,) int32 host array in pinned memory that gets (uncertified rows, active),
+    copied asynchronously on the current stream: read it only once the stream has passed.
+    part_max: the partials' max of that forward (partial_max of its scratch). scratch: uint8 of
+    backward_from_lists_scratch_nbytes. Requires filtered_applies.
+    """
+    import cupy
+
+    n, d = e.shape
+    v = c.shape[0]
+    slots = lists.entries.shape[1]
+    if slots != sparse_slots(n, d, e.dtype, opts) or not _aligned(de, dc, ld=d):
+        raise ValueError("launch_backward_from_lists needs lists of sparse_slots() slots and 16-byte aligned dE, dC")
+    bufs = sparse_buffers(scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=True))
+    sparse._memset0(bufs["counts"])  # the column counts (the sums count from 0)
+    own = _list_buffers(bufs, n, slots, lists.other_mass)
+    stream = cupy.cuda.get_current_stream().ptr
+    d2d, d2h = cupy.cuda.runtime.memcpyDeviceToDevice, cupy.cuda.runtime.memcpyDeviceToHost
+    for dst, src in ((own.entries, lists.entries), (own.row_count, lists.row_count)):
+        cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, d2d, stream)
+    launch_prune_lists(targets, opts, v, lse, coef_p, coef_q, own, part_max, bufs["dropped"])
+    uncertified = bufs["counts"][:1]
+
+    def send_report() -> None:
+        for i, src in enumerate((uncertified, active)):
+            cupy.cuda.runtime.memcpyAsync(report.ctypes.data + 4 * i, src.data.ptr, 4, d2h, stream)
+
+    if gated:
+        # The certificate, the gated exact pass and the list sums; the count survives them (they
+        # write the tiled buffers, the column counts and the outputs).
+        launch_backward(
+            e, c, targets, bias, opts, lse, coef_p, coef_q, de, dc, dbias, scratch=scratch, host_sync=False,
+            lists_from_forward=True,
+        )  # fmt: skip
+        send_report()
+        return
+    sparse.certify(opts, coef_p, coef_q, bufs, n, v, slots)  # for the report only
+    send_report()  # before the exact pass reuses the lists' bytes
+    exact = opts.replace(filter_eps=None, filter_tol=None)
+    launch_backward(e, c, targets, bias, exact, lse, coef_p, coef_q, de, dc, dbias, scratch=scratch)
+
+
+__all__ = [
+    "THRESHOLD_MARGIN",
+    "ForwardLists",
+    "backward_from_lists_scratch_nbytes",
+    "filtered_applies",
+    "launch_backward_from_lists",
+    "launch_fused_filtered",
+    "launch_lists_forward",
+    "launch_prune_lists",
+    "list_splits",
+    "lists_forward_scratch_nbytes",
+    "partial_max",
+]
