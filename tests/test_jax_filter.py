@@ -511,7 +511,12 @@ def _check_certificate(e, c, t, o: CCEOptions, filt, exact, g_loss=1.0, g_lse=No
     )
     dc_err = np.linalg.norm(filt[3] - ref["dc"])
     assert dc_err <= dc_limit, f"dC: err {dc_err:.3e} > {dc_limit:.3e}"
-    assert_rel_close(filt[0], ref["loss"], 1e-5, "loss")
+    # The lists forward's lse is the plain forward's bit for bit (lce_hopper.cu, raise_max), so the
+    # filter leaves the loss as the exact call's. Against float64 the loss carries fp32's rounding
+    # of lse - y_t: ~1.2e-5 relative on sharp rows (lse ~ 22, loss ~ 0.54), within 16-bit inputs'
+    # tolerance, not fp32's.
+    assert filt[0].tobytes() == exact[0].tobytes(), f"loss {filt[0]!r} differs from the exact call's {exact[0]!r}"
+    assert_rel_close(filt[0], ref["loss"], 1e-2, "loss")
     return model
 
 
