@@ -1,7 +1,8 @@
 """The JAX certified filter against JAX's exact loss (dev, issue 14): jit(value_and_grad) at a
 model shape on sharp data (rows certify) and long-tailed data (none do), shuffled rounds, median ms.
 
-    python -m benchmarks.dev.jax_filter_timing [--rounds 7] [--shapes gemma2] [--data sharp,long_tailed]
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.dev.jax_filter_timing [--rounds 7]
+        [--shapes gemma2] [--data sharp,long_tailed]
 
 The first filtered call of each data set runs the exact backward (no earlier counts), later ones
 the gated path where the previous call certified at least half its rows (docs/jax.md).
@@ -14,6 +15,7 @@ import random
 import statistics
 import time
 
+import cupy as cp
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     for shape in args.shapes.split(","):
         for data in args.data.split(","):
-            e, c, t = (jnp.asarray(x) for x in make_data(shape, data))
+            e, c, t = (jnp.asarray(cp.asnumpy(x)) for x in make_data(shape, data))
+            cp.get_default_memory_pool().free_all_blocks()
 
             def step_for(**kw):
                 return jax.jit(jax.value_and_grad(lambda a, b: linear_cross_entropy(a, b, t, **kw), argnums=(0, 1)))
