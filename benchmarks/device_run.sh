@@ -6,7 +6,8 @@
 # gpu (pytest -m gpu; GPU_TESTS: extra pytest arguments), scale (benchmarks/scale.py, 2+ GPUs; SCALE_ARGS, SCALE_BUDGET), cold
 # (benchmarks/cold_start.py from a wheel built here), compare (benchmarks/compare_commits.py), logits (logits-level benchmark), train (examples/, issue 6),
 # trained_lm (train the README's model 300 steps, save a held batch's states to $OUT/trained_lm.npz and export
-# CCE_TRAINED_LM, so a later bench step of the same call adds data trained_lm), bench (all providers; extra
+# CCE_TRAINED_LM, so a later bench step of the same call adds data trained_lm), train_filter (the same training
+# with filter_eps="auto", after trained_lm; plots both), bench (all providers; extra
 # bench.py arguments in BENCH_ARGS), bench32 (fp32 forward, exact and allow_tf32, against cuBLAS's fp32 and TF32 GEMMs),
 # quack_install (QuACK's wheels from .whl-quack/part1 and part2, over two calls; put it before bench)
 set -uo pipefail
@@ -132,6 +133,13 @@ print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['
            if [ "${PIPESTATUS[0]}" = 0 ] && [ -f "$OUT/trained_lm.npz" ]; then
              export CCE_TRAINED_LM="$OUT/trained_lm.npz"  # bench's default data then include trained_lm
            else rc=1; fi ;;
+    train_filter) # issue 14: the same training with the certified filter, after trained_lm (the exact run of this
+           # call, whose held-out batch it holds out too), and both loss curves on one plot
+           timeout 300 python3 examples/train_lm.py --loss cce --steps 300 $LM_MODEL --filter-eps auto \
+             --out "$OUT/train_filter.json" --save-states "$OUT/trained_lm_filter.npz" 2>&1 | tail -3 \
+             | tee "$OUT/train_filter.log"
+           { [ "${PIPESTATUS[0]}" = 0 ] && python3 examples/plot_filter_train.py "$OUT/train_states.json" \
+               "$OUT/train_filter.json" --out "$OUT"; } 2>&1 | tee -a "$OUT/train_filter.log" || rc=1 ;;
     quack_install) # QuACK's staged wheels (see quack_install above); later steps of this call see them
            quack_install 2>&1 | tee "$OUT/quack_install.log"
            [ "${PIPESTATUS[0]}" = 0 ] || rc=1

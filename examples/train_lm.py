@@ -47,6 +47,7 @@ if not (os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or os.environ.get("XLA_
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -119,6 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="jax.nn.dot_product_attention implementation (cudnn: flash attention on NVIDIA GPUs)",
     )
     ap.add_argument("--lr", type=float, help=f"peak learning rate (default {FULL['lr']})")
+    ap.add_argument(
+        "--filter-eps",
+        help='the cce loss with the certified gradient filter: "auto" or a float (default: exact)',
+    )
     ap.add_argument("--corpus-mb", type=float, help="use only the first MB of the corpus (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="init and batch order")
     ap.add_argument("--out", help="JSON log (per-step loss and step time; the sweep's records)")
@@ -357,9 +362,9 @@ def hidden_states(params, tokens, heads: int, dtype, attention: str = "xla"):
     return rms_norm(x, p["ln_f"]), p["head"]
 
 
-def loss_cce(h, head, tokens):
+def loss_cce(h, head, tokens, filter_eps=None):
     # Position t predicts tokens[:, t + 1]; the last position is ignored. Mean over B * (T - 1).
-    return linear_cross_entropy(h, head, tokens, shift=True)
+    return linear_cross_entropy(h, head, tokens, shift=True, filter_eps=filter_eps)
 
 
 def loss_optax(h, head, tokens):
@@ -370,6 +375,19 @@ def loss_optax(h, head, tokens):
 LOSSES = {"cce": loss_cce, "optax": loss_optax}
 
 
+def filter_eps(args, loss_name: str):
+    """--filter-eps for the cce loss ("auto" or a float), None otherwise."""
+    eps = getattr(args, "filter_eps", None)
+    if eps is None or loss_name != "cce":
+        return None
+    if eps == "auto":
+        return eps
+    try:
+        return float(eps)
+    except ValueError:
+        raise SystemExit(f'--filter-eps must be "auto" or a number, got {eps!r}') from None
+
+
 def make_optimizer(lr: float, steps: int, params):
     warmup = max(1, min(100, steps // 10))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
@@ -377,8 +395,10 @@ def make_optimizer(lr: float, steps: int, params):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.1, mask=mask))
 
 
-def make_step(loss_name: str, heads: int, dtype, opt, attention: str = "xla"):
+def make_step(loss_name: str, heads: int, dtype, opt, attention: str = "xla", filter_eps=None):
     loss_fn = LOSSES[loss_name]
+    if filter_eps is not None:  # the certified filter (docs/design.md, "Certified filtering")
+        loss_fn = functools.partial(loss_fn, filter_eps=filter_eps)
 
     def step(params, opt_state, tokens):
         def f(p):
@@ -477,7 +497,7 @@ def train(
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers.*")
-        step = make_step(loss_name, args.heads, dtype, opt, args.attention)
+        step = make_step(loss_name, args.heads, dtype, opt, args.attention, filter_eps(args, loss_name))
         compiled = step.lower(params, opt_state, first).compile()
     compile_s = time.perf_counter() - t0
     info.update(compile_s=compile_s, **xla_estimate(compiled))
@@ -506,6 +526,7 @@ def train(
     return {
         "kind": "train",
         "loss_impl": loss_name,
+        "filter_eps": filter_eps(args, loss_name),
         "config": {
             k: getattr(args, k)
             for k in (

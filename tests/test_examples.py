@@ -68,6 +68,23 @@ def test_train_smoke_both_losses_agree(smoke):
     assert gap < (1e-3 if recs["cce"]["env"]["backend"] == "cpu" else 3e-2), gap
 
 
+def test_train_with_filter_and_its_plot(smoke, tmp_path):
+    """--filter-eps auto trains the cce loss with the certified filter (on CPU its backward is the
+    pure-JAX one, so the losses are the exact run's), records it, and plot_filter_train.py draws
+    both runs."""
+    tmp, _, _ = smoke
+    for name, extra in (("exact", ()), ("filter", ("--filter-eps", "auto"))):
+        _run(EXAMPLES / "train_lm.py", "--smoke", "--loss", "cce", *extra, "--out", tmp_path / f"{name}.json",
+             "--cache-dir", tmp / "cache", timeout=300)  # fmt: skip
+    exact, filt = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("exact", "filter"))
+    assert filt["filter_eps"] == "auto" and exact["filter_eps"] is None
+    np.testing.assert_allclose(filt["losses"], exact["losses"], rtol=1e-5)
+    out, _ = _run(
+        EXAMPLES / "plot_filter_train.py", tmp_path / "exact.json", tmp_path / "filter.json", "--out", tmp_path
+    )
+    assert (tmp_path / "filter_loss_curves.png").stat().st_size > 0 and "largest |filter - exact|" in out
+
+
 def test_saved_states_are_the_held_batch(smoke):
     """--save-states: per loss, the held batch's final hidden states, the head and the next tokens
     (the corpus's last windows, which training never drew), readable by the benchmark's loader;
