@@ -396,17 +396,9 @@ def fused_budgeted(e, c, targets, bias, row_grad, opts: CCEOptions, plan, *, vma
     the per-row loss gradients `row_grad` (coef_q of cce_cupy.options.row_coefficients), in one
     callback. dbias is None without bias. Never captured into a CUDA graph (it runs cuBLAS)."""
     _warm(e, targets)
-    n, d = e.shape
-    v = c.shape[0]
-    gdt = grad_dtype(np.dtype(e.dtype), opts)
-    result = [
-        jax.ShapeDtypeStruct((n,), jnp.float32),  # lse
-        jax.ShapeDtypeStruct((n,), jnp.float32),  # tgt
-        jax.ShapeDtypeStruct((n, d), gdt),
-        jax.ShapeDtypeStruct((v, d), gdt),
-    ]
-    if bias is not None:
-        result.append(jax.ShapeDtypeStruct((v,), gdt))
+    n = e.shape[0]
+    result = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2  # lse, tgt
+    result += _grad_results(e, c, bias, opts)
     result.append(jax.ShapeDtypeStruct((plan.nbytes,), jnp.uint8))  # scratch: the kept softmax
     result.append(jax.ShapeDtypeStruct((1,), jnp.int32))  # bad-target flag
     call = buffer_callback(
@@ -443,6 +435,15 @@ def forward(e, c, targets, bias, opts: CCEOptions, *, vmap_method: str, command_
     return lse, tgt
 
 
+def _grad_results(e, c, bias, opts: CCEOptions) -> list:
+    """The callbacks' gradient outputs: dE (N, D), dC (V, D) and, with bias, dbias (V,), in
+    `cce_cupy.options.grad_dtype(e.dtype, opts)`."""
+    gdt = grad_dtype(np.dtype(e.dtype), opts)
+    (n, d), v = e.shape, c.shape[0]
+    shapes = [(n, d), (v, d)] + ([(v,)] if bias is not None else [])
+    return [jax.ShapeDtypeStruct(shape, gdt) for shape in shapes]
+
+
 def backward(
     e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef_q, *, vmap_method: str, command_buffer_compatible: bool
 ):
@@ -450,12 +451,8 @@ def backward(
     _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
-    gdt = grad_dtype(np.dtype(e.dtype), opts)
     nbytes = plan.backward_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
-    result = [jax.ShapeDtypeStruct((n, d), gdt), jax.ShapeDtypeStruct((v, d), gdt)]
-    if bias is not None:
-        result.append(jax.ShapeDtypeStruct((v,), gdt))
-    result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
+    result = _grad_results(e, c, bias, opts) + [jax.ShapeDtypeStruct((nbytes,), jnp.uint8)]
     call = buffer_callback(
         _backward_callback(opts, bias is not None, command_buffer_compatible),
         tuple(result),
@@ -507,12 +504,8 @@ def backward_from_lists(e, c, targets, bias, opts: CCEOptions, lse, coef_p, coef
     _warm(e, targets)
     n, d = e.shape
     v = c.shape[0]
-    gdt = grad_dtype(np.dtype(e.dtype), opts)
     nbytes = cuda_filtered.backward_from_lists_scratch_nbytes(n, v, d, np.dtype(e.dtype), opts)
-    result = [jax.ShapeDtypeStruct((n, d), gdt), jax.ShapeDtypeStruct((v, d), gdt)]
-    if bias is not None:
-        result.append(jax.ShapeDtypeStruct((v,), gdt))
-    result.append(jax.ShapeDtypeStruct((nbytes,), jnp.uint8))
+    result = _grad_results(e, c, bias, opts) + [jax.ShapeDtypeStruct((nbytes,), jnp.uint8)]
     for device in _gpu_devices():
         _CERTIFIED_HISTORY.counts(_CertifiedHistory.key(opts, bias is not None, device, n, d, v))
     call = buffer_callback(

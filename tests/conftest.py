@@ -39,6 +39,17 @@ def _private_autotune_cache(tmp_path_factory):
         os.environ["CCE_CUPY_AUTOTUNE_CACHE"] = old
 
 
+@pytest.fixture
+def jax_x64():
+    """float64 ground truth in JAX needs x64; restored afterwards so other tests see the default."""
+    import jax
+
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_filter_history():
     """Each test starts with no certified-filter history (cce_cupy.cuda.filter_history): a test on

@@ -19,14 +19,7 @@ from jax.test_util import check_grads
 from cce_cupy.options import CCEOptions, make_options
 from jax_bindings import _dispatch, gpu, linear_cross_entropy
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    """float64 ground truth needs x64; restored afterwards so other test modules see the default."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 # --------------------------------------------------------------------------------- truth

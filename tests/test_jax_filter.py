@@ -39,13 +39,7 @@ from cce_cupy.options import CCEOptions, analytic_smoothing, certificate_margin,
 from jax_bindings import _dispatch, gpu, linear_cross_entropy
 from jax_bindings import loss as jax_loss
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 # ------------------------------------------------------------------ NumPy stand-ins (CPU)
