@@ -136,6 +136,16 @@ def _pick(x, idx: tuple[int, ...], core_ndim: int):
     return x[tuple(i if s > 1 else 0 for i, s in zip(idx, lead))]
 
 
+def _elements(batch: tuple[int, ...], scratch, e, c, targets, bias):
+    """The batch elements of one callback call (batch is () unless vmapped with expand_dims /
+    broadcast_all): (idx, scratch, e, c, targets, bias) of each. Launches are stream-ordered, so
+    one scratch (the first element's) serves them all."""
+    scratch = scratch[(0,) * len(batch)]
+    for idx in np.ndindex(*batch):
+        b = None if bias is None else _pick(bias, idx, 1)
+        yield idx, scratch, _pick(e, idx, 2), _pick(c, idx, 2), _pick(targets, idx, 1), b
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_callback(opts: CCEOptions, has_bias: bool):
     def callback(ctx, out, *args) -> None:
@@ -143,22 +153,11 @@ def _forward_callback(opts: CCEOptions, has_bias: bool):
             lse_out, tgt_out, scratch, bad = (wrap(b) for b in out)
             e, c, targets, *rest = (wrap(a) for a in args)
             bias = rest[0] if has_bias else None
-            batch = lse_out.shape[:-1]  # () unless vmapped with expand_dims / broadcast_all
-            scratch = scratch[(0,) * len(batch)]  # launches are stream-ordered: one scratch serves all
-            for idx in np.ndindex(*batch):
+            for idx, scratch_i, e_i, c_i, t_i, b_i in _elements(lse_out.shape[:-1], scratch, e, c, targets, bias):
                 flag = bad[idx]
                 flag.fill(0)
                 BRIDGE.launch_forward(
-                    _pick(e, idx, 2),
-                    _pick(c, idx, 2),
-                    _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1),
-                    opts,
-                    lse_out[idx],
-                    tgt_out[idx],
-                    scratch=scratch,
-                    bad_target=flag,
-                    tune=False,
+                    e_i, c_i, t_i, b_i, opts, lse_out[idx], tgt_out[idx], scratch=scratch_i, bad_target=flag, tune=False
                 )
 
     return callback
@@ -172,14 +171,12 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
             dbias, scratch = rest_out if has_bias else (None, rest_out[0])
             e, c, targets, *rest = (wrap(a) for a in args)
             bias, lse, coef_p, coef_q = rest if has_bias else [None, *rest]
-            batch = lse.shape[:-1]
-            scratch = scratch[(0,) * len(batch)]
-            for idx in np.ndindex(*batch):
+            for idx, scratch_i, e_i, c_i, t_i, b_i in _elements(lse.shape[:-1], scratch, e, c, targets, bias):
                 BRIDGE.launch_backward(
-                    _pick(e, idx, 2),
-                    _pick(c, idx, 2),
-                    _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1),
+                    e_i,
+                    c_i,
+                    t_i,
+                    b_i,
                     opts,
                     _pick(lse, idx, 1),
                     _pick(coef_p, idx, 1),
@@ -187,7 +184,7 @@ def _backward_callback(opts: CCEOptions, has_bias: bool, captured: bool):
                     de[idx],
                     dc[idx],
                     None if dbias is None else dbias[idx],
-                    scratch=scratch,
+                    scratch=scratch_i,
                     use_cublas=not captured,
                     host_sync=False,
                 )
@@ -203,16 +200,14 @@ def _fused_budgeted_callback(opts: CCEOptions, has_bias: bool, budget_plan):
             dbias, scratch, bad = rest_out if has_bias else (None, *rest_out)
             e, c, targets, *rest = (wrap(a) for a in args)
             bias, row_grad = rest if has_bias else (None, *rest)
-            batch = lse_out.shape[:-1]
-            scratch = scratch[(0,) * len(batch)]
-            for idx in np.ndindex(*batch):
+            for idx, scratch_i, e_i, c_i, t_i, b_i in _elements(lse_out.shape[:-1], scratch, e, c, targets, bias):
                 flag = bad[idx]
                 flag.fill(0)
                 BRIDGE.launch_fused_budgeted(
-                    _pick(e, idx, 2),
-                    _pick(c, idx, 2),
-                    _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1),
+                    e_i,
+                    c_i,
+                    t_i,
+                    b_i,
                     opts,
                     budget_plan,
                     _pick(row_grad, idx, 1),
@@ -221,7 +216,7 @@ def _fused_budgeted_callback(opts: CCEOptions, has_bias: bool, budget_plan):
                     de[idx],
                     dc[idx],
                     None if dbias is None else dbias[idx],
-                    scratch,
+                    scratch_i,
                     bad_target=flag,
                     tune=False,
                 )
@@ -286,28 +281,25 @@ def _lists_forward_callback(opts: CCEOptions, has_bias: bool):
             lse_out, tgt_out, entries, row_count, other_mass, part_max, scratch, bad = (wrap(b) for b in out)
             e, c, targets, *rest = (wrap(a) for a in args)
             bias, row_grad = rest if has_bias else (None, *rest)
-            batch = lse_out.shape[:-1]
-            scratch = scratch[(0,) * len(batch)]
-            for idx in np.ndindex(*batch):
+            for idx, scratch_i, e_i, c_i, t_i, b_i in _elements(lse_out.shape[:-1], scratch, e, c, targets, bias):
                 flag = bad[idx]
                 flag.fill(0)
-                e_i, c_i = _pick(e, idx, 2), _pick(c, idx, 2)
                 BRIDGE.launch_lists_forward(
                     e_i,
                     c_i,
-                    _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1),
+                    t_i,
+                    b_i,
                     opts,
                     _pick(row_grad, idx, 1),
                     lse_out[idx],
                     tgt_out[idx],
                     cuda_filtered.ForwardLists(_entries(entries[idx]), row_count[idx], other_mass[idx]),
-                    scratch,
+                    scratch_i,
                     bad_target=flag,
                     tune=False,
                 )
                 # A residual: the scratch is XLA's to reuse once this callback returns.
-                part_max[idx][...] = cuda_filtered.partial_max(scratch, e_i.shape[0], c_i.shape[0])
+                part_max[idx][...] = cuda_filtered.partial_max(scratch_i, e_i.shape[0], c_i.shape[0])
 
     return callback
 
@@ -325,18 +317,15 @@ def _lists_backward_callback(opts: CCEOptions, has_bias: bool):
             e, c, targets, *rest = (wrap(a) for a in args)
             bias, rest = (rest[0], rest[1:]) if has_bias else (None, rest)
             lse, coef_p, coef_q, active, entries, row_count, other_mass, part_max = rest
-            batch = lse.shape[:-1]
-            scratch = scratch[(0,) * len(batch)]
-            for idx in np.ndindex(*batch):
-                e_i, c_i = _pick(e, idx, 2), _pick(c, idx, 2)
+            for idx, scratch_i, e_i, c_i, t_i, b_i in _elements(lse.shape[:-1], scratch, e, c, targets, bias):
                 counts = _CERTIFIED_HISTORY.counts(
                     _CertifiedHistory.key(opts, has_bias, device, *e_i.shape, c_i.shape[0])
                 )
                 BRIDGE.launch_backward_from_lists(
                     e_i,
                     c_i,
-                    _pick(targets, idx, 1),
-                    None if bias is None else _pick(bias, idx, 1),
+                    t_i,
+                    b_i,
                     opts,
                     _pick(lse, idx, 1),
                     _pick(coef_p, idx, 1),
@@ -349,7 +338,7 @@ def _lists_backward_callback(opts: CCEOptions, has_bias: bool):
                     de[idx],
                     dc[idx],
                     None if dbias is None else dbias[idx],
-                    scratch,
+                    scratch_i,
                     gated=_CERTIFIED_HISTORY.gated(counts),
                     report=counts,
                 )
