@@ -109,7 +109,7 @@ def launch_lists_forward(
     off = _thresholds_offset(n, v, d, e.dtype)
     thresholds = scratch[off : off + 2 * n * 4].view(np.float32)
     threshold, unused_z = thresholds[:n], thresholds[n:]
-    sparse._memset0(lists.row_count)  # the forward appends from 0
+    sparse.zero_fill(lists.row_count)  # the forward appends from 0
     launch_target_logits(e, c, targets, bias, opts, row_grad, threshold, unused_z)
     threshold += np.float32(math.log(opts.resolved_filter_eps()) - THRESHOLD_MARGIN)
     if mark is not None:
@@ -257,7 +257,7 @@ def launch_backward_from_lists(
     if slots != sparse_slots(n, d, e.dtype, opts) or not _aligned(de, dc, ld=d):
         raise ValueError("launch_backward_from_lists needs lists of sparse_slots() slots and 16-byte aligned dE, dC")
     bufs = sparse_buffers(scratch_buffers(scratch, n, v, d, e.dtype, opts, device_fallback=True))
-    sparse._memset0(bufs["counts"])  # the column counts (the sums count from 0)
+    sparse.zero_fill(bufs["counts"])  # the column counts (the sums count from 0)
     own = _list_buffers(bufs, n, slots, lists.other_mass)
     stream = cupy.cuda.get_current_stream().ptr
     d2d, d2h = cupy.cuda.runtime.memcpyDeviceToDevice, cupy.cuda.runtime.memcpyDeviceToHost

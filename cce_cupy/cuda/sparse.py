@@ -18,7 +18,9 @@ from cce_cupy.options import analytic_smoothing, certificate_margin
 COLSUM_ROWS = 256  # rows a block of sparse_weighted_colsum sums
 
 
-def _memset0(a) -> None:
+def zero_fill(a) -> None:
+    """Zeroes a contiguous CuPy array on the current stream: a memset, no kernel (safe inside
+    CUDA-graph capture and XLA's callbacks)."""
     import cupy
 
     cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, cupy.cuda.get_current_stream().ptr)
@@ -35,8 +37,8 @@ def build_lists(e, c, targets, bias, opts, lse, coef_p, coef_q, bufs, slots, clu
     v = c.shape[0]
     counts = bufs["counts"]
     row_count = counts[1 : 1 + n]
-    _memset0(counts)
-    _memset0(bufs["dropped"])
+    zero_fill(counts)
+    zero_fill(bufs["dropped"])
     eps = opts.resolved_filter_eps()
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N)
     recompute = get_kernel(
@@ -78,7 +80,7 @@ def certify(opts, coef_p, coef_q, bufs, n: int, v: int, slots: int) -> None:
     them). The uncertified-row count starts at 0 here."""
     counts = bufs["counts"]
     fallback, row_count = counts[:1], counts[1 : 1 + n]
-    _memset0(fallback)
+    zero_fill(fallback)
     tol = opts.resolved_filter_tol()
     ls = opts.label_smoothing
     _kernel("sparse_certify_rows")(
@@ -109,7 +111,7 @@ def certify(opts, coef_p, coef_q, bufs, n: int, v: int, slots: int) -> None:
 def _weighted_colsum(src, weights, out) -> None:
     """out[:D] = sum_i w_i src[i], out[D] = sum_i w_i (fp32; w_i = 1 when weights is None)."""
     rows, d = src.shape
-    _memset0(out)
+    zero_fill(out)
     _kernel(template_name("sparse_weighted_colsum", src.dtype))(
         (_cdiv(d, 256), _cdiv(rows, COLSUM_ROWS)),
         (256,),
