@@ -14,7 +14,7 @@ from .cublas import CublasProvider, CublasTF32Provider
 from .jax_cce import JaxCCE
 from .liger import Liger
 from .measure import CupyPeak, Timer, block, free_device_memory, median
-from .optax_naive import Optax
+from .optax_naive import Optax, OptaxFp32
 from .ours import OursProvider
 from .ours_jax import JaxBindings, JaxBindingsBudget, JaxBindingsCmdBuf, JaxBindingsFilter
 from .problem import (
@@ -81,6 +81,7 @@ _MAKERS: dict[str, Callable[[Problem], Provider]] = {
     "liger": Liger,
     "quack": Quack,
     "optax": Optax,
+    "optax_fp32": OptaxFp32,
     "jax_cce": JaxCCE,
     "jax_bindings": JaxBindings,
     "jax_bindings_filter": JaxBindingsFilter,
@@ -111,7 +112,7 @@ ALL_PROVIDERS = (
 GEMM_MODES = {"cublas": CublasProvider.modes, "cublas_tf32": CublasTF32Provider.modes}
 GEMM_PROVIDERS = tuple(GEMM_MODES)
 # Known but not run unless named in --providers.
-EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "jax_bindings_budget", "cublas_tf32", "ours_tf32")
+EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "jax_bindings_budget", "cublas_tf32", "ours_tf32", "optax_fp32")
 assert set(_MAKERS) == set(ALL_PROVIDERS + EXTRA_PROVIDERS)
 
 
