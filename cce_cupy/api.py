@@ -214,8 +214,7 @@ def _fused_filtered(call: _Call, g, stats=None) -> tuple[_Call, tuple | None]:
     cuda_filtered.launch_fused_filtered(
         call.e, call.c, call.targets, call.bias, call.opts, call.valid, g, lse, tgt, de, dc, db, counted
     )
-    rows = counted["rows"]
-    filter_history.HISTORY.record(key, rows, rows - counted["fallback_rows"], cuda_backward.MIN_CERTIFIED_FRACTION)
+    filter_history.HISTORY.record(key, counted["rows"], counted["fallback_rows"])
     if stats is not None:
         stats.update(counted)
     _WATCH.after_launch(xp)

@@ -249,10 +249,16 @@ def row_coefficients(xp, opts: CCEOptions, valid, lse, grad_loss, grad_lse=None)
     array for "none". grad_lse: optional (N,) upstream gradient of a returned lse.
     """
     g = row_loss_grads(xp, opts, valid, grad_loss)
-    coef_p = g * (1.0 + z_loss_dlse(opts.z_loss, lse)) if opts.z_loss else g
+    return softmax_coefficient(xp, opts, g, lse, grad_lse), g
+
+
+def softmax_coefficient(xp, opts: CCEOptions, coef_q, lse, grad_lse=None):
+    """coef_p of row_coefficients from its coef_q (row_loss_grads) and the lse, for callers that
+    have coef_q already (the certified filter forms it before the forward, for the thresholds)."""
+    coef_p = coef_q * (1.0 + z_loss_dlse(opts.z_loss, lse)) if opts.z_loss else coef_q
     if grad_lse is not None:
         coef_p = coef_p + xp.asarray(grad_lse, dtype=xp.float32)
-    return coef_p.astype(xp.float32), g
+    return coef_p.astype(xp.float32)
 
 
 def row_loss_grads(xp, opts: CCEOptions, valid, grad_loss):

@@ -263,9 +263,7 @@ class _CertifiedHistory:
         MIN_CERTIFIED_FRACTION of the rows with a gradient certified in the previous call; else
         (and before any call) the exact backward with cuBLAS."""
         uncertified, active = (int(x) for x in counts)
-        return active != _CertifiedHistory.NO_CALL and active - uncertified >= (
-            cuda_backward.MIN_CERTIFIED_FRACTION * active
-        )
+        return active != _CertifiedHistory.NO_CALL and cuda_backward.list_sums_pay(active, uncertified)
 
 
 def _entries(pairs):

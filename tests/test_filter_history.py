@@ -13,7 +13,7 @@ def _run(history, key, certified_fraction, calls):
         use = history.use_filter(key)
         used.append(use)
         if use:
-            history.record(key, 100, round(100 * certified_fraction), 0.5)
+            history.record(key, 100, 100 - round(100 * certified_fraction))
     return used
 
 
@@ -40,9 +40,9 @@ def test_problems_are_kept_apart_and_a_paying_probe_resumes_filtering():
 
 def test_no_rows_and_clear():
     h = FilterHistory()
-    h.record("k", 0, 0, 0.5)  # no row with a gradient: nothing says the filter does not pay
+    h.record("k", 0, 0)  # no row with a gradient: nothing says the filter does not pay
     assert h.use_filter("k")
-    h.record("k", 10, 0, 0.5)
+    h.record("k", 10, 10)
     assert not h.use_filter("k")
     h.clear()
     assert h.use_filter("k")

@@ -48,6 +48,13 @@ from cce_cupy.options import CCEOptions
 MIN_CERTIFIED_FRACTION = 0.5
 
 
+def list_sums_pay(rows: int, uncertified: int) -> bool:
+    """At least MIN_CERTIFIED_FRACTION of the `rows` with a gradient certified: the list sums are
+    worth running. Every choice between them and the exact backward of all rows asks this (here,
+    cuda.filter_history, and JAX's lists backward)."""
+    return rows - uncertified >= MIN_CERTIFIED_FRACTION * rows
+
+
 def launch_backward(
     e,
     c,
@@ -156,7 +163,7 @@ def launch_backward(
         stats["rows"] = stats.get("rows", 0) + active
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + k
     exact = opts.replace(filter_eps=None, filter_tol=None)
-    if active - k < MIN_CERTIFIED_FRACTION * active:  # few rows certified: the exact backward for all
+    if not list_sums_pay(active, k):  # few rows certified: the exact backward for all
         del bufs, fallback, buf  # the lists are done with: the exact pass reuses their bytes
         reuse = _reusable(scratch, n, v, d, e.dtype, exact)
         launch_backward(

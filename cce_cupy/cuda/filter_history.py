@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 
+from cce_cupy.cuda.backward import list_sums_pay
+
 # One filtered call in this many, on data where the last one did not pay: the probe's cost is
 # spread over that many calls.
 PROBE_EVERY = 16
@@ -38,10 +40,11 @@ class FilterHistory:
                 self._exact_left[key] = left - 1
             return left == 0
 
-    def record(self, key, rows: int, certified_rows: int, min_fraction: float) -> None:
-        """The counts of a filtered call: did it certify at least min_fraction of its rows?"""
+    def record(self, key, rows: int, uncertified: int) -> None:
+        """The counts of a filtered call (rows with a gradient, those not certified): did it pay
+        (backward.list_sums_pay)?"""
         with self._lock:
-            if certified_rows >= min_fraction * rows:
+            if list_sums_pay(rows, uncertified):
                 self._exact_left.pop(key, None)
             else:
                 self._exact_left[key] = PROBE_EVERY - 1

@@ -33,7 +33,7 @@ from cce_cupy.cuda.forward import KeptSoftmax, launch_forward
 from cce_cupy.cuda.loader import get_kernel
 from cce_cupy.cuda.plan import _cdiv, backward_scratch_nbytes, forward_scratch_nbytes, forward_splits, sparse_slots
 from cce_cupy.cuda.sources import HOPPER_TILE_N, SoftmaxStore, template_name
-from cce_cupy.options import CCEOptions, row_coefficients, row_loss_grads
+from cce_cupy.options import CCEOptions, row_loss_grads, softmax_coefficient
 
 # Below c_i + log eps by this much, too, for the candidates: the gather-dot's c_i and the forward's
 # own target logit are the same fp32 dot product summed in different orders (~1e-5 apart at |c| ~
@@ -197,9 +197,8 @@ def launch_fused_filtered(
     launch_lists_forward(e, c, targets, bias, opts, row_grad, lse, tgt, lists, fwd_scratch, bad_target, True, mark)
     mark("forward")
 
-    coef_p, coef_q = row_coefficients(cupy, opts, valid, lse, grad_loss)
-    coef_p = cupy.ascontiguousarray(cupy.broadcast_to(coef_p, (n,)), dtype=cupy.float32)
-    coef_q = cupy.ascontiguousarray(cupy.broadcast_to(coef_q, (n,)), dtype=cupy.float32)
+    coef_q = row_grad  # row_coefficients' coef_q, formed above for the thresholds
+    coef_p = softmax_coefficient(cupy, opts, coef_q, lse)
     launch_prune_lists(targets, opts, v, lse, coef_p, coef_q, lists, partial_max(fwd_scratch, n, v), bufs["dropped"])
     mark("prune")
     launch_backward(
