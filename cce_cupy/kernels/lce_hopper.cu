@@ -89,6 +89,29 @@ WGMMA_M64N256(__half, "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16", "1,
 WGMMA_M64N256(float, "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32", "1, 1")
 #undef WGMMA_M64N256
 
+// The same for one 128-column half of the tile (the split schedule of hopper_tiles_ws): d is 64 x 128,
+// acc layout as above with j < 16. 16-bit types only (its one user, STORE ROW, is bf16).
+#define WG_F64 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24), WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
+#define WG_D64                                                                                   \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"               \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"               \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+template <typename T> struct WgmmaHalf;
+#define WGMMA_M64N128(T, INSTR)                                                                          \
+    template <> struct WgmmaHalf<T> {                                                                    \
+        static __device__ __forceinline__ void run(float (&d)[64], unsigned long long da,                \
+                                                   unsigned long long db, int accumulate) {               \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" INSTR " " WG_D64                    \
+                         ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                               \
+                         : WG_F64                                                                        \
+                         : "l"(da), "l"(db), "r"(accumulate));                                           \
+        }                                                                                                \
+    };
+WGMMA_M64N128(__nv_bfloat16, "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16")
+WGMMA_M64N128(__half, "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16")
+#undef WGMMA_M64N128
+
 // The per-tile geometry shared by both main loops.
 struct HopperTiles {
     int KT, ntiles, total;  // k-blocks per tile, tiles, (tile, k-block) pairs
@@ -96,6 +119,10 @@ struct HopperTiles {
         : KT((D + bk - 1) / bk), ntiles((n_end - n_begin + H_BN - 1) / H_BN), total(0) {
         total = KT * ntiles;
     }
+};
+
+template <bool B> struct BoolConstant {
+    static constexpr bool value = B;
 };
 
 __device__ __forceinline__ char* align_1024(char* p) {
@@ -111,6 +138,19 @@ __device__ __forceinline__ void hopper_mma_stage(float (&acc)[128], unsigned sme
 #pragma unroll
     for (int ks = 0; ks < H_ROW_BYTES / 32; ++ks)  // 32 bytes of K per MMA: k16 (16-bit), k8 (tf32)
         Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
+    wgmma_commit();
+}
+
+// The 4 MMAs of k-block `it` into one 128-column half (0 or 1) of the tile: B's rows [128 half, + 128)
+// of the stage, 16 KiB on (a multiple of the swizzle's 1024-byte period).
+template <typename T>
+__device__ __forceinline__ void hopper_mma_half(float (&acc)[64], unsigned smem_base, int it, int kt, int cwg, int half) {
+    const unsigned sA = smem_base + (it % H_STAGES) * H_STAGE_BYTES + cwg * (64 * H_ROW_BYTES);
+    const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES + half * (128 * H_ROW_BYTES);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < H_ROW_BYTES / 32; ++ks)
+        WgmmaHalf<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
     wgmma_commit();
 }
 
@@ -184,6 +224,101 @@ __device__ __forceinline__ void named_barrier(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// The consumers' loop of hopper_tiles_ws: each k-block's MMAs, then each whole tile's epilogue.
+template <typename T, typename Epi, typename Release>
+__device__ __forceinline__ void hopper_consume_tiles(const HopperTiles& g, unsigned long long* full,
+                                                     unsigned smem_base, int cwg, Release& release,
+                                                     int n_begin, Epi& epi) {
+    float acc[128];  // written first by the accumulate = 0 MMA of each tile
+    int unreleased = -1;  // the k-block whose stage an MMA may still be reading
+    for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
+        for (int kt = 0; kt < g.KT; ++kt, ++it) {
+            mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
+            hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
+            wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
+            if (unreleased >= 0) release(unreleased);
+            unreleased = it;
+        }
+        wgmma_wait<0>();
+        release(unreleased);
+        unreleased = -1;
+        epi(n_begin + tile * H_BN, acc);  // may overwrite acc: the next tile starts with accumulate = 0
+    }
+}
+
+// The consumers' loop of hopper_tiles_ws for an epilogue that takes each tile as two 128-column
+// halves (Epi::SPLIT_HALVES): the tensor cores then keep working through most of the epilogue,
+// which in the plain loop stalls them (both warpgroups run it at once). Each half has its own
+// accumulator (lo, hi: 64 registers each, as the plain loop's 128), and the MMAs run in this order:
+//   hi(k), k < LEAD                  the high halves of the k-blocks whose low halves ran early
+//   lo(k), hi(k), LEAD <= k < KT - LEAD
+//   lo(k), then hi(k), k >= KT - LEAD
+//   wait for the low halves; epilogue(lo)    while the tail's high halves run
+//   lo(k) of the next tile, k < LEAD
+//   wait for the high halves; epilogue(hi)   while those run
+// The tail holds LEAD stages and the next tile's lead takes LEAD others, so 2 LEAD <= H_STAGES. A
+// stage is released once its high half (always its last reader) is done. Every wgmma wait count is a
+// compile-time constant (the last tile, which has no next lead, is a separate instance): a wait
+// ptxas cannot place statically makes it insert its own in the epilogue's divergent paths, and
+// serialize every MMA (C7518). Needs KT >= 2 LEAD (D >= 256 for 16-bit types; see hopper_tiles_ws).
+#define H_SPLIT_LEAD 2
+template <typename T, typename Epi, typename Release>
+__device__ __forceinline__ void hopper_consume_halves(const HopperTiles& g, unsigned long long* full,
+                                                      unsigned smem_base, int cwg, Release& release,
+                                                      int n_begin, Epi& epi) {
+    constexpr int LEAD = H_SPLIT_LEAD;
+    static_assert(2 * LEAD <= H_STAGES, "the tail and the next tile's lead each hold LEAD stages");
+    float lo[64], hi[64];  // each written first by the accumulate = 0 MMA of its half
+    auto wait_full = [&](int it) { mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1); };
+    auto issue_lead = [&](int tile) {
+#pragma unroll
+        for (int kt = 0; kt < LEAD; ++kt) {
+            wait_full(tile * g.KT + kt);
+            hopper_mma_half<T>(lo, smem_base, tile * g.KT + kt, kt, cwg, 0);
+        }
+    };
+    auto run_tile = [&](int tile, auto has_next) {
+        const int base = tile * g.KT, n0 = n_begin + tile * H_BN;
+#pragma unroll
+        for (int kt = 0; kt < LEAD; ++kt) {
+            hopper_mma_half<T>(hi, smem_base, base + kt, kt, cwg, 1);
+            wgmma_wait<1>();  // hi(kt - 1) is done
+            if (kt > 0) release(base + kt - 1);
+        }
+        int unreleased = base + LEAD - 1;  // the k-block whose high half may still be reading its stage
+        for (int kt = LEAD; kt < g.KT - LEAD; ++kt) {
+            wait_full(base + kt);
+            hopper_mma_half<T>(lo, smem_base, base + kt, kt, cwg, 0);
+            hopper_mma_half<T>(hi, smem_base, base + kt, kt, cwg, 1);
+            wgmma_wait<2>();  // hi(kt - 1) is done
+            release(unreleased);
+            unreleased = base + kt;
+        }
+#pragma unroll
+        for (int i = 0; i < LEAD; ++i) {
+            wait_full(base + g.KT - LEAD + i);
+            hopper_mma_half<T>(lo, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < LEAD; ++i) hopper_mma_half<T>(hi, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg, 1);
+        wgmma_wait<LEAD>();  // all but the tail's high halves: lo is final
+        release(unreleased);
+        epi(n0, lo);
+        if constexpr (decltype(has_next)::value) {
+            issue_lead(tile + 1);
+            wgmma_wait<LEAD>();  // all but the next tile's lead: hi is final
+        } else {
+            wgmma_wait<0>();
+        }
+#pragma unroll
+        for (int i = 0; i < LEAD; ++i) release(base + g.KT - LEAD + i);
+        epi(n0 + H_BN / 2, hi);
+    };
+    issue_lead(0);
+    for (int tile = 0; tile + 1 < g.ntiles; ++tile) run_tile(tile, BoolConstant<true>{});
+    run_tile(g.ntiles - 1, BoolConstant<false>{});
+}
+
 // Run the K loop of every 128 x 256 tile with columns [n_begin + 256 i, ...) < n_end of the
 // block's rows [m0, m0 + 128), calling epi(n0, acc) after each tile on the consumer threads. Rows
 // of E >= N and of C >= V and k >= D read as zero (TMA fills them). One producer thread per block
@@ -237,20 +372,12 @@ __device__ __forceinline__ void hopper_tiles_ws(const TmaDesc* tmap_e, const Tma
             if ((threadIdx.x & 31) == 0)
                 for (unsigned r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(&empty[it % H_STAGES], r);
         };
-        float acc[128];  // written first by the accumulate = 0 MMA of each tile
-        int unreleased = -1;  // the k-block whose stage an MMA may still be reading
-        for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
-            for (int kt = 0; kt < g.KT; ++kt, ++it) {
-                mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
-                hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
-                wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
-                if (unreleased >= 0) release(unreleased);
-                unreleased = it;
-            }
-            wgmma_wait<0>();
-            release(unreleased);
-            unreleased = -1;
-            epi(n_begin + tile * H_BN, acc);  // may overwrite acc: the next tile starts with accumulate = 0
+        // The split schedule needs 2 H_SPLIT_LEAD k-blocks a tile; smaller D take the plain loop.
+        if constexpr (Epi::SPLIT_HALVES) {
+            if (g.KT >= 2 * H_SPLIT_LEAD) hopper_consume_halves<T>(g, full, smem_base, cwg, release, n_begin, epi);
+            else hopper_consume_tiles<T>(g, full, smem_base, cwg, release, n_begin, epi);
+        } else {
+            hopper_consume_tiles<T>(g, full, smem_base, cwg, release, n_begin, epi);
         }
     }
     cluster_arrive();
@@ -363,16 +490,22 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     int seen_count[2] = {0, 0};  // LISTS: see fetch_counts
     float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f}, run_y[2] = {0.f, 0.f};
 
+    // ROW takes each tile as two 128-column halves (hopper_tiles_ws's split schedule), so that one
+    // half's epilogue overlaps the other half's MMAs: its stores made the epilogue longest.
+    static constexpr bool SPLIT_HALVES = STORE == SoftmaxStore::ROW;
+
+    // acc: this thread's NV values of the columns [n0, n0 + 2 NV): a whole 256-column tile (NV = 128)
+    // or a half (NV = 64, ROW), in the accumulator layout (value 4 j + q in column n0 + 8 j + ...).
     // Overwrites acc with the masked logits y (the next tile's first MMA does not read acc).
-    __device__ __forceinline__ void operator()(int n0, float (&acc)[128]) {
-        if (!HAS_BIAS && !SOFTCAP && n0 + H_BN <= v_end) {
+    template <int NV> __device__ __forceinline__ void operator()(int n0, float (&acc)[NV]) {
+        if (!HAS_BIAS && !SOFTCAP && n0 + 2 * NV <= v_end) {
             full_tile(n0, acc);
             return;
         }
         const int col0 = n0 + hopper_col0();
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
+        for (int j = 0; j < NV / 4; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int col = col0 + j * 8 + (q & 1);
@@ -389,15 +522,16 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             return;
         }
         if (STORE == SoftmaxStore::ROW && shifted) {
-            shifted_exps<true>(0, acc);
-            stage_half(n0, 0, acc);
-            shifted_exps<true>(1, acc);
-            stage_half(n0, 1, acc);
+#pragma unroll
+            for (int half = 0; half < NV / 64; ++half) {
+                shifted_exps<true>(half, acc);
+                stage_half(n0, half, acc);
+            }
             return;
         }
         raise_max(tmax);
 #pragma unroll
-        for (int j = 0; j < 32; ++j)
+        for (int j = 0; j < NV / 4; ++j)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const float y = acc[4 * j + q];
@@ -425,10 +559,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // A tile with no column past v_end and y = acc: no masks, one FFMA and one exp per element. The
     // epilogue stalls the tensor cores (both warpgroups run it at once), so its instruction count is
     // forward time.
-    __device__ __forceinline__ void full_tile(int n0, float (&acc)[128]) {
+    template <int NV> __device__ __forceinline__ void full_tile(int n0, float (&acc)[NV]) {
         if (STORE == SoftmaxStore::ROW && shifted) {  // no max: the exps are against the fixed c
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
+            for (int half = 0; half < NV / 64; ++half) {
                 shifted_exps<false>(half, acc);
                 stage_half(n0, half, acc);  // its TMA store reads shared memory while the next half's exps run
             }
@@ -437,7 +571,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
         if (STORE == SoftmaxStore::LISTS) note_counts();
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int i = 0; i < 128; ++i) {
+        for (int i = 0; i < NV; ++i) {
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
         }
@@ -461,10 +595,10 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // A full tile's exps against the running max into run_sum (ROW: acc = the exps); with COLLECT
     // (LISTS), each element's mass also joins its row's other mass unless it is a candidate. The
     // sums are the same arithmetic either way, so the lse does not depend on COLLECT.
-    template <bool COLLECT> __device__ __forceinline__ void tile_exps(float (&acc)[128]) {
+    template <bool COLLECT, int NV> __device__ __forceinline__ void tile_exps(float (&acc)[NV]) {
         const float mb[2] = {run_max[0] * H_LOG2E, run_max[1] * H_LOG2E};
 #pragma unroll
-        for (int i = 0; i < 128; ++i) {
+        for (int i = 0; i < NV; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             run_sum[(i >> 1) & 1] += ex;
             if (STORE == SoftmaxStore::ROW) acc[i] = ex;
@@ -479,7 +613,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // could overflow it (the kernel flags rows whose sum passes e^60 as unsafe; lce_budget_recompute
     // then recomputes their lse and s). MASKED: acc holds y (-inf past v_end, whose exp is 0), the
     // smoothing sum is taken already; else acc holds the raw logits.
-    template <bool MASKED> __device__ __forceinline__ void shifted_exps(int half, float (&acc)[128]) {
+    template <bool MASKED, int NV> __device__ __forceinline__ void shifted_exps(int half, float (&acc)[NV]) {
 #pragma unroll
         for (int i = 64 * half; i < 64 * half + 64; ++i) {
             const int h = (i >> 1) & 1;
@@ -520,12 +654,12 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // LISTS, after the tile's exps: its candidates (acc holds the logits y) join their rows' lists.
     // Candidates are rare on the rows the filter can certify (a few a row); a row with many
     // overflows its list, and the exact path takes it.
-    __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
+    template <int NV> __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[NV]) {
         if (!any_candidate) return;
         any_candidate = false;
         if (overflowed[0] && overflowed[1]) return;  // long-tailed rows: every tile has candidates
 #pragma unroll
-        for (int i = 0; i < 128; ++i)
+        for (int i = 0; i < NV; ++i)
             if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
     }
 
@@ -561,7 +695,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // tile's largest: against a running max, every tile after a peaked row's target would hold
     // subnormals (absolute error 3e-8 each, ~1e-2 of a peaked row's gradient over 256k columns).
     // The tile's sum then joins the running one like a split's partial in the finish kernel.
-    __device__ __forceinline__ void fold_and_store(int n0, float (&tmax)[2], float (&acc)[128]) {
+    template <int NV> __device__ __forceinline__ void fold_and_store(int n0, float (&tmax)[2], float (&acc)[NV]) {
         float tsum[2] = {0.f, 0.f}, mb[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -570,7 +704,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             mb[h] = (tmax[h] == -INFINITY) ? 0.f : tmax[h] * H_LOG2E;  // a masked y = -inf then gives 0
         }
 #pragma unroll
-        for (int i = 0; i < 128; ++i) {
+        for (int i = 0; i < NV; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             tsum[(i >> 1) & 1] += ex;
             acc[i] = ex;
@@ -596,7 +730,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
 
     // ROW in a warp with a row of infinite shift (no gradient: it stores 0): acc holds
     // exp(y - run_max) (times softcap'); s = acc exp(run_max - c).
-    __device__ __forceinline__ void store_row_shifted(int n0, float (&acc)[128]) {
+    template <int NV> __device__ __forceinline__ void store_row_shifted(int n0, float (&acc)[NV]) {
         float k[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -607,9 +741,9 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             if (run_max[h] - c > STORE_ROW_RANGE) unsafe[row] = 1;
         }
 #pragma unroll
-        for (int i = 0; i < 128; ++i) acc[i] *= k[(i >> 1) & 1];
-        stage_half(n0, 0, acc);
-        stage_half(n0, 1, acc);
+        for (int i = 0; i < NV; ++i) acc[i] *= k[(i >> 1) & 1];
+#pragma unroll
+        for (int half = 0; half < NV / 64; ++half) stage_half(n0, half, acc);
     }
 
     // ROW: acc's values of columns [n0 + 128 half, + 128) of this warpgroup's 64 rows, as T, to s
@@ -619,7 +753,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // r * 128 + ((c ^ (r % 8)) * 16)), written with stmatrix straight from the accumulator layout:
     // x4 covers the rows' two 8-row halves (h) of two 8-column groups. Rows >= N and columns >= V
     // are clipped by the TMA map (s's shape); tiles never straddle a split (v_per_split % 256 == 0).
-    __device__ __forceinline__ void stage_half(int n0, int half, const float (&acc)[128]) {
+    template <int NV> __device__ __forceinline__ void stage_half(int n0, int half, const float (&acc)[NV]) {
         const int wg = consumer_tid() >> 7, wtid = consumer_tid() & 127, lane = threadIdx.x & 31;
         if (wtid == 0) bulk_wait_read_all();  // the buffer's previous stores have read it
         named_barrier(2 + wg, 128);
@@ -642,7 +776,8 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     }
 
     // TILE: acc * k[h] of rows h = 0, 1 to s, as ST.
-    template <typename ST> __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[128]) {
+    template <typename ST, int NV>
+    __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[NV]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
@@ -650,7 +785,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             if (row >= N) continue;
             ST* srow = reinterpret_cast<ST*>(s_out) + (i64)row * lds;
 #pragma unroll
-            for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
+            for (int a = 0; a < NV / 16; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
                 unsigned w[4];
 #pragma unroll
                 for (int jj = 0; jj < 4; ++jj)
@@ -768,6 +903,7 @@ __device__ __forceinline__ bool consumers_any(bool p) {
     return r != 0;
 }
 template <bool HAS_BIAS, bool SOFTCAP, bool FILTER, typename T, typename TI> struct GradEpilogue {
+    static constexpr bool SPLIT_HALVES = false;  // hopper_tiles_ws: whole tiles
     const T* bias;
     const TI* targets;
     const float *lse, *coef_p, *coef_q;
@@ -879,6 +1015,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
 //   The list order depends on block timing: sums over it are not bitwise reproducible.
 // ---------------------------------------------------------------------------------------------
 template <bool HAS_BIAS, bool SOFTCAP, typename T, typename TI> struct SparseGradEpilogue {
+    static constexpr bool SPLIT_HALVES = false;  // hopper_tiles_ws: whole tiles
     const T* bias;
     const TI* targets;
     const float *lse, *coef_p, *coef_q;
