@@ -38,9 +38,14 @@ python3 -m cce_cupy.cuda.prebuilt --check >/dev/null || {
 # carries at most 64 MiB, so they come over two calls on one warm machine, in either order: each
 # call's folder is kept in /tmp/quack-parts; once every piece is there, the wheels are joined, checked
 # and installed with --target, which does not run their .pth files: site.addsitedir runs them to find
-# the paths they add (nvidia_cutlass_dsl/dsl_packages), kept in /tmp/quack-site/.pythonpath.
+# the paths they add (nvidia_cutlass_dsl/dsl_packages), kept in $QUACK_SITE/.pythonpath.
+# The folder must be named site-packages: QuACK keys its compiled epilogues by the functions they
+# reach, and treats only code under a site-packages or dist-packages folder as installed (keyed by
+# name); elsewhere it walks into cutlass's own globals and fails at import ("epilogue fn depends on
+# <Logger CUTE_DSL> ... no fail-closed semantic key").
+QUACK_SITE=/tmp/quack/site-packages
 quack_install() {
-  local parts=/tmp/quack-parts wheels=/tmp/quack-wheels site=/tmp/quack-site sum whl pieces p missing=0
+  local parts=/tmp/quack-parts wheels=/tmp/quack-wheels site=$QUACK_SITE sum whl pieces p missing=0
   mkdir -p "$parts"
   for d in .whl-quack/part1 .whl-quack/part2; do
     if [ -d "$d" ]; then cp -f "$d"/* "$parts"/ && echo "quack_install: stored $d"; fi
@@ -143,8 +148,8 @@ print('docs/sharding.md shard_map example on', jax.devices(), 'loss', float(ns['
     quack_install) # QuACK's staged wheels (see quack_install above); later steps of this call see them
            quack_install 2>&1 | tee "$OUT/quack_install.log"
            [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-           if [ -f /tmp/quack-site/.pythonpath ]; then
-             export PYTHONPATH="$PYTHONPATH:$(cat /tmp/quack-site/.pythonpath)"
+           if [ -f "$QUACK_SITE/.pythonpath" ]; then
+             export PYTHONPATH="$PYTHONPATH:$(cat "$QUACK_SITE/.pythonpath")"
            fi ;;
     bench) python3 benchmarks/bench.py --out "$OUT" --budget-s "${BENCH_BUDGET:-300}" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" || rc=1 ;;

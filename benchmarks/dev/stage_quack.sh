@@ -13,18 +13,21 @@ ROOT=.whl-quack          # ignored by git (.gitignore)
 PIECE_MIB=${PIECE_MIB:-48}  # wheels above this are split (only the cu13 libs wheel, 84 MiB)
 PART_MIB=${PART_MIB:-56}    # a carry folder's limit: leaves 8 MiB of the 64 for the working tree
 
-# quack-kernels 0.6.5 declares nvidia-cutlass-dsl>=4.7, and fails at import with both releases tried
-# (4.8.1: "epilogue fn depends on <ContextVar _LOC_TRANSFORMS> ... no fail-closed semantic key";
-# 4.7.1: the same about "<Logger CUTE_DSL>", on an H200 on 2026-11-30). So the pin is the newest
-# release that names its cutlass-dsl exactly: quack-kernels 0.6.4 with nvidia-cutlass-dsl==4.6.2
-# (libs-base and libs-cu13; libs-cu12 is not staged: the cu13 flavour alone loads). Its other
-# unpinned needs: apache-tvm-ffi <0.2, torch-c-dlpack-ext, nvidia-cuda-nvdisasm 13.x. On the device
-# image already, so not staged: torch, einops, numpy, typing-extensions, protobuf, cuda-bindings.
+# quack-kernels 0.6.5 (2026-09-11, the newest) asks for nvidia-cutlass-dsl >= 4.7; 4.7.1 (2026-08-20)
+# is the release it was made with (4.8.0 came a week after it). cutlass-dsl ships as a metapackage and
+# three wheels: libs-core (the `cutlass` Python package: without it, "No module named
+# cutlass.cutlass_dsl"), libs-base (MLIR bindings) and libs-cu13 (runtime libraries; libs-cu12 is
+# not staged, the cu13 flavour alone loads). Its other unpinned needs: apache-tvm-ffi <0.2,
+# torch-c-dlpack-ext, nvidia-cuda-nvdisasm 13.x. On the device image already, so not staged: torch,
+# triton, einops, numpy, typing-extensions, protobuf, cuda-bindings. The earlier import failures
+# ("no fail-closed semantic key") came from the install folder's name, not from these versions:
+# device_run.sh's QUACK_SITE says why.
 PINS=(
-  quack-kernels==0.6.4
-  nvidia-cutlass-dsl==4.6.2
-  nvidia-cutlass-dsl-libs-base==4.6.2
-  nvidia-cutlass-dsl-libs-cu13==4.6.2
+  quack-kernels==0.6.5
+  nvidia-cutlass-dsl==4.7.1
+  nvidia-cutlass-dsl-libs-core==4.7.1
+  nvidia-cutlass-dsl-libs-base==4.7.1
+  nvidia-cutlass-dsl-libs-cu13==4.7.1
   apache-tvm-ffi==0.1.13.post3
   torch-c-dlpack-ext==0.1.5
   nvidia-cuda-nvdisasm==13.4.49

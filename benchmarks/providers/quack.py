@@ -13,13 +13,12 @@ device step `quack_install` installs them and puts them on PYTHONPATH (benchmark
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from ._torch import TorchProvider
 
-# What benchmarks/dev/stage_quack.sh stages (why these: its comment). quack-kernels 0.6.5 failed at
-# import with nvidia-cutlass-dsl 4.8.1 and 4.7.1 ("epilogue fn depends on ... no fail-closed
-# semantic key"); 0.6.4 pins its cutlass-dsl exactly.
-PINS = "quack-kernels 0.6.4, nvidia-cutlass-dsl 4.6.2"
+# What benchmarks/dev/stage_quack.sh stages (why these: its comment).
+PINS = "quack-kernels 0.6.5, nvidia-cutlass-dsl 4.7.1"
 
 
 def quack_missing() -> str | None:
@@ -33,6 +32,15 @@ def quack_missing() -> str | None:
         return (
             "quack is importable but nvidia-cutlass-dsl's `cutlass` is not: a --target install skips "
             "its .pth file, so nvidia_cutlass_dsl/dsl_packages must be on PYTHONPATH (quack_install does it)"
+        )
+    # QuACK keys its compiled epilogues by the code they reach and counts only code under a
+    # site-packages or dist-packages folder as installed; elsewhere its import fails on cutlass's
+    # globals ("epilogue fn depends on <Logger CUTE_DSL> ... no fail-closed semantic key").
+    origin = importlib.util.find_spec("cutlass").origin or ""
+    if not any(f"{os.sep}{folder}{os.sep}" in origin for folder in ("site-packages", "dist-packages")):
+        return (
+            f"nvidia-cutlass-dsl is installed outside a site-packages folder ({origin}), where QuACK's "
+            "import fails: install it with --target into a folder named site-packages (as quack_install does)"
         )
     return None
 
