@@ -51,7 +51,12 @@ class Quack(TorchProvider):
     def make_loss(self):
         from quack.linear_cross_entropy import chunked_linear_cross_entropy, scaled_exp_lce_supported
 
-        chunk = 4096  # quack's default, named so the eligibility check below asks about the same call
+        # QuACK's default chunk, named so the eligibility check below asks about the same call; but
+        # where it equals D, its dE GEMM (chunk x D) is square and QuACK 0.6.5 refuses its epilogue
+        # ("operand 'v': m == n makes row/col inference ambiguous", llama3 on the H200): then twice
+        # that, the larger of the two neighbours, so QuACK is not slowed by smaller GEMMs.
+        d = self.e.shape[1]
+        chunk = 4096 if d != 4096 else 8192
         scaled = scaled_exp_lce_supported(self.e, self.c, chunk, "mean")
         self.note = (
             f"quack chunked_linear_cross_entropy(chunk_size={chunk}), "
