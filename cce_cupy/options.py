@@ -24,6 +24,7 @@ rules live in exactly one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Any
 
@@ -201,7 +202,21 @@ def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions
                 "fixed when the function is traced. Pass it as a Python number, or mark the argument "
                 "static (jax.jit(..., static_argnames=...))"
             )
-    return base.replace(**kwargs) if kwargs else base
+    if not kwargs:
+        return base
+    # A call's options are usually the same as its last call's: building and validating them took
+    # ~0.1 ms, host time before a GPU call's first kernel. The key holds each value's type, so that
+    # a value equal to a cached one but of another type (1 for True) is still validated itself.
+    key = tuple((name, type(value), value) for name, value in sorted(kwargs.items()))
+    try:
+        return _replaced(base, key)
+    except TypeError:  # an unhashable value: validation names it
+        return base.replace(**kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _replaced(base: CCEOptions, key: tuple) -> CCEOptions:
+    return base.replace(**{name: value for name, _, value in key})
 
 
 def _is_bool(x: Any) -> bool:
@@ -272,7 +287,7 @@ def row_loss_grads(xp, opts: CCEOptions, valid, grad_loss):
         g = validf * (grad_loss / xp.maximum(xp.sum(validf), 1.0))
     else:  # "sum" broadcasts a scalar; "none" is per row
         g = validf * grad_loss
-    return g.astype(xp.float32)
+    return g if g.dtype == xp.float32 else g.astype(xp.float32)  # a copy costs a launch
 
 
 def analytic_smoothing(opts: CCEOptions) -> bool:

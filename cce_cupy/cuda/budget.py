@@ -23,6 +23,7 @@ stream without a host sync.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -86,6 +87,7 @@ def _layout(sizes: dict) -> tuple[tuple, int]:
     return tuple(offsets), off
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its (hashable) arguments, asked on every call
 def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False) -> BudgetPlan | None:
     """The chunking for `opts.memory_budget`, or None where the lean path runs instead: no budget,
     an empty problem, or a budget too small for all rows at once or MIN_CHUNK_ROWS a chunk."""
