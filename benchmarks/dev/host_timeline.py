@@ -22,6 +22,10 @@ from cce_cupy.cuda import budget, device, forward, loader
 # (module, attribute) pairs to time; a module's own reference is the one its callers use.
 TRACED = [
     (api, "_prepare"),
+    (api, "_take"),
+    (api, "check_linear_ce_args"),
+    (api, "_flat_targets"),
+    (type(api._WATCH), "poll"),
     (api, "_grad_loss_array"),
     (api, "row_loss_grads"),
     (api, "_fused_outputs"),
