@@ -185,11 +185,12 @@ class CCEOptions:
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CCEOptions))
+_DEFAULTS = CCEOptions()  # built (and validated) once: immutable, and asked for on every call
 
 
 def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions:
     """Options from an options object and/or keyword overrides (unknown names raise)."""
-    base = CCEOptions() if options is None else options
+    base = _DEFAULTS if options is None else options
     if not isinstance(base, CCEOptions):
         raise TypeError(f"options must be a CCEOptions, got {type(base).__name__}")
     unknown = sorted(set(kwargs) - _OPTION_NAMES)

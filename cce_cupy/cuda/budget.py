@@ -23,7 +23,6 @@ stream without a host sync.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -87,7 +86,6 @@ def _layout(sizes: dict) -> tuple[tuple, int]:
     return tuple(offsets), off
 
 
-@functools.lru_cache(maxsize=64)  # a pure function of its (hashable) arguments, asked on every call
 def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False) -> BudgetPlan | None:
     """The chunking for `opts.memory_budget`, or None where the lean path runs instead: no budget,
     an empty problem, or a budget too small for all rows at once or MIN_CHUNK_ROWS a chunk."""
@@ -234,10 +232,6 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
     v = c.shape[0]
     f32 = np.float32
     has_bias, softcap = bias is not None, opts.softcap is not None
-    flags = (has_bias, softcap, targets.dtype)
-    recompute = get_kernel("lce_budget.cu", template_name("lce_budget_recompute", e.dtype, has_bias, softcap))
-    rows_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_rows", e.dtype, *flags))
-    de_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_de", de.dtype))
     fwd_scratch = buf("forward", np.uint8, (-1,))
     smooth_q = f32(opts.label_smoothing / v)
     colsum = None
@@ -256,23 +250,38 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         fill((_ELEMENTWISE_BLOCKS,), (256,), (dc, w, smooth_q, np.int32(v), np.int32(d)))
     for r0, r1 in _chunks(n, plan):
         rows = r1 - r0
+        whole = rows == n  # one chunk (the usual case): no views of the row ranges to make
+        e_chunk, t_chunk, rg_chunk, lse_chunk = (x if whole else x[r0:r1] for x in (e, targets, row_grad, lse))
+        # Only what the forward needs comes before it: on an idle GPU, host time spent here is GPU time.
         s = buf("s", e.dtype, (plan.rows, plan.lds))[:rows]
-        shift, z_target, a_f, unsafe = (
-            buf(k, dt, (plan.rows,))[:rows]
-            for k, dt in (("shift", f32), ("z_target", f32), ("a_f", f32), ("unsafe", np.int32))
+        shift, z_target, unsafe = (
+            buf(k, dt, (plan.rows,))[:rows] for k, dt in (("shift", f32), ("z_target", f32), ("unsafe", np.int32))
         )
+        unsafe.fill(0)
+        launch_target_logits(e_chunk, c, t_chunk, bias, opts, rg_chunk, shift, z_target)
+        store = KeptSoftmax(SoftmaxStore.ROW, s, row_shift=shift, unsafe=unsafe)
+        launch_forward(
+            e_chunk,
+            c,
+            t_chunk,
+            bias,
+            opts,
+            lse_chunk,
+            tgt if whole else tgt[r0:r1],
+            fwd_scratch,
+            bad_target,
+            tune,
+            store,
+        )
+        a_f = buf("a_f", f32, (plan.rows,))[:rows]
         a_t = buf("a_t", e.dtype, (plan.rows, 1))[:rows]
-        de_chunk = de[r0:r1]
+        de_chunk = de if whole else de[r0:r1]
         # a E (rows, D) in the dE output's bytes (their first half when dE is fp32), read by the dC
         # GEMM before s C is written: into an fp32 buffer, or into an fp32 dE itself.
         e_scaled = de_chunk.reshape(-1).view(e.dtype)[: rows * d].reshape(rows, d)
         x = de_chunk if de.dtype == f32 else buf("x", f32, (plan.rows, d))[:rows]
-        e_chunk, t_chunk, rg_chunk, lse_chunk = e[r0:r1], targets[r0:r1], row_grad[r0:r1], lse[r0:r1]
-        unsafe.fill(0)
-        launch_target_logits(e_chunk, c, t_chunk, bias, opts, rg_chunk, shift, z_target)
-        store = KeptSoftmax(SoftmaxStore.ROW, s, row_shift=shift, unsafe=unsafe)
-        launch_forward(e_chunk, c, t_chunk, bias, opts, lse_chunk, tgt[r0:r1], fwd_scratch, bad_target, tune, store)
         grid = (min(rows, _MAX_GRID),)
+        recompute = get_kernel("lce_budget.cu", template_name("lce_budget_recompute", e.dtype, has_bias, softcap))
         recompute(
             grid,
             (256,),
@@ -290,6 +299,9 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
                 np.int32(d),
                 f32(opts.softcap or 0.0),
             ),
+        )
+        rows_kernel = get_kernel(
+            "lce_budget.cu", template_name("lce_budget_rows", e.dtype, has_bias, softcap, targets.dtype)
         )
         rows_kernel(
             grid,
@@ -319,6 +331,7 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         if dbias is not None:
             _gemm_rowmajor(sv, a_t, dbias.reshape(v, 1), trans_a=True, accumulate=r0 > 0)
         _gemm_rowmajor(sv, c, x, trans_a=False, accumulate=False)
+        de_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_de", de.dtype))
         de_kernel(  # in place where x is dE (each element read, then written, by one thread)
             (_ELEMENTWISE_BLOCKS,),
             (256,),
