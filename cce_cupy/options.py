@@ -185,7 +185,6 @@ class CCEOptions:
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CCEOptions))
-_DEFAULTS = CCEOptions()  # built (and validated) once: immutable, and asked for on every call
 
 
 def make_options(options: CCEOptions | None = None, **kwargs: Any) -> CCEOptions:
@@ -232,6 +231,9 @@ def is_jax_tracer(x: Any) -> bool:
 def _is_real(x: Any) -> bool:
     """A Python or NumPy real number (not a bool)."""
     return isinstance(x, numbers.Real) and not _is_bool(x)
+
+
+_DEFAULTS = CCEOptions()  # built (and validated) once, after the checks it runs: immutable, asked for on every call
 
 
 def dtype_eps(dtype) -> float:
