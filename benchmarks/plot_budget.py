@@ -6,9 +6,9 @@
 One panel per shape (gemma2, llama3). y: fwd+bwd time over the three cuBLAS GEMMs of the same run
 (E @ C^T, G @ C, G^T @ E: what a loss keeping its logits runs), so runs compare; x: extra memory
 (MiB, log). Ours is a line through the lean path and each budget; the `--timing` run adds budgets
-that bench.py did not time (its own three-GEMM floor). Peers that the run could not time (Liger,
-Apple CCE) are drawn hollow from ANCHORS, the independent H200 benchmark's figures over its own
-three GEMMs.
+that bench.py did not time (its own three-GEMM floor), `--jax` the JAX providers of another run
+(over that run's floor). Peers that the runs did not time (Liger, Apple CCE's exact mode) are drawn
+hollow from ANCHORS, the independent H200 benchmark's figures over its own three GEMMs.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def points(bench: list[dict]) -> dict:
             label = "ours"
         if label in ("jax_bindings (memory budget)", "jax_bindings (lean)"):
             label = "ours, JAX"
+        elif r.get("filter") and not label.startswith("ours"):
+            label += " (filter)"  # a peer's own approximate mode (Apple CCE's default)
         out[r["shape"]][label].append((max(r["extra_mib"] or 0.1, 0.1), r["ms"] / gemm3[r["shape"]]))
     return out
 
@@ -58,10 +60,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = json.loads(Path(args.bench).read_text())
-    if args.jax:
-        recs += json.loads(Path(args.jax).read_text())
-    pts = points(recs)
+    pts = points(json.loads(Path(args.bench).read_text()))
+    if args.jax:  # another run: its points are over its own three GEMMs
+        for shape, labels in points(json.loads(Path(args.jax).read_text())).items():
+            for label, xy in labels.items():
+                if label not in pts[shape]:  # the bench run's own records of a provider come first
+                    pts[shape][label] = xy
     if args.timing:  # budgets bench.py did not time, over that run's own three GEMMs
         t = json.loads(Path(args.timing).read_text())["records"]
         for r in t:
@@ -76,7 +80,7 @@ def main() -> None:
             xy = sorted(set(xy))
             style = "o-" if label.startswith("ours") else "s"
             ax.plot([x for x, _ in xy], [y for _, y in xy], style, label=label)
-        for label, (ms, mib) in ((k, v) for k, v in ANCHORS[shape].items() if k != "gemm3"):
+        for label, (ms, mib) in ((k, v) for k, v in ANCHORS[shape].items() if k not in ("gemm3", *pts[shape])):
             ax.plot([mib], [ms / ANCHORS[shape]["gemm3"]], "D", mfc="none", label=f"{label} (shared anchors)")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
