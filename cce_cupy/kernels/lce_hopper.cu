@@ -16,7 +16,10 @@
 // one GPC. The launcher rounds grid.x up to a multiple of CLUSTER. Operand tiles are K-major,
 // 128 bytes (64 16-bit or 32 fp32 elements) per row, 128-byte swizzled (see wgmma_desc), each
 // 1024-byte aligned. The loop runs over the (tile, k-block) pairs of all the block's tiles as one
-// stream, so the next tile's first k-blocks load during an epilogue.
+// stream, so the next tile's first k-blocks load during an epilogue. The forward with STORE ROW
+// (and D >= 256) splits each warpgroup's 64 x 256 tile into two 64 x 128 halves, one
+// wgmma.m64n128k16 each per 16 of K, ordered so that one half's epilogue runs under the other
+// half's MMAs (hopper_consume_halves); every other kernel takes whole tiles (hopper_consume_tiles).
 // Requirements (checked by the launcher): T is bf16 or fp16 (or fp32 for the forward, as TF32, only
 // with allow_tf32), D * sizeof(T) % 16 == 0, 16-byte aligned bases (TMA's stride and address rules).
 //
