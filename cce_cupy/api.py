@@ -158,21 +158,22 @@ def _filter_stats(xp, counted: dict, coef_p, coef_q) -> dict[str, int]:
     return {"rows": int(rows), "certified_rows": int(certified)}
 
 
-def _grad_outputs(call: _Call):
-    """Uninitialized (de, dc, db) on the call's device, in grad_dtype (db None without bias)."""
+def _grad_outputs(call: _Call, with_dc: bool = True):
+    """Uninitialized (de, dc, db) on the call's device, in grad_dtype (db None without bias; dc
+    None unless with_dc)."""
     xp = call.kind.xp
     n, d = call.e.shape
     v = call.c.shape[0]
     gdt = grad_dtype(call.e.dtype, call.opts)
     db = xp.empty((v,), dtype=gdt) if call.bias is not None else None
-    return xp.empty((n, d), dtype=gdt), xp.empty((v, d), dtype=gdt), db
+    return xp.empty((n, d), dtype=gdt), xp.empty((v, d), dtype=gdt) if with_dc else None, db
 
 
-def _fused_outputs(call: _Call):
+def _fused_outputs(call: _Call, with_dc: bool = True):
     """Uninitialized (lse, tgt, de, dc, db) for the fused launchers: fp32 (N,) loss terms and
     _grad_outputs."""
     xp, n = call.kind.xp, call.e.shape[0]
-    return (xp.empty(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32), *_grad_outputs(call))
+    return (xp.empty(n, dtype=xp.float32), xp.empty(n, dtype=xp.float32), *_grad_outputs(call, with_dc))
 
 
 def _fused_budgeted(call: _Call, g):
@@ -183,17 +184,24 @@ def _fused_budgeted(call: _Call, g):
         return None
     n, d = call.e.shape
     v = call.c.shape[0]
-    plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts, call.bias is not None)
+    # dc_later: with several chunks, dC is made from its fp32 accumulator after them (below), so
+    # its bytes are room for the chunks meanwhile.
+    plan = cuda_budget.budget_plan(n, v, d, call.e.dtype, call.opts, call.bias is not None, dc_later=True)
     if plan is None:
         return None
-    lse, tgt, de, dc, db = _fused_outputs(call)
+    lse, tgt, de, dc, db = _fused_outputs(call, with_dc=not plan.acc_apart)
+    acc = xp.empty((v, d), dtype=xp.float32) if plan.acc_apart else None
     scratch = xp.empty(plan.nbytes, dtype=xp.uint8)
     # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
     row_grad = row_loss_grads(xp, call.opts, call.valid, g)
     row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (n,)), dtype=xp.float32)
     cuda_budget.launch_fused_budgeted(
-        call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad, lse, tgt, de, dc, db, scratch
-    )
+        call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad, lse, tgt, de, dc if acc is None else acc,
+        db, scratch,
+    )  # fmt: skip
+    if acc is not None:
+        scratch = None  # back to the pool (stream-ordered) before the output is made
+        dc = acc.astype(grad_dtype(call.e.dtype, call.opts))
     _WATCH.after_launch(xp)
     return lse, tgt, de, dc, db
 

@@ -60,3 +60,38 @@ def test_plan_takes_every_row_when_they_fit_and_declines_thin_chunks():
 )
 def test_mode(dtype, opts, bias, mode):
     assert budget.budget_mode(dtype, CCEOptions(memory_budget=1 << 30, **opts), bias) == mode
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mib", [1024, 2048, 3072, 3207, 4000])
+def test_plan_with_dc_made_later(shape, mib):
+    """dc_later (the CuPy API makes dC after the chunks): the fp32 accumulator sits apart from the
+    scratch, and the dC output's bytes, not yet allocated, are room for the chunks. What the call
+    holds beyond its inputs and outputs stays within the budget during the chunks (scratch and
+    accumulator, less the output not yet made) and after them (the accumulator); the chunks are never
+    thinner than without the credit."""
+    n, d, v = SHAPES[shape]
+    o = CCEOptions(memory_budget=mib << 20)
+    plan = budget.budget_plan(n, v, d, BF16, o, dc_later=True)
+    before = budget.budget_plan(n, v, d, BF16, o)
+    if plan is None:
+        assert before is None
+        return
+    acc, dc_out = v * d * 4, v * d * 2
+    if plan.rows == n:  # one chunk: nothing to accumulate, the same plan either way
+        assert plan == before and not plan.acc_apart
+        return
+    assert plan.dc_acc and plan.acc_apart
+    assert plan.nbytes + acc - dc_out <= o.memory_budget and acc <= o.memory_budget
+    assert dict(plan.offsets)["dc_acc"][1] == 0  # not in the scratch
+    assert before is None or plan.rows >= before.rows
+    assert plan.rows >= budget.MIN_CHUNK_ROWS
+
+
+def test_dc_made_later_fits_gemma2_in_quacks_memory():
+    """At gemma2, 3207 MiB (what QuACK holds beyond its inputs and gradients) takes two chunks with
+    the accumulator apart, where the accumulator inside the scratch leaves 1792-row chunks."""
+    n, d, v = SHAPES["gemma2"]
+    o = CCEOptions(memory_budget=3207 << 20)
+    assert budget.budget_plan(n, v, d, BF16, o).rows == 1792
+    assert budget.budget_plan(n, v, d, BF16, o, dc_later=True).rows >= n // 2

@@ -99,12 +99,59 @@ def test_budget_several_chunks(grad_dtype_opt, bias, mode):
     plan = cuda_budget.budget_plan(n, v, d, e.dtype, o, bias)
     assert plan is not None and plan.rows < n and plan.nbytes <= o.memory_budget, plan
     assert plan.dc_acc == (grad_dtype_opt is None)
+    # The API makes dC after the chunks (dc_later): for bf16 gradients its fp32 accumulator sits apart.
+    api_plan = cuda_budget.budget_plan(n, v, d, e.dtype, o, bias, dc_later=True)
+    assert api_plan.rows < n and api_plan.acc_apart == (grad_dtype_opt is None), api_plan
     out = cce.linear_cross_entropy_with_grad(
         cp.asarray(e), cp.asarray(c), cp.asarray(t), None if b is None else cp.asarray(b), options=o
     )
     truth = dense_reference(e, c, t, b, o)
     assert_rel_close(out[0], truth["loss"], 1e-5, "loss")
     for name, ours in zip(("de", "dc", "db"), out[1:]):
+        assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
+
+
+@pytest.mark.parametrize("grad_dtype_opt", [None, "float32"])
+def test_budget_holds_its_budget(grad_dtype_opt):
+    """Beyond its inputs and the outputs it returns, a budgeted call holds at most the budget (and
+    O(N) per-row terms), counted by a hook on CuPy's pool: with several chunks, the fp32 dC
+    accumulator apart and the dC output made after them."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 4096, 64, 3000
+    e, c, t, _ = make_problem(n, d, v, "bfloat16", peaked=True, seed=5)
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    base = CCEOptions(grad_dtype=grad_dtype_opt)
+    one = cuda_budget.budget_plan(n, v, d, ge.dtype, base.replace(memory_budget=BIG))
+    o = base.replace(memory_budget=one.nbytes // 2)
+    plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o, dc_later=True)
+    assert plan is not None and plan.rows < n and plan.acc_apart == (grad_dtype_opt is None), plan
+
+    class Peak(cp.cuda.MemoryHook):
+        name = "budget_peak"
+
+        def __init__(self):
+            self.cur = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.cur += int(kw["mem_size"])
+            self.peak = max(self.peak, self.cur)
+
+        def free_postprocess(self, **kw):
+            self.cur -= int(kw["mem_size"])
+
+    cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o)  # kernels loaded, tuning done
+    cp.cuda.Device().synchronize()
+    hook = Peak()
+    with hook:
+        out = cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o)
+        cp.cuda.Device().synchronize()
+    kept = hook.cur  # what the call returned (and the pool still hands out for it)
+    assert kept >= sum(x.nbytes for x in out)
+    per_row = 64 * n  # the loss terms, row gradients, masks: a few fp32 / bool values a row
+    assert hook.peak - kept <= o.memory_budget + per_row, (hook.peak - kept, o.memory_budget)
+    truth = dense_reference(e, c, t, None, o)
+    for name, ours in zip(("de", "dc"), out[1:]):
         assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
 
 

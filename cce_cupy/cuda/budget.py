@@ -15,9 +15,11 @@ are taken in chunks as large as it allows; the Hopper forward of each chunk also
     turns it in place into the logit gradient G; cuBLAS runs dE = G @ C, dC = G^T @ E; dbias is
     G's column sums.
 
-With more than one chunk and 16-bit gradients, dC accumulates in an fp32 (V, D) buffer inside
-the budget (one rounding at the end, as the lean path's). Everything runs on CuPy's current
-stream without a host sync.
+With more than one chunk and 16-bit gradients, dC accumulates in an fp32 (V, D) buffer (one
+rounding at the end, as the lean path's): inside the scratch, or, where the caller makes the dC
+output only after the chunks (`dc_later`, the CuPy API), beside it, and then the output's bytes,
+not yet allocated during the chunks, count toward the budget's room. Everything runs on CuPy's
+current stream without a host sync.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class BudgetPlan:
     lds: int  # row stride of the kept softmax, in elements (V rounded up to 8: 16-byte rows)
     dc_acc: bool  # an fp32 dC accumulator (several chunks, 16-bit gradients)
     offsets: tuple  # (name, (offset, size)) of each buffer in the scratch (a tuple: plans are hashable)
-    nbytes: int  # the scratch buffer: everything the path allocates beyond its outputs
+    nbytes: int  # the scratch buffer: everything the path allocates beyond its outputs (but acc_apart's)
+    # dc_acc outside the scratch: the caller allocates the fp32 (V, D) accumulator, passes it as dc_out,
+    # frees the scratch after the call and only then makes the dC output from it (budget_plan's dc_later)
+    acc_apart: bool = False
 
 
 def budget_mode(dtype, opts: CCEOptions, has_bias: bool) -> str:
@@ -86,9 +91,16 @@ def _layout(sizes: dict) -> tuple[tuple, int]:
     return tuple(offsets), off
 
 
-def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False) -> BudgetPlan | None:
+def budget_plan(
+    n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool = False, dc_later: bool = False
+) -> BudgetPlan | None:
     """The chunking for `opts.memory_budget`, or None where the lean path runs instead: no budget,
-    an empty problem, or a budget too small for all rows at once or MIN_CHUNK_ROWS a chunk."""
+    an empty problem, or a budget too small for all rows at once or MIN_CHUNK_ROWS a chunk.
+
+    The budget bounds what the call holds beyond its inputs and outputs. dc_later: the caller makes
+    the dC output only after the chunks (acc_apart), so a plan with an fp32 dC accumulator may hold,
+    during the chunks, the accumulator and a scratch of up to budget + (dC output's bytes) -
+    (accumulator's bytes); afterwards the accumulator alone (within the budget) beside the outputs."""
     budget = opts.memory_budget
     if budget == "lean" or n == 0 or v == 0:
         return None
@@ -97,18 +109,27 @@ def budget_plan(n: int, v: int, d: int, dtype, opts: CCEOptions, has_bias: bool 
     offsets, nbytes = _layout(_buffers(mode, n, n, v, d, dtype, opts, False))
     if nbytes <= budget:
         return BudgetPlan(mode, n, lds, False, offsets, nbytes)
-    dc_acc = grad_dtype(dtype, opts) != np.float32
+    gdt = grad_dtype(dtype, opts)
+    dc_acc = gdt != np.float32
+    apart = dc_acc and dc_later
+    room = budget
+    if apart:
+        if v * d * 4 > budget:  # the accumulator beside the outputs, after the chunks
+            return None
+        room = budget + v * d * gdt.itemsize - v * d * 4
     # The forward's scratch for n rows bounds a chunk's; every other buffer grows linearly in rows.
-    fixed = _layout(_buffers(mode, 0, n, v, d, dtype, opts, dc_acc))[1] + forward_scratch_nbytes(n, v, d, dtype)
+    in_scratch = dc_acc and not apart
+    fixed = _layout(_buffers(mode, 0, n, v, d, dtype, opts, in_scratch))[1] + forward_scratch_nbytes(n, v, d, dtype)
     sizes = _buffers(mode, TILE_M, n, v, d, dtype, opts, False)
     per_row = _cdiv(sum(size for name, size in sizes.items() if name != "forward"), TILE_M) + 1
-    rows = (budget - fixed - _ALIGN * len(sizes)) // per_row // TILE_M * TILE_M if budget > fixed else 0
+    rows = (room - fixed - _ALIGN * len(sizes)) // per_row // TILE_M * TILE_M if room > fixed else 0
     if rows < MIN_CHUNK_ROWS:
         return None
-    offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, dc_acc))
-    if nbytes > budget:  # the estimate above is an upper bound; never exceed a budget all the same
+    rows = min(rows, n)
+    offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, in_scratch))
+    if nbytes > room:  # the estimate above is an upper bound; never exceed a budget all the same
         return None
-    return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes)
+    return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes, apart)
 
 
 def budget_applies(e, c, opts: CCEOptions) -> bool:
@@ -139,7 +160,8 @@ def launch_fused_budgeted(
     row_grad: fp32 (N,), each row's upstream loss gradient: coef_q of
     cce_cupy.options.row_coefficients, which does not depend on the lse (the kernels derive coef_p
     from it and the lse, z-loss included). scratch: uint8, plan.nbytes. Gradients are written
-    whole (not accumulated into): dE, dC and dbias in grad_dtype. bad_target, tune: as launch_forward.
+    whole (not accumulated into): dE, dC and dbias in grad_dtype, but dc_out is the fp32 (V, D)
+    accumulator itself with plan.acc_apart (the caller casts it). bad_target, tune: as launch_forward.
     """
     offsets = dict(plan.offsets)
 
@@ -149,11 +171,12 @@ def launch_fused_budgeted(
 
     run = _row_mode if plan.mode == "row" else _tile_mode
     v, d = c.shape
-    dc_target = buf("dc_acc", np.float32, (v, d)) if plan.dc_acc else dc_out
+    in_scratch = plan.dc_acc and not plan.acc_apart
+    dc_target = buf("dc_acc", np.float32, (v, d)) if in_scratch else dc_out
     run(
         e, c, targets, bias, opts, plan, row_grad, lse_out, tgt_out, de_out, dc_target, dbias_out, buf, bad_target, tune
     )
-    if plan.dc_acc:
+    if in_scratch:
         dc_out[...] = dc_target
 
 
