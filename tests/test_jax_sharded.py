@@ -237,15 +237,17 @@ def _results() -> dict:
     env = dict(os.environ)
     # The 4 host "devices" are threads of one process. On this 2-core machine XLA's CPU runtime
     # sometimes never schedules one device's program while its peers block in a collective's
-    # rendezvous (seen on 2 x 2 meshes: one run in three under load, and in CI). After 60 s the
-    # rendezvous aborts the worker; the cases it finished are kept and the rest run in a new
-    # worker, six workers at most. Any other failure fails the tests at once. (On GPUs XLA
-    # issues each device's collectives in program order on its own stream.) Single-threaded
-    # Eigen keeps the device threads from oversubscribing the cores.
+    # rendezvous (seen on 2 x 2 meshes: one run in three under load, and in CI; callback_path_2x2
+    # alone stalled in half of its runs). A collective of these tiny arrays waits milliseconds for
+    # its peers, so after 20 s the rendezvous aborts the worker (each stall cost 60 s before); the
+    # cases it finished are kept and the rest run in a new worker, six workers at most. Any other
+    # failure fails the tests at once. (On GPUs XLA issues each device's collectives in program
+    # order on its own stream.) Single-threaded Eigen keeps the device threads from
+    # oversubscribing the cores.
     flags = (
         f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false"
-        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=30"
-        " --xla_cpu_collective_call_terminate_timeout_seconds=60"
+        " --xla_cpu_collective_call_warn_stuck_timeout_seconds=10"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=20"
     )
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
