@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import numbers
 from typing import Any
 
 import numpy as np
@@ -78,7 +80,12 @@ class _Call:
     c: Any
     bias: Any
     targets: Any  # (N,) shifted
-    valid: Any  # (N,) bool
+
+    @functools.cached_property
+    def valid(self):
+        """(N,) bool: the rows whose target is not ignore_index. Made when first asked for: the
+        budgeted path asks only after its forward is launched."""
+        return self.targets != self.opts.ignore_index
 
 
 def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, dict[str, Any]]:
@@ -103,7 +110,6 @@ def _prepare(e, c, targets, bias, options, kwargs, extra=None) -> tuple[_Call, d
         xp.ascontiguousarray(conv["c"]),
         None if conv["bias"] is None else xp.ascontiguousarray(conv["bias"]),
         t,
-        t != opts.ignore_index,
     )
     return call, conv
 
@@ -192,12 +198,17 @@ def _fused_budgeted(call: _Call, g):
     lse, tgt, de, dc, db = _fused_outputs(call, with_dc=not plan.acc_apart)
     acc = xp.empty((v, d), dtype=xp.float32) if plan.acc_apart else None
     scratch = xp.empty(plan.nbytes, dtype=xp.uint8)
-    # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
-    row_grad = row_loss_grads(xp, call.opts, call.valid, g)
-    row_grad = xp.ascontiguousarray(xp.broadcast_to(row_grad, (n,)), dtype=xp.float32)
+
+    def row_grad():
+        # coef_q (each row's loss gradient) needs no lse; the kernel forms coef_p from it and the lse.
+        q = row_loss_grads(xp, call.opts, call.valid, g)
+        return xp.ascontiguousarray(xp.broadcast_to(q, (n,)), dtype=xp.float32)
+
+    # A scalar grad_loss (the usual case) leaves row_grad to be made while the forward runs; a per-row one
+    # is made first, so that the forward skips the rows it zeroes.
     cuda_budget.launch_fused_budgeted(
-        call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad, lse, tgt, de, dc if acc is None else acc,
-        db, scratch,
+        call.e, call.c, call.targets, call.bias, call.opts, plan, row_grad if g.ndim == 0 else row_grad(), lse, tgt, de,
+        dc if acc is None else acc, db, scratch,
     )  # fmt: skip
     if acc is not None:
         scratch = None  # back to the pool (stream-ordered) before the output is made
@@ -230,7 +241,11 @@ def _fused_filtered(call: _Call, g, stats=None) -> tuple[_Call, tuple | None]:
 
 
 def _grad_loss_array(xp, grad_loss, call: _Call, name: str = "grad_loss"):
-    """grad_loss as a float32 scalar, or (N,) for reduction="none" (a scalar is broadcast)."""
+    """grad_loss as a float32 scalar, or (N,) for reduction="none" (a scalar is broadcast). A Python
+    or NumPy number stays on the host (np.float32): a copy to the device would cost host time
+    before the first kernel."""
+    if isinstance(grad_loss, (numbers.Real, np.number)) and not isinstance(grad_loss, np.ndarray):
+        return np.float32(grad_loss)
     g = xp.asarray(grad_loss, dtype=xp.float32)
     if call.opts.reduction == "none":
         if g.ndim == 0:
@@ -425,12 +440,12 @@ def cross_entropy(
     x2 = x.reshape(p.n, p.v)
     if not inplace_backward:
         x2 = xp.ascontiguousarray(x2)
-    valid = t != opts.ignore_index
     if kind.name in ("numpy", "host"):
         _check_targets_now(t, p.v, opts)
     else:
         _WATCH.poll()
-    call = _Call(kind, opts, p.batch_shape, None, None, None, t, valid)
+    call = _Call(kind, opts, p.batch_shape, None, None, None, t)
+    valid = call.valid
     ctx = contextlib.nullcontext() if xp is np else xp.cuda.Device(kind.device)
     with ctx:
         row_grad = None

@@ -285,7 +285,8 @@ def row_loss_grads(xp, opts: CCEOptions, valid, grad_loss):
     memory-budgeted path, on the device beside the lse) take it alone. Shaped like valid, or a
     scalar broadcast where valid is."""
     validf = valid.astype(xp.float32)
-    grad_loss = xp.asarray(grad_loss, dtype=xp.float32)
+    if not isinstance(grad_loss, np.float32):  # a host scalar needs no copy to the device
+        grad_loss = xp.asarray(grad_loss, dtype=xp.float32)
     if opts.reduction == "mean":
         g = validf * (grad_loss / xp.maximum(xp.sum(validf), 1.0))
     else:  # "sum" broadcasts a scalar; "none" is per row

@@ -6,6 +6,7 @@ JAX arrays and tracers, and `jax.ShapeDtypeStruct`. Each error names the argumen
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -134,7 +135,7 @@ def check_linear_ce_args(e: Any, c: Any, targets: Any, bias: Any = None, *, allo
     if d == 0:
         raise ValueError("e and c have D=0: the hidden dimension must be at least 1")
     batch = es[:-1]
-    return Problem(batch, int(np.prod(batch, dtype=np.int64)), d, v, edt, idt)
+    return Problem(batch, math.prod(batch), d, v, edt, idt)
 
 
 def check_cross_entropy_args(logits: Any, targets: Any, *, allow_float64: bool = False) -> Problem:
@@ -157,7 +158,7 @@ def check_cross_entropy_args(logits: Any, targets: Any, *, allow_float64: bool =
     if v == 0:
         raise ValueError("logits has V=0 columns: the vocabulary must have at least one class")
     batch = ls[:-1]
-    return Problem(batch, int(np.prod(batch, dtype=np.int64)), 0, v, ldt, idt)
+    return Problem(batch, math.prod(batch), 0, v, ldt, idt)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ current stream without a host sync.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -101,10 +102,15 @@ def budget_plan(
     the dC output only after the chunks (acc_apart), so a plan with an fp32 dC accumulator may hold,
     during the chunks, the accumulator and a scratch of up to budget + (dC output's bytes) -
     (accumulator's bytes); afterwards the accumulator alone (within the budget) beside the outputs."""
-    budget = opts.memory_budget
-    if budget == "lean" or n == 0 or v == 0:
+    if opts.memory_budget == "lean" or n == 0 or v == 0:
         return None
-    mode = budget_mode(dtype, opts, has_bias)
+    # budget_mode stays outside the cache: tests force the tile mode through it
+    return _plan(n, v, d, np.dtype(dtype), opts, budget_mode(dtype, opts, has_bias), dc_later)
+
+
+@functools.lru_cache(maxsize=64)  # a call's plan is usually its last call's; ~0.05 ms of host time before the forward
+def _plan(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, dc_later: bool) -> BudgetPlan | None:
+    budget = opts.memory_budget
     lds = _round_up(v, 8)
     offsets, nbytes = _layout(_buffers(mode, n, n, v, d, dtype, opts, False))
     if nbytes <= budget:
@@ -159,7 +165,9 @@ def launch_fused_budgeted(
 
     row_grad: fp32 (N,), each row's upstream loss gradient: coef_q of
     cce_cupy.options.row_coefficients, which does not depend on the lse (the kernels derive coef_p
-    from it and the lse, z-loss included). scratch: uint8, plan.nbytes. Gradients are written
+    from it and the lse, z-loss included); or a function that returns it, called once the first
+    chunk's forward is launched, so that the host forms it while the GPU runs the forward (on an
+    idle GPU, host time before the forward is GPU time). scratch: uint8, plan.nbytes. Gradients are written
     whole (not accumulated into): dE, dC and dbias in grad_dtype, but dc_out is the fp32 (V, D)
     accumulator itself with plan.acc_apart (the caller casts it). bad_target, tune: as launch_forward.
     """
@@ -180,19 +188,46 @@ def launch_fused_budgeted(
         dc_out[...] = dc_target
 
 
-def launch_target_logits(e, c, targets, bias, opts: CCEOptions, row_grad, shift_out, z_target_out) -> None:
+def launch_target_logits(
+    e, c, targets, bias, opts: CCEOptions, row_grad, shift_out, z_target_out, unsafe_out=None
+) -> None:
     """Each row's target logit y_t (softcapped, with bias) into shift_out and its logit before
-    softcap into z_target_out, by a gather-dot (lce_budget_shift); +inf in shift_out for a row
-    without gradient (row_grad 0) or with a target outside [0, V). All (N,) fp32 but e, c, targets."""
+    softcap into z_target_out, by a gather-dot (lce_budget_shift); +inf in shift_out for a row with
+    target ignore_index or outside [0, V), or, where row_grad is given, without gradient (row_grad
+    0). unsafe_out (int32, optional): zeroed (the ROW forward's start value). All (N,) fp32 but e,
+    c, targets and unsafe_out."""
     n, d = e.shape
     v = c.shape[0]
     flags = (bias is not None, opts.softcap is not None, targets.dtype)
     get_kernel("lce_budget.cu", template_name("lce_budget_shift", e.dtype, *flags))(
         (_cdiv(n, 8),),
         (256,),
-        (e, c, _ptr(bias), targets, row_grad, shift_out, z_target_out, np.int32(n), np.int32(v), np.int32(d),
-         np.float32(opts.softcap or 0.0)),
+        (e, c, _ptr(bias), targets, _ptr(row_grad), np.int64(opts.ignore_index), shift_out, z_target_out,
+         _ptr(unsafe_out), np.int32(n), np.int32(v), np.int32(d), np.float32(opts.softcap or 0.0)),
     )  # fmt: skip
+
+
+def _made(row_grad):
+    """launch_fused_budgeted's row_grad: the array, made now where a function was given."""
+    return row_grad() if callable(row_grad) else row_grad
+
+
+def _smoothing_terms(e, c, opts, row_grad, dc, buf):
+    """Label smoothing's rank-1 terms of the row mode: colsum = sum_j C_j (returned, (1, D) fp32,
+    for dE), and dC set to -(ls / V) w, w = sum_i coef_q_i E_i, for its GEMMs to accumulate onto."""
+    n, d = e.shape
+    v = c.shape[0]
+    ones = buf("ones", e.dtype, (1, v))
+    ones.fill(1)
+    colsum = buf("colsum", np.float32, (1, d))
+    _gemm_rowmajor(ones, c, colsum, trans_a=False, accumulate=False)
+    rg_t = buf("rg_t", e.dtype, (1, n))
+    rg_t[0] = row_grad
+    w = buf("w", np.float32, (1, d))
+    _gemm_rowmajor(rg_t, e, w, trans_a=False, accumulate=False)
+    fill = get_kernel("lce_budget.cu", template_name("lce_budget_dc_fill", dc.dtype))
+    fill((_ELEMENTWISE_BLOCKS,), (256,), (dc, w, np.float32(opts.label_smoothing / v), np.int32(v), np.int32(d)))
+    return colsum
 
 
 def _chunks(n: int, plan: BudgetPlan):
@@ -216,6 +251,7 @@ def _tile_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbia
         launch_forward(
             e_chunk, c, targets[r0:r1], bias, opts, lse[r0:r1], tgt[r0:r1], fwd_scratch, bad_target, tune, store
         )
+        row_grad = _made(row_grad)
         grad_pass(
             (min(rows, _MAX_GRID),),
             (256,),
@@ -256,32 +292,19 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
     f32 = np.float32
     has_bias, softcap = bias is not None, opts.softcap is not None
     fwd_scratch = buf("forward", np.uint8, (-1,))
-    smooth_q = f32(opts.label_smoothing / v)
     colsum = None
-    if opts.label_smoothing:
-        # The smoothing terms are rank-1: colsum = sum_j C_j for dE, and dC starts at -(ls / V) w,
-        # w = sum_i coef_q_i E_i, for its GEMMs to accumulate onto.
-        ones = buf("ones", e.dtype, (1, v))
-        ones.fill(1)
-        colsum = buf("colsum", f32, (1, d))
-        _gemm_rowmajor(ones, c, colsum, trans_a=False, accumulate=False)
-        rg_t = buf("rg_t", e.dtype, (1, n))
-        rg_t[0] = row_grad
-        w = buf("w", f32, (1, d))
-        _gemm_rowmajor(rg_t, e, w, trans_a=False, accumulate=False)
-        fill = get_kernel("lce_budget.cu", template_name("lce_budget_dc_fill", dc.dtype))
-        fill((_ELEMENTWISE_BLOCKS,), (256,), (dc, w, smooth_q, np.int32(v), np.int32(d)))
     for r0, r1 in _chunks(n, plan):
         rows = r1 - r0
         whole = rows == n  # one chunk (the usual case): no views of the row ranges to make
-        e_chunk, t_chunk, rg_chunk, lse_chunk = (x if whole else x[r0:r1] for x in (e, targets, row_grad, lse))
+        e_chunk, t_chunk, lse_chunk = (x if whole else x[r0:r1] for x in (e, targets, lse))
         # Only what the forward needs comes before it: on an idle GPU, host time spent here is GPU time.
         s = buf("s", e.dtype, (plan.rows, plan.lds))[:rows]
         shift, z_target, unsafe = (
             buf(k, dt, (plan.rows,))[:rows] for k, dt in (("shift", f32), ("z_target", f32), ("unsafe", np.int32))
         )
-        unsafe.fill(0)
-        launch_target_logits(e_chunk, c, t_chunk, bias, opts, rg_chunk, shift, z_target)
+        # A row_grad still to be made is not waited for: rows without gradient then keep their s (cost only).
+        known = None if callable(row_grad) else row_grad if whole else row_grad[r0:r1]
+        launch_target_logits(e_chunk, c, t_chunk, bias, opts, known, shift, z_target, unsafe)
         store = KeptSoftmax(SoftmaxStore.ROW, s, row_shift=shift, unsafe=unsafe)
         launch_forward(
             e_chunk,
@@ -296,6 +319,11 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
             tune,
             store,
         )
+        if r0 == 0:
+            row_grad = _made(row_grad)
+            if opts.label_smoothing:
+                colsum = _smoothing_terms(e, c, opts, row_grad, dc, buf)
+        rg_chunk = row_grad if whole else row_grad[r0:r1]
         a_f = buf("a_f", f32, (plan.rows,))[:rows]
         a_t = buf("a_t", e.dtype, (plan.rows, 1))[:rows]
         de_chunk = de if whole else de[r0:r1]
@@ -358,7 +386,7 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
         de_kernel(  # in place where x is dE (each element read, then written, by one thread)
             (_ELEMENTWISE_BLOCKS,),
             (256,),
-            (x, a_f, rg_chunk, _ptr(colsum), smooth_q, de_chunk, np.int32(rows), np.int32(d)),
+            (x, a_f, rg_chunk, _ptr(colsum), f32(opts.label_smoothing / v), de_chunk, np.int32(rows), np.int32(d)),
         )
 
 

@@ -115,19 +115,24 @@ __global__ void __launch_bounds__(B_THREADS)
 
 // lce_budget_shift<T, HAS_BIAS, SOFTCAP, TI>
 //   Before the forward: each row's shift c_i = y_{i,t_i} (its target logit, by a gather-dot in
-//   fp32) and z_t (the target's logit before softcap, for softcap'), or c_i = +inf for a row
-//   without gradient (row_grad 0: ignored) or with a target outside [0, V) (the forward then
-//   stores 0 for it). Grid: ceil(rows / 8) blocks of 256 threads: one warp a row.
+//   fp32) and z_t (the target's logit before softcap, for softcap'), or c_i = +inf for an ignored
+//   row (target ignore_index), a row with a target outside [0, V), or, where row_grad is given, a
+//   row without gradient (row_grad 0); the forward then stores 0 for it. unsafe (may be null): set
+//   to 0 for every row, the forward's start value (one launch fewer before it). The budgeted path
+//   passes no row_grad, so that its forward need not wait for the host to form it; a row with a
+//   target but no gradient then keeps its s, which its zero factor a_i removes from the GEMMs.
+//   Grid: ceil(rows / 8) blocks of 256 threads: one warp a row.
 template <typename T, bool HAS_BIAS, bool SOFTCAP, typename TI>
 __global__ void lce_budget_shift(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
                                  const TI* __restrict__ targets, const float* __restrict__ row_grad,
-                                 float* __restrict__ shift, float* __restrict__ z_target, int rows, int V, int D,
-                                 float softcap) {
+                                 long long ignore_index, float* __restrict__ shift, float* __restrict__ z_target,
+                                 int* __restrict__ unsafe, int rows, int V, int D, float softcap) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (row >= rows) return;
+    if (unsafe != nullptr && lane == 0) unsafe[row] = 0;
     const long long t = (long long)targets[row];
-    if (row_grad[row] == 0.f || t < 0 || t >= V) {
+    if (t == ignore_index || t < 0 || t >= V || (row_grad != nullptr && row_grad[row] == 0.f)) {
         if (lane == 0) shift[row] = INFINITY;
         return;
     }

@@ -76,9 +76,9 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // trailing immediates (scale-a, scale-b, and for 16-bit types the two no-transpose flags).
 // fp32 inputs (the forward with allow_tf32) run TF32: K = 8 per instruction (32 bytes, like k16 of
 // 16-bit types), products of the inputs' top 10 mantissa bits, fp32 accumulation.
-template <typename T> struct Wgmma;
+template <typename T, int NV> struct Wgmma;
 #define WGMMA_M64N256(T, INSTR, IMMEDIATES)                                                               \
-    template <> struct Wgmma<T> {                                                                         \
+    template <> struct Wgmma<T, 128> {                                                                    \
         static __device__ __forceinline__ void run(float (&d)[128], unsigned long long da,                \
                                                    unsigned long long db, int accumulate) {                \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" INSTR " " WG_D128                   \
@@ -93,16 +93,16 @@ WGMMA_M64N256(float, "wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32", "1,
 #undef WGMMA_M64N256
 
 // The same for one 128-column half of the tile (the split schedule of hopper_tiles_ws): d is 64 x 128,
-// acc layout as above with j < 16. 16-bit types only (its one user, STORE ROW, is bf16).
+// acc layout as above with j < 16. 16-bit types only (its one user, STORE ROW, is bf16). NV: the
+// accumulator's values a thread (128 or 64).
 #define WG_F64 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24), WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
 #define WG_D64                                                                                   \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"                       \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"               \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"               \
     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-template <typename T> struct WgmmaHalf;
 #define WGMMA_M64N128(T, INSTR)                                                                          \
-    template <> struct WgmmaHalf<T> {                                                                    \
+    template <> struct Wgmma<T, 64> {                                                                    \
         static __device__ __forceinline__ void run(float (&d)[64], unsigned long long da,                \
                                                    unsigned long long db, int accumulate) {               \
             asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" INSTR " " WG_D64                    \
@@ -132,28 +132,18 @@ __device__ __forceinline__ char* align_1024(char* p) {
     return reinterpret_cast<char*>((reinterpret_cast<size_t>(p) + 1023) & ~size_t(1023));
 }
 
-// The 4 MMAs of k-block `it` for consumer warpgroup `cwg` (0 or 1).
-template <typename T>
-__device__ __forceinline__ void hopper_mma_stage(float (&acc)[128], unsigned smem_base, int it, int kt, int cwg) {
-    const unsigned sA = smem_base + (it % H_STAGES) * H_STAGE_BYTES + cwg * (64 * H_ROW_BYTES);
-    const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES;
+// The 4 MMAs of k-block `it` for consumer warpgroup `cwg` (0 or 1) into acc: the whole 256-column
+// tile (NV = 128), or one 128-column half of it (NV = 64): B's rows [b_row0, + 128) of the stage, at
+// a multiple of the swizzle's 1024-byte period (b_row0 = 0 or 128).
+template <typename T, int NV>
+__device__ __forceinline__ void hopper_mma(float (&acc)[NV], unsigned smem_base, int it, int kt, int cwg, int b_row0 = 0) {
+    const unsigned stage = smem_base + (it % H_STAGES) * H_STAGE_BYTES;
+    const unsigned sA = stage + cwg * (64 * H_ROW_BYTES);
+    const unsigned sB = stage + H_A_BYTES + b_row0 * H_ROW_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < H_ROW_BYTES / 32; ++ks)  // 32 bytes of K per MMA: k16 (16-bit), k8 (tf32)
-        Wgmma<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
-    wgmma_commit();
-}
-
-// The 4 MMAs of k-block `it` into one 128-column half (0 or 1) of the tile: B's rows [128 half, + 128)
-// of the stage, 16 KiB on (a multiple of the swizzle's 1024-byte period).
-template <typename T>
-__device__ __forceinline__ void hopper_mma_half(float (&acc)[64], unsigned smem_base, int it, int kt, int cwg, int half) {
-    const unsigned sA = smem_base + (it % H_STAGES) * H_STAGE_BYTES + cwg * (64 * H_ROW_BYTES);
-    const unsigned sB = smem_base + (it % H_STAGES) * H_STAGE_BYTES + H_A_BYTES + half * (128 * H_ROW_BYTES);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < H_ROW_BYTES / 32; ++ks)
-        WgmmaHalf<T>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
+        Wgmma<T, NV>::run(acc, wgmma_desc(sA + ks * 32), wgmma_desc(sB + ks * 32), (kt != 0) || (ks != 0));
     wgmma_commit();
 }
 
@@ -237,7 +227,7 @@ __device__ __forceinline__ void hopper_consume_tiles(const HopperTiles& g, unsig
     for (int tile = 0, it = 0; tile < g.ntiles; ++tile) {
         for (int kt = 0; kt < g.KT; ++kt, ++it) {
             mbar_wait(&full[it % H_STAGES], (it / H_STAGES) & 1);
-            hopper_mma_stage<T>(acc, smem_base, it, kt, cwg);
+            hopper_mma<T>(acc, smem_base, it, kt, cwg);
             wgmma_wait<1>();  // k-block it - 1 is done: its stage can be refilled
             if (unreleased >= 0) release(unreleased);
             unreleased = it;
@@ -277,22 +267,22 @@ __device__ __forceinline__ void hopper_consume_halves(const HopperTiles& g, unsi
 #pragma unroll
         for (int kt = 0; kt < LEAD; ++kt) {
             wait_full(tile * g.KT + kt);
-            hopper_mma_half<T>(lo, smem_base, tile * g.KT + kt, kt, cwg, 0);
+            hopper_mma<T>(lo, smem_base, tile * g.KT + kt, kt, cwg);
         }
     };
     auto run_tile = [&](int tile, auto has_next) {
         const int base = tile * g.KT, n0 = n_begin + tile * H_BN;
 #pragma unroll
         for (int kt = 0; kt < LEAD; ++kt) {
-            hopper_mma_half<T>(hi, smem_base, base + kt, kt, cwg, 1);
+            hopper_mma<T>(hi, smem_base, base + kt, kt, cwg, H_BN / 2);
             wgmma_wait<1>();  // hi(kt - 1) is done
             if (kt > 0) release(base + kt - 1);
         }
         int unreleased = base + LEAD - 1;  // the k-block whose high half may still be reading its stage
         for (int kt = LEAD; kt < g.KT - LEAD; ++kt) {
             wait_full(base + kt);
-            hopper_mma_half<T>(lo, smem_base, base + kt, kt, cwg, 0);
-            hopper_mma_half<T>(hi, smem_base, base + kt, kt, cwg, 1);
+            hopper_mma<T>(lo, smem_base, base + kt, kt, cwg);
+            hopper_mma<T>(hi, smem_base, base + kt, kt, cwg, H_BN / 2);
             wgmma_wait<2>();  // hi(kt - 1) is done
             release(unreleased);
             unreleased = base + kt;
@@ -300,10 +290,10 @@ __device__ __forceinline__ void hopper_consume_halves(const HopperTiles& g, unsi
 #pragma unroll
         for (int i = 0; i < LEAD; ++i) {
             wait_full(base + g.KT - LEAD + i);
-            hopper_mma_half<T>(lo, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg, 0);
+            hopper_mma<T>(lo, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg);
         }
 #pragma unroll
-        for (int i = 0; i < LEAD; ++i) hopper_mma_half<T>(hi, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg, 1);
+        for (int i = 0; i < LEAD; ++i) hopper_mma<T>(hi, smem_base, base + g.KT - LEAD + i, g.KT - LEAD + i, cwg, H_BN / 2);
         wgmma_wait<LEAD>();  // all but the tail's high halves: lo is final
         release(unreleased);
         epi(n0, lo);
@@ -520,17 +510,19 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
                 acc[4 * j + q] = y;
                 tmax[q >> 1] = fmaxf(tmax[q >> 1], y);
             }
-        if (STORE == SoftmaxStore::TILE) {
+        if constexpr (STORE == SoftmaxStore::TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
-        if (STORE == SoftmaxStore::ROW && shifted) {
+        if constexpr (STORE == SoftmaxStore::ROW) {
+            if (shifted) {
 #pragma unroll
-            for (int half = 0; half < NV / 64; ++half) {
-                shifted_exps<true>(half, acc);
-                stage_half(n0, half, acc);
+                for (int half = 0; half < NV / 64; ++half) {
+                    shifted_exps<true>(half, acc);
+                    stage_half(n0, half, acc);
+                }
+                return;
             }
-            return;
         }
         raise_max(tmax);
 #pragma unroll
@@ -578,18 +570,20 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             tmax[(i >> 1) & 1] = fmaxf(tmax[(i >> 1) & 1], acc[i]);
             if (SMOOTH) run_y[(i >> 1) & 1] += acc[i];
         }
-        if (STORE == SoftmaxStore::TILE) {
+        if constexpr (STORE == SoftmaxStore::TILE) {
             fold_and_store(n0, tmax, acc);
             return;
         }
         raise_max(tmax);
         // LISTS: once every row of the warp has overflowed its list (long-tailed rows do within the
         // first few tiles), the rows go to the exact path, and the tile costs what STORE NONE's does.
-        if (STORE == SoftmaxStore::LISTS && !__all_sync(0xffffffffu, overflowed[0] && overflowed[1])) {
-            tile_exps<true>(acc);
-            append_candidates(n0, acc);
-            fetch_counts();
-            return;
+        if constexpr (STORE == SoftmaxStore::LISTS) {
+            if (!__all_sync(0xffffffffu, overflowed[0] && overflowed[1])) {
+                tile_exps<true>(acc);
+                append_candidates(n0, acc);
+                fetch_counts();
+                return;
+            }
         }
         tile_exps<false>(acc);
         if (STORE == SoftmaxStore::ROW) store_row_shifted(n0, acc);
@@ -657,12 +651,12 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // LISTS, after the tile's exps: its candidates (acc holds the logits y) join their rows' lists.
     // Candidates are rare on the rows the filter can certify (a few a row); a row with many
     // overflows its list, and the exact path takes it.
-    template <int NV> __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[NV]) {
+    __device__ __forceinline__ void append_candidates(int n0, const float (&acc)[128]) {
         if (!any_candidate) return;
         any_candidate = false;
         if (overflowed[0] && overflowed[1]) return;  // long-tailed rows: every tile has candidates
 #pragma unroll
-        for (int i = 0; i < NV; ++i)
+        for (int i = 0; i < 128; ++i)
             if (acc[i] >= thr[(i >> 1) & 1]) append(n0, i, acc[i]);
     }
 
@@ -698,7 +692,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     // tile's largest: against a running max, every tile after a peaked row's target would hold
     // subnormals (absolute error 3e-8 each, ~1e-2 of a peaked row's gradient over 256k columns).
     // The tile's sum then joins the running one like a split's partial in the finish kernel.
-    template <int NV> __device__ __forceinline__ void fold_and_store(int n0, float (&tmax)[2], float (&acc)[NV]) {
+    __device__ __forceinline__ void fold_and_store(int n0, float (&tmax)[2], float (&acc)[128]) {
         float tsum[2] = {0.f, 0.f}, mb[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -707,7 +701,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             mb[h] = (tmax[h] == -INFINITY) ? 0.f : tmax[h] * H_LOG2E;  // a masked y = -inf then gives 0
         }
 #pragma unroll
-        for (int i = 0; i < NV; ++i) {
+        for (int i = 0; i < 128; ++i) {
             const float ex = fast_exp2(fmaf(acc[i], H_LOG2E, -mb[(i >> 1) & 1]));
             tsum[(i >> 1) & 1] += ex;
             acc[i] = ex;
@@ -779,8 +773,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     }
 
     // TILE: acc * k[h] of rows h = 0, 1 to s, as ST.
-    template <typename ST, int NV>
-    __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[NV]) {
+    template <typename ST> __device__ __forceinline__ void store_tile(int n0, const float (&k)[2], const float (&acc)[128]) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + hopper_row0() + 8 * h;
@@ -788,7 +781,7 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
             if (row >= N) continue;
             ST* srow = reinterpret_cast<ST*>(s_out) + (i64)row * lds;
 #pragma unroll
-            for (int a = 0; a < NV / 16; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
+            for (int a = 0; a < 8; ++a) {  // 32 columns: groups j = 4 a .. 4 a + 3
                 unsigned w[4];
 #pragma unroll
                 for (int jj = 0; jj < 4; ++jj)
