@@ -39,7 +39,7 @@ from cce_cupy.options import CCEOptions
 
 # The kernel's tmap_s where it is unused (STORE other than ROW): 128 zero bytes.
 _NO_TMA_MAP = np.zeros(1, dtype=np.dtype((np.void, 128)))
-HOPPER_STAGING_ROWS = 64  # a consumer warpgroup's rows: the TMA box of tmap_s is 64 x 64
+HOPPER_STAGING_ROWS = 16  # a consumer warp's rows: the TMA box of tmap_s is 16 x 64
 
 
 class KeptSoftmax(NamedTuple):
@@ -99,7 +99,7 @@ def launch_forward(
     softcap = np.float32(opts.softcap or 0.0)
 
     if hopper:
-        # ROW writes s through TMA: a map of its first V columns (no store past them), 64 x 64 boxes.
+        # ROW writes s through TMA: a map of its first V columns (no store past them), 16 x 64 boxes.
         s_map = tma_desc(st.s[:, :v], HOPPER_STAGING_ROWS) if st.mode == SoftmaxStore.ROW else _NO_TMA_MAP
 
         def run_partials(cluster: int) -> None:

@@ -50,7 +50,7 @@ HOPPER_STAGES = 4  # H_STAGES
 # aligned, the swizzle needs 1024 (H_SMEM_BYTES).
 HOPPER_SMEM_BYTES = HOPPER_STAGES * (HOPPER_TILE_M + HOPPER_TILE_N) * HOPPER_ROW_BYTES + 1024
 # The forward with SoftmaxStore.ROW also stages its stores in shared memory for TMA (H_STAGING_BYTES):
-# per consumer warpgroup, two 64-row x 128-byte boxes (half of its 64 x 256 tile, in bf16). What is
+# per consumer warpgroup, half of its 64 x 256 tile in bf16: each warp's two 16-row x 128-byte boxes. What is
 # left of the 227 KiB a block may have beside the 4 stages.
 HOPPER_STAGING_BYTES = 2 * 2 * 64 * HOPPER_ROW_BYTES
 HOPPER_DTYPES = ("float16", "bfloat16")  # and float32 for the forward with allow_tf32 (TF32 MMA)

@@ -435,7 +435,7 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, fl
 //       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i). The tile's
 //       sum joins the running one as a split's partial would (see fold_and_store).
 //     ROW (T = bf16 s, read by the GEMMs themselves; written through tmap_s, a TMA map of s's
-//       first V columns with 64 x 64 boxes): with c = row_shift[row] (the target logit; +inf for a
+//       first V columns with 16 x 64 boxes): with c = row_shift[row] (the target logit; +inf for a
 //       row without gradient, which then stores 0),
 //       s[row * lds + col] = exp(y - c) * softcap'(z)   (softcap' = 1 without SOFTCAP),
 //       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). The partials of a warp whose rows all have
@@ -744,30 +744,34 @@ template <bool HAS_BIAS, bool SOFTCAP, bool SMOOTH, SoftmaxStore STORE, typename
     }
 
     // ROW: acc's values of columns [n0 + 128 half, + 128) of this warpgroup's 64 rows, as T, to s
-    // through shared memory and two TMA stores, which drain while the next tile's MMAs run (a
-    // direct store from registers stalled the tensor cores: +1 ms at gemma2). The staging buffer is
-    // two 64-row boxes of 64 columns (128-byte rows, swizzled as TMA expects, chunk c of row r at
-    // r * 128 + ((c ^ (r % 8)) * 16)), written with stmatrix straight from the accumulator layout:
-    // x4 covers the rows' two 8-row halves (h) of two 8-column groups. Rows >= N and columns >= V
-    // are clipped by the TMA map (s's shape); tiles never straddle a split (v_per_split % 256 == 0).
+    // through shared memory and TMA stores, which drain while the next tile's MMAs run (a direct
+    // store from registers stalled the tensor cores: +1 ms at gemma2). Each warp stages and stores
+    // its own 16 rows, so that only __syncwarp orders them (the warpgroup's named barriers, before,
+    // cost 0.5-1% of the forward: dev/row_variants.py). A warp's staging is two 16-row boxes of 64
+    // columns (128-byte rows, swizzled as TMA expects, chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16);
+    // each box 2 KiB, so r % 8 is the row's swizzle phase), written with stmatrix straight from the
+    // accumulator layout: x4 covers the rows' two 8-row halves (h) of two 8-column groups. Rows >= N
+    // and columns >= V are clipped by the TMA map (s's shape); tiles never straddle a split
+    // (v_per_split % 256 == 0).
     template <int NV> __device__ __forceinline__ void stage_half(int n0, int half, const float (&acc)[NV]) {
-        const int wg = consumer_tid() >> 7, wtid = consumer_tid() & 127, lane = threadIdx.x & 31;
-        if (wtid == 0) bulk_wait_read_all();  // the buffer's previous stores have read it
-        named_barrier(2 + wg, 128);
-        const int k = lane >> 3, r = 16 * (wtid >> 5) + 8 * (k & 1) + (lane & 7);  // matrix k's row r
+        const int wg = consumer_tid() >> 7, warp = (consumer_tid() >> 5) & 3, lane = threadIdx.x & 31;
+        const unsigned box = staging + warp * (2 * 16 * H_ROW_BYTES);  // this warp's two boxes
+        if (lane == 0) bulk_wait_read_all();  // the warp's previous stores have read them
+        __syncwarp();
+        const int k = lane >> 3, r = 8 * (k & 1) + (lane & 7);  // matrix k's row r of the warp's 16
 #pragma unroll
         for (int jj = 0; jj < 16; jj += 2) {
             const int j = 16 * half + jj, jl = jj + (k >> 1);  // jl: this lane's 8-column group in the half
-            const unsigned addr = staging + (jl >> 3) * (64 * H_ROW_BYTES) + r * H_ROW_BYTES + (((jl & 7) ^ (r & 7)) << 4);
+            const unsigned addr = box + (jl >> 3) * (16 * H_ROW_BYTES) + r * H_ROW_BYTES + (((jl & 7) ^ (r & 7)) << 4);
             stmatrix_x4(addr, pack_pair<T>(acc[4 * j], acc[4 * j + 1]), pack_pair<T>(acc[4 * j + 2], acc[4 * j + 3]),
                         pack_pair<T>(acc[4 * j + 4], acc[4 * j + 5]), pack_pair<T>(acc[4 * j + 6], acc[4 * j + 7]));
         }
-        fence_proxy_async_smem();
-        named_barrier(2 + wg, 128);
-        if (wtid == 0) {
-            const int row0 = m0 + 64 * wg, col0 = n0 + 128 * half;
-            tma_store_2d(tmap_s, col0, row0, staging);
-            tma_store_2d(tmap_s, col0 + 64, row0, staging + 64 * H_ROW_BYTES);
+        fence_proxy_async_smem();  // the stores' async proxy sees this warp's writes
+        __syncwarp();
+        if (lane == 0) {
+            const int row0 = m0 + 64 * wg + 16 * warp, col0 = n0 + 128 * half;
+            tma_store_2d(tmap_s, col0, row0, box);
+            tma_store_2d(tmap_s, col0 + 64, row0, box + 16 * H_ROW_BYTES);
             bulk_commit();
         }
     }
@@ -844,7 +848,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(H_THREADS, 1)
     }
     hopper_tiles_ws<CLUSTER, T>(&tmap_e, &tmap_c, 0, D, m0, v_begin, v_end, smem, epi);
     if (!is_consumer()) return;
-    if (STORE == SoftmaxStore::ROW && (consumer_tid() & 127) == 0) bulk_wait_all();  // before the block's smem goes
+    if (STORE == SoftmaxStore::ROW && (consumer_tid() & 31) == 0) bulk_wait_all();  // before the block's smem goes
     // Combine the four threads (lanes 4k .. 4k+3) that share each row.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
