@@ -175,6 +175,32 @@ def test_budget_accuracy_against_lean(data, mode):
         assert e_ours <= 1.5 * e_lean, f"{name}: budgeted {e_ours:.3e} > 1.5 x lean {e_lean:.3e}"
 
 
+@pytest.mark.parametrize("grad_loss", ["one", "zero", "per_row_with_zeros"])
+def test_budget_row_grad_made_after_forward(grad_loss, mode):
+    """The API launches the forward before it makes row_grad (launch_fused_budgeted takes a function
+    for it, for a scalar grad_loss): the target-logit kernel then tells ignored rows by ignore_index
+    alone (here a class inside [0, V), so not by its range), and rows with a target but no gradient
+    (grad_loss 0) keep their s, which their zero factor removes from the GEMMs. A per-row grad_loss
+    is made first, and its zeros skip their rows' s."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 300, 64, 1000
+    e, c, t, _ = make_problem(n, d, v, "bfloat16", peaked=True, ignore_index=3, seed=13)
+    assert (t == 3).any() and (t >= 0).all()  # every target in range: ignored rows only by their value
+    per_row = grad_loss == "per_row_with_zeros"
+    o = CCEOptions(memory_budget=BIG, ignore_index=3, reduction="none" if per_row else "mean")
+    g = np.where(np.arange(n) % 3 == 0, 0.0, 1.0).astype(np.float32) if per_row else float(grad_loss == "one")
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    out = cce.linear_cross_entropy_with_grad(ge, gc, gt, grad_loss=cp.asarray(g) if per_row else g, options=o)
+    truth = dense_reference(e, c, t, None, o, grad_loss=g)
+    assert_rel_close(out[0], truth["loss"], 1e-5, "loss")
+    for name, ours in zip(("de", "dc"), out[1:]):
+        if grad_loss == "zero":
+            assert not bool(cp.any(ours.astype(cp.float32) != 0)), f"{name} is not all zero"
+        else:
+            assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
+
+
 def test_budget_dispatch(monkeypatch):
     """A budget that fits runs the budgeted launcher and not the recompute backward; a budget below
     one chunk, fp32 inputs, and 'lean' run the recompute backward."""
