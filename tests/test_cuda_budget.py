@@ -116,6 +116,8 @@ def test_budget_holds_its_budget(grad_dtype_opt):
     """Beyond its inputs and the outputs it returns, a budgeted call holds at most the budget (and
     O(N) per-row terms), counted by a hook on CuPy's pool: with several chunks, the fp32 dC
     accumulator apart and the dC output made after them."""
+    from benchmarks.providers.measure import CupyPeak
+
     cp = _cp()
     _skip_unless_hopper(cp)
     n, d, v = 4096, 64, 3000
@@ -127,29 +129,15 @@ def test_budget_holds_its_budget(grad_dtype_opt):
     plan = cuda_budget.budget_plan(n, v, d, ge.dtype, o, dc_later=True)
     assert plan is not None and plan.rows < n and plan.acc_apart == (grad_dtype_opt is None), plan
 
-    class Peak(cp.cuda.MemoryHook):
-        name = "budget_peak"
-
-        def __init__(self):
-            self.cur = self.peak = 0
-
-        def malloc_postprocess(self, **kw):
-            self.cur += int(kw["mem_size"])
-            self.peak = max(self.peak, self.cur)
-
-        def free_postprocess(self, **kw):
-            self.cur -= int(kw["mem_size"])
-
     cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o)  # kernels loaded, tuning done
     cp.cuda.Device().synchronize()
-    hook = Peak()
-    with hook:
+    with CupyPeak() as pool:
         out = cce.linear_cross_entropy_with_grad(ge, gc, gt, options=o)
         cp.cuda.Device().synchronize()
-    kept = hook.cur  # what the call returned (and the pool still hands out for it)
+    kept = pool.hook.cur  # what the call returned (and the pool still hands out for it)
     assert kept >= sum(x.nbytes for x in out)
     per_row = 64 * n  # the loss terms, row gradients, masks: a few fp32 / bool values a row
-    assert hook.peak - kept <= o.memory_budget + per_row, (hook.peak - kept, o.memory_budget)
+    assert pool.peak - kept <= o.memory_budget + per_row, (pool.peak - kept, o.memory_budget)
     truth = dense_reference(e, c, t, None, o)
     for name, ours in zip(("de", "dc"), out[1:]):
         assert_rel_close(ours, truth[name], TOL["bfloat16"], name)
