@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import random
 import statistics
 
 import ml_dtypes
@@ -65,7 +64,7 @@ def build(out: pathlib.Path) -> None:
 def time_variants(cubins: pathlib.Path, rounds: int, shapes: list[str]) -> None:
     import cupy as cp
 
-    from benchmarks.dev.budget_timing import make_inputs
+    from benchmarks.dev.budget_timing import make_inputs, shuffled_rounds
     from cce_cupy.cuda import autotune, loader
     from cce_cupy.cuda.budget import launch_target_logits
     from cce_cupy.cuda.device import gpu_name
@@ -124,20 +123,7 @@ def time_variants(cubins: pathlib.Path, rounds: int, shapes: list[str]) -> None:
         same = all(bool((a == b).all()) for a, b in zip(kept["row_base"], kept["prebuilt_row"]))
         print(json.dumps({"shape": shape, "base_same_s_and_lse_as_prebuilt": same}), flush=True)
         del kept
-        times = {k: [] for k in runs}
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        for k in runs:  # warm-up
-            runs[k]()
-        for _ in range(rounds):
-            order = list(runs)
-            random.shuffle(order)
-            for k in order:
-                cp.cuda.Device().synchronize()
-                start.record()
-                runs[k]()
-                end.record()
-                end.synchronize()
-                times[k].append(cp.cuda.get_elapsed_time(start, end))
+        times = shuffled_rounds(runs, rounds)
         ref = statistics.median(times["cublas"])
         for k, ts in times.items():
             ms = statistics.median(ts)
