@@ -327,7 +327,8 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
     """ours and its cuBLAS floor timed in alternating rounds, one call of each a round (the order
     flipped every round): clock and temperature drift over a run of minutes then hits both alike,
     where the main table times the floor minutes before ours. fwd against E @ Cᵀ, fwd_bwd against
-    the four GEMMs, fwd_bwd_budget (ours with memory_budget=BUDGET_BYTES) and fwd_bwd_filter (ours
+    the four GEMMs, fwd_bwd_budget (ours with memory_budget=BUDGET_BYTES; fwd_bwd_budget_logits:
+    the bf16 logits' bytes, torch.compile's extra memory) and fwd_bwd_filter (ours
     with filter_eps="auto") against the three GEMMs (gemm_bwd_sum), and filter_vs_exact: the
     filtered call's "floor" is our exact call (issue 14: at most 1.05x where rows do not certify):
     filter_vs_exact as a training loop sees it (after a call that certified under half its rows,
@@ -335,18 +336,22 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
     is the median of the per-round ratios."""
     cub, ours = P.make_provider("cublas", p), P.make_provider("ours", p)
     budgeted, filtered = P.make_provider("ours_budget", p), P.make_provider("ours_filter", p)
+    tight = P.make_provider("ours_budget_logits", p)
     timer = P.Timer("cupy")
     out = []
     try:
         cub.setup()
         ours.setup()
         budgeted.setup()
+        tight.setup()
         filtered.setup()
         cases = {
             "fwd": (cub._fwd, ours.fwd),
             "fwd_bwd": (lambda: (cub._fwd(), cub._bwd()), ours.fwd_bwd),
             # the memory-budgeted path against the three GEMMs of a loss that keeps its logits
             "fwd_bwd_budget": (cub._bwd, budgeted.fwd_bwd),
+            # ... with a budget of the bf16 logits' bytes (torch.compile's extra memory)
+            "fwd_bwd_budget_logits": (cub._bwd, tight.fwd_bwd),
             "fwd_bwd_filter": (cub._bwd, filtered.fwd_bwd),
             "filter_vs_exact": (ours.fwd_bwd, filtered.fwd_bwd),
             # every filtered call runs the filter (no history: cce_cupy.cuda.filter_history)
@@ -382,7 +387,7 @@ def paired_rounds(p: P.Problem, rounds: int) -> list[dict]:
     except Exception as ex:  # noqa: BLE001 - the main table stands without it
         log(f"  paired rounds FAILED: {type(ex).__name__}: {ex}")
     finally:
-        for prov in (cub, ours, budgeted, filtered):
+        for prov in (cub, ours, budgeted, tight, filtered):
             try:
                 prov.teardown()
             except Exception:  # noqa: BLE001

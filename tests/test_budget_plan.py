@@ -30,7 +30,7 @@ def test_plan_fits_the_budget(shape, dtype, mib, grad):
     assert plan.dc_acc == (plan.rows < n and grad is None)
     ends = [off + size for _, (off, size) in plan.offsets]
     assert max(ends) <= plan.nbytes
-    starts = sorted(plan.offsets, key=lambda x: x[1][0])
+    starts = sorted((x for x in plan.offsets if x[1][1]), key=lambda x: x[1][0])  # empty ones take no room
     for (_, (o1, s1)), (_, (o2, _)) in zip(starts, starts[1:]):
         assert o1 + s1 <= o2 and o2 % 256 == 0  # disjoint, aligned
     assert plan.lds % 8 == 0 and plan.lds >= v
@@ -95,3 +95,62 @@ def test_dc_made_later_fits_gemma2_in_quacks_memory():
     o = CCEOptions(memory_budget=3207 << 20)
     assert budget.budget_plan(n, v, d, BF16, o).rows == 1792
     assert budget.budget_plan(n, v, d, BF16, o, dc_later=True).rows >= n // 2
+
+
+def _in_dc_checks(plan, n, v, d, itemsize=2):
+    """Buffers in the dC output's bytes: disjoint, aligned, inside them, none also in the scratch;
+    with dc_split, all above the rows of the first dC GEMM, which reads s's first D columns."""
+    dc_nbytes = v * d * itemsize
+    spans = sorted(off for _, off in plan.in_dc)
+    for (o1, s1), (o2, _) in zip(spans, spans[1:]):
+        assert o1 + s1 <= o2 and o2 % 256 == 0
+    assert all(off + size <= dc_nbytes for off, size in spans)
+    assert not {k for k, _ in plan.in_dc} & {k for k, (_, size) in plan.offsets if size}
+    if plan.dc_split:
+        assert d <= plan.dc_split < v and plan.dc_split * d * itemsize <= spans[0][0]
+
+
+@pytest.mark.parametrize("shape", ["gemma2", "llama3"])
+def test_one_chunk_keeps_early_buffers_in_dc(shape):
+    """One chunk: the forward's scratch and the shifts live in the dC output's bytes (dead before
+    its GEMM), so a 4 GiB plan holds the kept softmax, x and the per-row factors, and no split."""
+    n, d, v = SHAPES[shape]
+    plan = budget.budget_plan(n, v, d, BF16, CCEOptions(memory_budget=4 << 30))
+    assert plan.rows == n and plan.dc_split == 0
+    assert {k for k, _ in plan.in_dc} == {"forward", "shift", "z_target", "unsafe"}
+    assert plan.nbytes - n * v * 2 == _round(n * d * 4) + _round(n * 4) + _round(n * 2)  # x, a_f, a_t
+    _in_dc_checks(plan, n, v, d)
+
+
+def _round(x):
+    return -(-x // 256) * 256
+
+
+@pytest.mark.parametrize("shape", ["gemma2", "llama3"])
+def test_one_chunk_at_the_bf16_logits_bytes(shape):
+    """A budget of the bf16 logits' bytes (what torch.compile holds beyond its inputs and gradients)
+    still takes every row at once: x and the per-row factors move into dC's last rows too (dc_split),
+    and the call holds the kept softmax alone."""
+    n, d, v = SHAPES[shape]
+    o = CCEOptions(memory_budget=n * v * 2)
+    plan = budget.budget_plan(n, v, d, BF16, o)
+    assert plan.rows == n and plan.dc_split > 0 and plan.nbytes == n * v * 2
+    assert {k for k, _ in plan.in_dc} >= {"x", "a_f", "a_t", "forward"}
+    _in_dc_checks(plan, n, v, d)
+    # label smoothing fills dC before the shifts' last read, and fp32 gradients have no x: no split
+    for opts in ({"label_smoothing": 0.1}, {"grad_dtype": "float32"}):
+        other = budget.budget_plan(n, v, d, BF16, o.replace(**opts))
+        assert other is None or other.rows < n or not other.dc_split
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("shape", ["small", "gemma2"])
+def test_one_chunk_in_dc_layout(shape, dtype):
+    n, d, v = SHAPES[shape]
+    for mib in (8192, 4096, 64):
+        plan = budget.budget_plan(n, v, d, dtype, CCEOptions(memory_budget=mib << 20))
+        if plan is not None and plan.rows == n:
+            _in_dc_checks(plan, n, v, d)
+            early = {"forward", "scales"} if plan.mode == "tile" else {"forward", "shift", "z_target", "unsafe"}
+            # small: the forward's scratch alone is over dC's 125 KiB, and everything stays in the scratch
+            assert {k for k, _ in plan.in_dc} == (set() if shape == "small" else early)

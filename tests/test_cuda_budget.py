@@ -232,3 +232,50 @@ def test_budget_row_far_above_its_target(mode):
         assert_rel_close(out[name], truth[name], TOL["bfloat16"], name)
     # Their sums against the target logit overflow fp32 (e^100): the recompute also rewrites their lse.
     assert_rel_close(out["lse"], truth["lse"].reshape(-1), 1e-5, "lse")
+
+
+@pytest.mark.parametrize("case", ["plain", "softcap", "z_loss", "reduction_none", "deterministic"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_budget_at_the_kept_softmax_bytes(case, bias):
+    """A budget of the kept softmax's bytes alone: every row at once, with x, a_f and a_t in the dC
+    output's last rows and dC's GEMM split around the dE GEMM (BudgetPlan.dc_split); every output
+    against the float64 reference, poisoned first (dC's bytes are scratch until its GEMMs)."""
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 300, 64, 3000
+    e, c, t, b = make_problem(n, d, v, "bfloat16", bias=bias, peaked=True, seed=13)
+    o = CCEOptions(memory_budget=n * v * 2, **OPTION_CASES[case])
+    grad_loss = np.linspace(0.5, 1.5, n).astype(np.float32) if o.reduction == "none" else 1.0
+    plan, out = _run_budgeted(e, c, t, b, o, grad_loss)
+    assert plan.rows == n and plan.dc_split > 0 and plan.nbytes == n * v * 2, plan
+    _assert_no_nan(out)
+    truth = dense_reference(e, c, t, b, o, grad_loss=grad_loss)
+    valid = t != o.ignore_index
+    assert_rel_close(out["lse"].get()[valid], truth["lse"].reshape(-1)[valid], 1e-5, "lse")
+    for name in ("de", "dc") + (("db",) if bias else ()):
+        assert_rel_close(out[name], truth[name], TOL["bfloat16"], name)
+
+
+def test_budget_at_the_kept_softmax_bytes_holds_it():
+    """Through the API, a call with that budget holds the kept softmax and O(N) per-row terms beyond
+    its inputs and outputs (a hook on CuPy's pool), and matches the lean path's loss."""
+    from benchmarks.providers.measure import CupyPeak
+
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 1024, 128, 8000
+    e, c, t, _ = make_problem(n, d, v, "bfloat16", peaked=True, seed=6)
+    ge, gc, gt = cp.asarray(e), cp.asarray(c), cp.asarray(t)
+    budget = n * v * 2
+    assert cuda_budget.budget_plan(n, v, d, ge.dtype, CCEOptions(memory_budget=budget), dc_later=True).dc_split
+    cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=budget)
+    cp.cuda.Device().synchronize()
+    with CupyPeak() as pool:
+        out = cce.linear_cross_entropy_with_grad(ge, gc, gt, memory_budget=budget)
+        cp.cuda.Device().synchronize()
+    kept = pool.hook.cur
+    assert pool.peak - kept <= budget + 64 * n, (pool.peak - kept, budget)
+    lean = cce.linear_cross_entropy_with_grad(ge, gc, gt)
+    assert_rel_close(out[0], lean[0], 1e-5, "loss")
+    for name, x, y in zip(("de", "dc"), out[1:], lean[1:]):
+        assert_rel_close(x, y, TOL["bfloat16"], name)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import DTYPES, assert_rel_close, make_problem, rel_err
 
+from cce_cupy.options import CCEOptions
 from jax_bindings import gpu, linear_cross_entropy
 
 
@@ -273,11 +274,15 @@ def test_xla_temp_memory(cbc):
     )
 
 
+@pytest.mark.parametrize("budget", [1 << 30, 512 * 5000 * 2])
 @pytest.mark.parametrize("opts", [{}, {"softcap": 30.0, "z_loss": 1e-4}, {"label_smoothing": 0.1, "reduction": "sum"}])
-def test_memory_budget_under_jit_grad(monkeypatch, opts):
+def test_memory_budget_under_jit_grad(monkeypatch, opts, budget):
     """jit(value_and_grad) with a memory budget: one fused callback (no backward one), the loss and
     gradients as the lean path's within the 16-bit tolerance, the backward scaling a cotangent of 2,
-    and XLA's temporaries holding the kept softmax (counted: the budget is what it may use)."""
+    and XLA's temporaries holding the kept softmax (counted: the budget is what it may use). A budget
+    of the kept softmax's bytes alone keeps the rest in the dC output's bytes (BudgetPlan.dc_split)."""
+    if budget < 1 << 30 and opts.get("label_smoothing"):
+        pytest.skip("label smoothing keeps x in the scratch: a budget of the softmax's bytes runs the lean path")
     e, c, t, b = make_problem(512, 64, 5000, "bfloat16", bias=True, peaked=True, seed=4)
     e, c, t, b = (jnp.asarray(x) for x in (e, c, t, b))
     calls = []
@@ -293,12 +298,14 @@ def test_memory_budget_under_jit_grad(monkeypatch, opts):
             )
         )
 
-    loss_b, grads_b = f(1 << 30)(e, c, b)
+    plan = gpu.budget_plan(e, c, CCEOptions(memory_budget=budget, **opts), True)
+    assert plan is not None and plan.rows == 512 and bool(plan.dc_split) == (budget < 1 << 30), plan
+    loss_b, grads_b = f(budget)(e, c, b)
     assert calls == ["fused"]
     loss_l, grads_l = f("lean")(e, c, b)
     assert calls == ["fused", "b"]
     assert_rel_close(np.asarray(loss_b), np.asarray(loss_l), 1e-5, "loss")
     for name, x, y in zip(("de", "dc", "db"), grads_b, grads_l):
         assert_rel_close(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)), 1e-2, name)
-    mem = f(1 << 30).lower(e, c, b).compile().memory_analysis()
+    mem = f(budget).lower(e, c, b).compile().memory_analysis()
     assert mem.temp_size_in_bytes >= 512 * 5000 * 2  # the kept softmax is XLA's temporary

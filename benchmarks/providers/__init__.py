@@ -73,6 +73,8 @@ _MAKERS: dict[str, Callable[[Problem], Provider]] = {
     "ours_deterministic": lambda p: OursProvider(p, name="ours_deterministic", deterministic=True),
     "ours_filter": lambda p: OursProvider(p, name="ours", filter_eps="auto"),
     "ours_budget": lambda p: OursProvider(p, name="ours", memory_budget=BUDGET_BYTES),
+    # a budget of the bf16 logits' bytes: what torch.compile holds beyond its inputs and gradients
+    "ours_budget_logits": lambda p: OursProvider(p, name="ours", memory_budget=p.n * p.v * 2),
     "ours_tf32": lambda p: OursProvider(p, name="ours_tf32", allow_tf32=True),
     "torch": TorchEager,
     "torch_compile": TorchCompile,
@@ -112,7 +114,14 @@ ALL_PROVIDERS = (
 GEMM_MODES = {"cublas": CublasProvider.modes, "cublas_tf32": CublasTF32Provider.modes}
 GEMM_PROVIDERS = tuple(GEMM_MODES)
 # Known but not run unless named in --providers.
-EXTRA_PROVIDERS = ("jax_bindings_cmdbuf", "jax_bindings_budget", "cublas_tf32", "ours_tf32", "optax_fp32")
+EXTRA_PROVIDERS = (
+    "jax_bindings_cmdbuf",
+    "jax_bindings_budget",
+    "cublas_tf32",
+    "ours_tf32",
+    "optax_fp32",
+    "ours_budget_logits",
+)
 assert set(_MAKERS) == set(ALL_PROVIDERS + EXTRA_PROVIDERS)
 
 
@@ -128,6 +137,7 @@ def provider_identity(key: str) -> tuple[str, bool]:
     return {
         "ours_filter": ("ours", True),
         "ours_budget": ("ours", False),  # told apart by its record's memory_budget
+        "ours_budget_logits": ("ours", False),
         "jax_bindings_budget": ("jax_bindings", False),
         "jax_bindings_filter": ("jax_bindings", True),
         "apple_cce": ("apple_cce", True),

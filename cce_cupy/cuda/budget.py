@@ -15,6 +15,8 @@ are taken in chunks as large as it allows; the Hopper forward of each chunk also
     turns it in place into the logit gradient G; cuBLAS runs dE = G @ C, dC = G^T @ E; dbias is
     G's column sums.
 
+With every row in one chunk, the dC output is scratch until its GEMM: buffers read for the last time
+before it live in its bytes (_one_chunk), down to the kept softmax alone under a budget of its bytes.
 With more than one chunk and 16-bit gradients, dC accumulates in an fp32 (V, D) buffer (one
 rounding at the end, as the lean path's): inside the scratch, or, where the caller makes the dC
 output only after the chunks (`dc_later`, the CuPy API), beside it, and then the output's bytes,
@@ -59,6 +61,12 @@ class BudgetPlan:
     # dc_acc outside the scratch: the caller allocates the fp32 (V, D) accumulator, passes it as dc_out,
     # frees the scratch after the call and only then makes the dC output from it (budget_plan's dc_later)
     acc_apart: bool = False
+    # One chunk only: buffers kept in the dC output's bytes, (name, (offset, size)) from its start,
+    # each read for the last time before dC's GEMM writes over it. dc_split > 0 (row mode): x, a_f
+    # and a_t among them, in dC's last rows, and dC's GEMM in two: rows [0, dc_split) before the dE
+    # GEMM, the rest after lce_budget_de has read x (_row_mode).
+    in_dc: tuple = ()
+    dc_split: int = 0
 
 
 def budget_mode(dtype, opts: CCEOptions, has_bias: bool) -> str:
@@ -85,11 +93,14 @@ def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptio
 
 
 def _layout(sizes: dict) -> tuple[tuple, int]:
-    offsets, off = [], 0
+    """Each buffer's (offset, size), one after another at _ALIGN-byte starts, and the bytes they span."""
+    offsets, off, end = [], 0, 0
     for name, size in sizes.items():
-        offsets.append((name, (off, size)))
-        off = _round_up(off + size, _ALIGN)
-    return tuple(offsets), off
+        offsets.append((name, (off if size else 0, size)))
+        if size:  # an empty buffer takes no room
+            end = off + size
+            off = _round_up(end, _ALIGN)
+    return tuple(offsets), end
 
 
 def budget_plan(
@@ -112,9 +123,9 @@ def budget_plan(
 def _plan(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, dc_later: bool) -> BudgetPlan | None:
     budget = opts.memory_budget
     lds = _round_up(v, 8)
-    offsets, nbytes = _layout(_buffers(mode, n, n, v, d, dtype, opts, False))
-    if nbytes <= budget:
-        return BudgetPlan(mode, n, lds, False, offsets, nbytes)
+    whole = _one_chunk(n, v, d, dtype, opts, mode, budget)
+    if whole is not None:
+        return whole
     gdt = grad_dtype(dtype, opts)
     dc_acc = gdt != np.float32
     apart = dc_acc and dc_later
@@ -136,6 +147,42 @@ def _plan(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, 
     if nbytes > room:  # the estimate above is an upper bound; never exceed a budget all the same
         return None
     return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes, apart)
+
+
+def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, budget: int) -> BudgetPlan | None:
+    """The plan that takes every row at once, or None where it is over the budget.
+
+    The dC output is allocated for such a call and written last, so buffers read for the last time
+    before its GEMM live in its bytes: the forward's, and the row mode's shifts (not with label
+    smoothing, whose dC fill comes before their last read). Where the rest is still over the budget,
+    the row mode (16-bit gradients, no label smoothing) also puts x, a_f and a_t in dC's last rows,
+    and splits dC's GEMM around the dE GEMM (_row_mode): what the call holds is then its kept
+    softmax alone, for one more cuBLAS launch and a copy of a E (N x D)."""
+    sizes = _buffers(mode, n, n, v, d, dtype, opts, False)
+    row_bytes = d * grad_dtype(dtype, opts).itemsize
+    dc_nbytes = v * row_bytes
+    if mode == "tile":
+        early = ("forward", "scales")
+    else:
+        early = ("forward",) if opts.label_smoothing else ("forward", "shift", "z_target", "unsafe")
+    choices = [(early, False) if _layout({k: sizes[k] for k in early})[1] <= dc_nbytes else ((), False)]
+    if mode == "row" and sizes["x"] and not opts.label_smoothing:
+        choices.append((early + ("a_f", "a_t", "x"), True))
+    for moved, split in choices:
+        in_dc, size = _layout({k: sizes[k] for k in moved})
+        base = 0
+        if split:  # at dC's end, below whole rows of it; s's first D columns hold a E there (_row_mode)
+            base = (dc_nbytes - size) // _ALIGN * _ALIGN
+            if base < 0 or base // row_bytes < d:
+                continue
+            in_dc = tuple((k, (base + off, sz)) for k, (off, sz) in in_dc)
+        if size > dc_nbytes:
+            continue
+        offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in moved})
+        if nbytes <= budget:
+            dc_split = base // row_bytes if split else 0
+            return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=dc_split)
+    return None
 
 
 def budget_applies(e, c, opts: CCEOptions) -> bool:
@@ -171,11 +218,16 @@ def launch_fused_budgeted(
     whole (not accumulated into): dE, dC and dbias in grad_dtype, but dc_out is the fp32 (V, D)
     accumulator itself with plan.acc_apart (the caller casts it). bad_target, tune: as launch_forward.
     """
-    offsets = dict(plan.offsets)
+    offsets, in_dc = dict(plan.offsets), dict(plan.in_dc)
+    if in_dc and (not dc_out.flags.c_contiguous or dc_out.data.ptr % 16):
+        raise ValueError(
+            "launch_fused_budgeted: dc_out must be C-contiguous and 16-byte aligned (buffers of the plan are in it)"
+        )
+    dc_bytes = dc_out.reshape(-1).view(np.uint8) if in_dc else None
 
     def buf(name, dtype, shape):
-        off, size = offsets[name]
-        return scratch[off : off + size].view(dtype).reshape(shape)
+        base, (off, size) = (dc_bytes, in_dc[name]) if name in in_dc else (scratch, offsets[name])
+        return base[off : off + size].view(dtype).reshape(shape)
 
     run = _row_mode if plan.mode == "row" else _tile_mode
     v, d = c.shape
@@ -378,16 +430,25 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
             ),
         )
         sv = s[:, :v]
-        _gemm_rowmajor(sv, e_scaled, dc, trans_a=True, accumulate=r0 > 0 or colsum is not None)
+        split = plan.dc_split  # > 0: x, a_f, a_t in dC's rows [split, V)
+        first = slice(0, split or v)
+        _gemm_rowmajor(sv[:, first], e_scaled, dc[first], trans_a=True, accumulate=r0 > 0 or colsum is not None)
         if dbias is not None:
             _gemm_rowmajor(sv, a_t, dbias.reshape(v, 1), trans_a=True, accumulate=r0 > 0)
         _gemm_rowmajor(sv, c, x, trans_a=False, accumulate=False)
+        if split:
+            # dE is written over a E next, and dC's last rows (x's bytes) only after that: a E moves
+            # to s's first D columns, which nothing reads any more.
+            e_kept = s[:, :d]
+            e_kept.view(np.uint16)[...] = e_scaled.view(np.uint16)
         de_kernel = get_kernel("lce_budget.cu", template_name("lce_budget_de", de.dtype))
         de_kernel(  # in place where x is dE (each element read, then written, by one thread)
             (_ELEMENTWISE_BLOCKS,),
             (256,),
             (x, a_f, rg_chunk, _ptr(colsum), f32(opts.label_smoothing / v), de_chunk, np.int32(rows), np.int32(d)),
         )
+        if split:
+            _gemm_rowmajor(sv[:, split:], e_kept, dc[split:], trans_a=True, accumulate=False)
 
 
 __all__ = [
