@@ -44,6 +44,7 @@ from cce_cupy.options import CCEOptions, grad_dtype
 MIN_CHUNK_ROWS = 1024
 _MAX_GRID = 65535
 _ALIGN = 256  # bytes between the scratch buffers
+_SPLIT_ALIGN = 64  # columns of s where dC's GEMM splits (_one_chunk)
 _ROW_THREADS = 128  # lce_budget_rows
 _ELEMENTWISE_BLOCKS = 132 * 8  # grid-stride kernels (lce_budget_de, lce_budget_dc_fill)
 
@@ -170,18 +171,22 @@ def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: 
         choices.append((early + ("a_f", "a_t", "x"), True))
     for moved, split in choices:
         in_dc, size = _layout({k: sizes[k] for k in moved})
-        base = 0
-        if split:  # at dC's end, below whole rows of it; s's first D columns hold a E there (_row_mode)
+        base = dc_split = 0
+        if split:  # at dC's end, above whole rows of it; s's first D columns hold a E there (_row_mode)
             base = (dc_nbytes - size) // _ALIGN * _ALIGN
-            if base < 0 or base // row_bytes < d:
+            # cuBLAS runs its fast kernels only on 16-byte aligned operands: the split, the second
+            # GEMM's first column of s, a multiple of _SPLIT_ALIGN (an odd one measured 1.3x slower)
+            dc_split = max(base, 0) // row_bytes // _SPLIT_ALIGN * _SPLIT_ALIGN
+            if dc_split < d:
                 continue
             in_dc = tuple((k, (base + off, sz)) for k, (off, sz) in in_dc)
         if size > dc_nbytes:
             continue
         offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in moved})
         if nbytes <= budget:
-            dc_split = base // row_bytes if split else 0
-            return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=dc_split)
+            return BudgetPlan(
+                mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=split and dc_split
+            )
     return None
 
 
