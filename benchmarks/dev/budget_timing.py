@@ -4,8 +4,10 @@ the model shapes, in shuffled rounds (one call of every provider per round, medi
     python benchmarks/dev/budget_timing.py [--rounds 7] [--budgets 4096,1024] [--out FILE]
 
 Floors: gemm3 = E @ C^T, G @ C, G^T @ E (what a loss keeping its logits runs); gemm4 adds the
-recompute. Budgets in MiB. Prints ms, ratio to gemm3, and the scratch bytes the budgeted path
-allocates (plan.nbytes). Also the budgeted result's difference from the lean one.
+recompute. Budgets in MiB. Prints ms, ratio to gemm3, the scratch bytes the budgeted path
+allocates (plan.nbytes) and the extra memory a call holds (extra_mib: the pool's peak during it less
+what it returns; with several chunks, the fp32 dC accumulator too). Also the budgeted result's
+difference from the lean one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import cupy as cp
 import numpy as np
 
 import cce_cupy as cce
+from benchmarks.providers.measure import CupyPeak
 from cce_cupy.cuda import budget as cuda_budget
 from cce_cupy.cuda.autotune import time_on_stream
 from cce_cupy.options import CCEOptions
@@ -107,7 +110,10 @@ def main() -> None:
                 rec["memory_budget"] = mb
                 rec["scratch_mib"] = None if plan is None else plan.nbytes / 2**20
                 rec["rows_per_chunk"] = None if plan is None else plan.rows
-                loss_b, de_b, dc_b = cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=mb)
+                with CupyPeak() as pool:  # what the call holds beyond its inputs and what it returns
+                    loss_b, de_b, dc_b = cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=mb)
+                    cp.cuda.Device().synchronize()
+                rec["extra_mib"] = (pool.peak - pool.hook.cur) / 2**20
 
                 def rdiff(a, b):
                     a, b = a.astype(cp.float32), b.astype(cp.float32)

@@ -435,8 +435,9 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, fl
 //       and scales[row * ntiles + col / 256] = m, so that p_ij = s_ij exp(m - lse_i). The tile's
 //       sum joins the running one as a split's partial would (see fold_and_store).
 //     ROW (T = bf16 s, read by the GEMMs themselves; written through tmap_s, a TMA map of s's
-//       first V columns with 16 x 64 boxes): with c = row_shift[row] (the target logit; +inf for a
-//       row without gradient, which then stores 0),
+//       first V columns with 16 x 64 boxes): with c = row_shift[row] (the target logit; +inf, so
+//       that the row stores 0, for an ignored row, a target outside [0, V), and a row without
+//       gradient where lce_budget_shift had row_grad),
 //       s[row * lds + col] = exp(y - c) * softcap'(z)   (softcap' = 1 without SOFTCAP),
 //       so that p_ij softcap'_ij = s_ij exp(c_i - lse_i). The partials of a warp whose rows all have
 //       a finite c are (c, sum exp(y - c), ...) (see shifted_exps). bf16 keeps fp32's exponent
