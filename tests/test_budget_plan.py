@@ -154,3 +154,24 @@ def test_one_chunk_in_dc_layout(shape, dtype):
             early = {"forward", "scales"} if plan.mode == "tile" else {"forward", "shift", "z_target", "unsafe"}
             # small: the forward's scratch alone is over dC's 125 KiB, and everything stays in the scratch
             assert {k for k, _ in plan.in_dc} == (set() if shape == "small" else early)
+
+
+@pytest.mark.parametrize("shape", ["gemma2", "llama3", "small"])
+@pytest.mark.parametrize("dc_later", [False, True])
+def test_plan_forward_scratch_covers_every_chunk(shape, dc_later):
+    """The forward's partials follow its grid's vocabulary splits, which a shorter chunk can have more
+    of: the plan's forward buffer holds what each chunk it runs (the full ones and the last) needs.
+    At gemma2, 2560 MiB, the last of three 2816-row chunks (2560 rows) needs 7.3 MiB against 5.4."""
+    from cce_cupy.cuda.plan import forward_scratch_nbytes
+
+    n, d, v = SHAPES[shape]
+    one = budget.budget_plan(n, v, d, BF16, CCEOptions(memory_budget=1 << 40))
+    for k in range(1, 64):
+        o = CCEOptions(memory_budget=one.nbytes * k // 64 + 4096 * k)
+        plan = budget.budget_plan(n, v, d, BF16, o, dc_later=dc_later)
+        if plan is None:
+            continue
+        last = n - (-(-n // plan.rows) - 1) * plan.rows
+        have = {**dict(plan.offsets), **dict(plan.in_dc)}["forward"][1]
+        for rows in (plan.rows, last):
+            assert have >= forward_scratch_nbytes(rows, v, d, BF16), (o.memory_budget, plan.rows, rows)

@@ -279,3 +279,38 @@ def test_budget_at_the_kept_softmax_bytes_holds_it():
     assert_rel_close(out[0], lean[0], 1e-5, "loss")
     for name, x, y in zip(("de", "dc"), out[1:], lean[1:]):
         assert_rel_close(x, y, TOL["bfloat16"], name)
+
+
+def test_budget_last_chunk_needs_more_forward_scratch(mode):
+    """Chunks of 1920 rows over 3000: the last one (1080 rows) gets more vocabulary splits, so more
+    forward partials, than a full one. The plan's forward buffer holds them (it once held a full
+    chunk's only, and the last chunk's forward wrote past it: wrong gradients at gemma2, 2560 MiB)."""
+    from cce_cupy.cuda.plan import forward_scratch_nbytes
+
+    cp = _cp()
+    _skip_unless_hopper(cp)
+    n, d, v = 3000, 64, 12000
+    e, c, t, _ = make_problem(n, d, v, "bfloat16", peaked=True, seed=9)
+    o = CCEOptions(memory_budget=53739520, z_loss=1e-4)
+    plan, out = _run_budgeted(e, c, t, None, o)
+    last = n - (-(-n // plan.rows) - 1) * plan.rows
+    need = forward_scratch_nbytes(last, v, d, e.dtype)
+    assert plan.rows < n and need > forward_scratch_nbytes(plan.rows, v, d, e.dtype), plan
+    _assert_no_nan(out)
+    truth = dense_reference(e, c, t, None, o)
+    valid = t != o.ignore_index
+    assert_rel_close(out["lse"].get()[valid], truth["lse"].reshape(-1)[valid], 1e-5, "lse")
+    for name in ("de", "dc"):
+        assert_rel_close(out[name], truth[name], TOL["bfloat16"], name)
+
+
+def test_forward_refuses_a_short_scratch():
+    """launch_forward raises where its scratch is smaller than forward_scratch_nbytes, rather than
+    let the kernels write past it."""
+    from cce_cupy.cuda.forward import launch_forward
+
+    cp = _cp()
+    ge, gc, gt, _ = _device_inputs(*make_problem(256, 64, 1000, "bfloat16", seed=1))
+    lse, tgt = cp.empty(256, cp.float32), cp.empty(256, cp.float32)
+    with pytest.raises(ValueError, match="scratch has 16 bytes"):
+        launch_forward(ge, gc, gt, None, CCEOptions(), lse, tgt, cp.empty(16, cp.uint8))

@@ -79,7 +79,9 @@ def budget_mode(dtype, opts: CCEOptions, has_bias: bool) -> str:
 def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptions, dc_acc: bool) -> dict:
     """Bytes of each scratch buffer of a plan with `rows` rows a chunk (0: the fixed part only)."""
     lds = _round_up(v, 8)
-    sizes = {"s": rows * lds * 2, "forward": forward_scratch_nbytes(rows, v, d, dtype) if rows else 0}
+    # The forward's partials follow its grid's splits, not the rows: a short last chunk can need more.
+    forward = max(forward_scratch_nbytes(r, v, d, dtype) for r in _chunk_rows(n, rows)) if rows else 0
+    sizes = {"s": rows * lds * 2, "forward": forward}
     if mode == "tile":
         sizes["scales"] = rows * _cdiv(v, HOPPER_TILE_N) * 4
     else:
@@ -91,6 +93,11 @@ def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptio
             sizes.update(ones=v * 2, colsum=d * 4, rg_t=n * 2, w=d * 4)
     sizes["dc_acc"] = v * d * 4 if dc_acc else 0
     return sizes
+
+
+def _chunk_rows(n: int, rows: int) -> set:
+    """The row counts of the chunks a plan of `rows` rows a chunk runs: rows, and the last one's."""
+    return {min(rows, n), n - (_cdiv(n, rows) - 1) * rows}
 
 
 def _layout(sizes: dict) -> tuple[tuple, int]:
@@ -135,19 +142,20 @@ def _plan(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, 
         if v * d * 4 > budget:  # the accumulator beside the outputs, after the chunks
             return None
         room = budget + v * d * gdt.itemsize - v * d * 4
-    # The forward's scratch for n rows bounds a chunk's; every other buffer grows linearly in rows.
+    # Every buffer but the forward's grows linearly in rows: a first guess from those, then down a
+    # tile of rows at a time until the whole layout fits (the forward's scratch is not linear).
     in_scratch = dc_acc and not apart
     fixed = _layout(_buffers(mode, 0, n, v, d, dtype, opts, in_scratch))[1] + forward_scratch_nbytes(n, v, d, dtype)
     sizes = _buffers(mode, TILE_M, n, v, d, dtype, opts, False)
     per_row = _cdiv(sum(size for name, size in sizes.items() if name != "forward"), TILE_M) + 1
     rows = (room - fixed - _ALIGN * len(sizes)) // per_row // TILE_M * TILE_M if room > fixed else 0
-    if rows < MIN_CHUNK_ROWS:
-        return None
     rows = min(rows, n)
-    offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, in_scratch))
-    if nbytes > room:  # the estimate above is an upper bound; never exceed a budget all the same
-        return None
-    return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes, apart)
+    while rows >= MIN_CHUNK_ROWS:
+        offsets, nbytes = _layout(_buffers(mode, rows, n, v, d, dtype, opts, in_scratch))
+        if nbytes <= room:
+            return BudgetPlan(mode, rows, lds, dc_acc, offsets, nbytes, apart)
+        rows -= TILE_M
+    return None
 
 
 def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: str, budget: int) -> BudgetPlan | None:

@@ -87,8 +87,13 @@ def launch_forward(
         raise ValueError("store= needs the Hopper forward (16-bit inputs on an sm_90 GPU, 16-byte aligned rows)")
     st = store or KeptSoftmax(SoftmaxStore.NONE, None)
     splits, per_split = forward_splits(n, v, HOPPER_TILE_N if hopper else TILE_N)
+    need = forward_scratch_nbytes(n, v, d, e.dtype)
     if scratch is None:
-        scratch = cupy.empty(forward_scratch_nbytes(n, v, d, e.dtype), dtype=cupy.uint8)
+        scratch = cupy.empty(need, dtype=cupy.uint8)
+    elif scratch.nbytes < need:  # the kernels would write past it
+        raise ValueError(
+            f"launch_forward: scratch has {scratch.nbytes} bytes; {n} rows need {need} (forward_scratch_nbytes)"
+        )
     part = scratch[: 3 * splits * n * 4].view(cupy.float32)
     # The tiled forward hands the finish kernel its target logits; the Hopper one leaves null (gather-dot).
     y_off = _forward_target_offset(n, v)
