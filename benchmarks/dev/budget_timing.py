@@ -110,6 +110,7 @@ def main() -> None:
                 rec["memory_budget"] = mb
                 rec["scratch_mib"] = None if plan is None else plan.nbytes / 2**20
                 rec["rows_per_chunk"] = None if plan is None else plan.rows
+                loss_b = de_b = dc_b = None  # an earlier call's outputs, freed inside, would offset the count
                 with CupyPeak() as pool:  # what the call holds beyond its inputs and what it returns
                     loss_b, de_b, dc_b = cce.linear_cross_entropy_with_grad(e, c, t, memory_budget=mb)
                     cp.cuda.Device().synchronize()
