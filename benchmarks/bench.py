@@ -571,7 +571,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--providers",
         default=",".join(P.ALL_PROVIDERS),
-        help=f"comma list of: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)} (default: all but the last)",
+        help=f"comma list of: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)} (default: all but the last), "
+        "ours_budget@MIB (ours with memory_budget MIB MiB)",
     )
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument(
@@ -616,8 +617,9 @@ def parse_args(argv=None):
     args.shape_map = parse_shapes(args.shapes, args.sweep_v, args.cpu_smoke)
     args.provider_list = [s.strip() for s in args.providers.split(",") if s.strip()]
     for k in args.provider_list:
-        if k not in P.ALL_PROVIDERS + P.EXTRA_PROVIDERS:
-            raise SystemExit(f"unknown provider {k!r}; known: {', '.join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)}")
+        if not P.known_provider(k):
+            known = ", ".join(P.ALL_PROVIDERS + P.EXTRA_PROVIDERS)
+            raise SystemExit(f"unknown provider {k!r}; known: {known}, ours_budget@MIB (ours with that memory_budget)")
     args.mode_list = [m for m in args.modes.split(",") if m]
     if args.data is None:
         args.data = ",".join(d for d in DATA if d != TRAINED_LM or args.trained_lm)

@@ -126,3 +126,19 @@ def test_trained_lm_needs_its_file(tmp_path, monkeypatch):
         bench.parse_args(["--out", str(tmp_path), "--data", "trained_lm", "--trained-lm", str(tmp_path / "x.npz")])
     with pytest.raises(ValueError, match="--trained-lm PATH or \\$CCE_TRAINED_LM"):
         bench.P.make_inputs(bench.P.Problem("trained_lm", 1, 1, 1, "bfloat16", "trained_lm", "numpy"))
+
+
+def test_budget_keys(tmp_path):
+    """ours_budget@MIB: ours with that memory_budget (a peer's extra memory), recorded as "ours";
+    ours_budget_logits: the bf16 logits' bytes. Anything else after @ is refused by name."""
+    bench = _bench()
+    P = bench.P
+    args = bench.parse_args(["--out", str(tmp_path), "--providers", "ours_budget@3207,ours_budget_logits"])
+    assert args.provider_list == ["ours_budget@3207", "ours_budget_logits"]
+    p = P.Problem("x", 64, 16, 1000, "bfloat16", "peaked", "numpy")
+    assert P.make_provider("ours_budget@3207", p).opts == {"memory_budget": 3207 << 20}
+    assert P.make_provider("ours_budget_logits", p).opts == {"memory_budget": 64 * 1000 * 2}
+    assert P.provider_identity("ours_budget@3207") == ("ours", False)
+    for bad in ("ours_budget@", "ours_budget@3.5", "ours_budget@0", "ours@3207"):
+        with pytest.raises(SystemExit, match="unknown provider"):
+            bench.parse_args(["--out", str(tmp_path), "--providers", bad])

@@ -52,6 +52,7 @@ __all__ = [
     "ground_truth",
     "load_trained_lm",
     "make_inputs",
+    "known_provider",
     "make_provider",
     "median",
     "provider_identity",
@@ -125,15 +126,32 @@ EXTRA_PROVIDERS = (
 assert set(_MAKERS) == set(ALL_PROVIDERS + EXTRA_PROVIDERS)
 
 
+def budget_key_mib(key: str) -> int | None:
+    """MiB of a key "ours_budget@MIB" (ours with that memory_budget, e.g. a peer's extra memory), else None."""
+    head, _, mib = key.partition("@")
+    return int(mib) if head == "ours_budget" and mib.isdigit() and int(mib) > 0 else None
+
+
+def known_provider(key: str) -> bool:
+    return key in _MAKERS or budget_key_mib(key) is not None
+
+
 def make_provider(key: str, p: Problem) -> Provider:
-    """A provider variant by its command-line key (see ALL_PROVIDERS)."""
+    """A provider variant by its command-line key (see ALL_PROVIDERS; also ours_budget@MIB)."""
+    mib = budget_key_mib(key)
+    if mib is not None:
+        return OursProvider(p, name="ours", memory_budget=mib << 20)
     if key not in _MAKERS:
-        raise ValueError(f"unknown provider {key!r}; known: {', '.join(ALL_PROVIDERS + EXTRA_PROVIDERS)}")
+        raise ValueError(
+            f"unknown provider {key!r}; known: {', '.join(ALL_PROVIDERS + EXTRA_PROVIDERS)}, ours_budget@MIB"
+        )
     return _MAKERS[key](p)
 
 
 def provider_identity(key: str) -> tuple[str, bool]:
     """(provider name as recorded, filter flag) of a command-line key."""
+    if budget_key_mib(key) is not None:
+        return ("ours", False)
     return {
         "ours_filter": ("ours", True),
         "ours_budget": ("ours", False),  # told apart by its record's memory_budget
