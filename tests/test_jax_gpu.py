@@ -220,6 +220,29 @@ def test_vmap(vmap_method, batch_c):
         assert_rel_close(vm[1][1][i], ref[1][1], 1e-5, "dc")
 
 
+@pytest.mark.parametrize("vmap_method", ["sequential", "expand_dims"])
+@pytest.mark.parametrize("budget", [1 << 30, 128 * 1000 * 2])
+def test_vmap_memory_budget(vmap_method, budget):
+    """vmap over the budgeted path: each element's callback keeps buffers in its own slice of the
+    batched dC output (a budget of one element's kept softmax also puts x there and splits dC's GEMM),
+    and matches the lean path element by element."""
+    e, c, t, _ = make_problem(3 * 128, 64, 1000, "bfloat16", peaked=True, seed=8)
+    e, c, t = jnp.asarray(e).reshape(3, 128, 64), jnp.asarray(c), jnp.asarray(t).reshape(3, 128)
+    plan = gpu.budget_plan(e[0], c, CCEOptions(memory_budget=budget), False)
+    assert plan is not None and plan.in_dc and bool(plan.dc_split) == (budget < 1 << 30), plan
+
+    def run(b):
+        def f(e_, c_, t_):
+            return linear_cross_entropy(e_, c_, t_, memory_budget=b, vmap_method=vmap_method)
+
+        return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(0, None, 0)))(e, c, t)
+
+    got, lean = run(budget), run("lean")
+    assert_rel_close(np.asarray(got[0]), np.asarray(lean[0]), 1e-5, "loss")
+    for name, x, y in zip(("de", "dc"), got[1], lean[1]):
+        assert_rel_close(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)), 1e-2, name)
+
+
 def test_checkpoint_and_batch_dims():
     e, c, t, _ = make_problem(96, 64, 300, "bfloat16", peaked=True, batch_shape=(4, 24))
 

@@ -183,7 +183,7 @@ def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: 
         if split:  # at dC's end, above whole rows of it; s's first D columns hold a E there (_row_mode)
             base = (dc_nbytes - size) // _ALIGN * _ALIGN
             # cuBLAS runs its fast kernels only on 16-byte aligned operands: the split, the second
-            # GEMM's first column of s, a multiple of _SPLIT_ALIGN (an odd one measured 1.3x slower)
+            # GEMM's first column of s, a multiple of _SPLIT_ALIGN (an odd one ran dC's GEMM 2x slower)
             dc_split = max(base, 0) // row_bytes // _SPLIT_ALIGN * _SPLIT_ALIGN
             if dc_split < d:
                 continue
@@ -192,9 +192,7 @@ def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: 
             continue
         offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in moved})
         if nbytes <= budget:
-            return BudgetPlan(
-                mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=split and dc_split
-            )
+            return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=dc_split)
     return None
 
 
