@@ -86,9 +86,12 @@ class CCEOptions:
             (`linear_cross_entropy_with_grad`; under JAX the custom_vjp forward when differentiated).
             "lean" (default): the recompute path (tens of MiB; four GEMMs' work). A number of bytes:
             where it fits a chunk of rows (bf16/fp16 on Hopper), the forward keeps each chunk's
-            softmax (fp16, 2 bytes a logit) and the backward reads it instead of recomputing: three
-            GEMMs' work, still exact (docs/design.md, "Memory budget"). Elsewhere, or when the budget
-            is too small for a chunk, the lean path runs (it needs less than any budget it declines).
+            softmax (2 bytes a logit) and the backward reads it instead of recomputing: three
+            GEMMs' work, still exact (docs/design.md, "Memory budget"). N * V * 2 bytes (what a loss
+            keeping bf16 logits holds) take every row at once for bf16 inputs without label
+            smoothing; less runs chunks of at least 1024 rows beside an fp32 (V, D) dC accumulator,
+            slower. Elsewhere, or when the budget is too small for a chunk, the lean path runs (it
+            needs less than any budget it declines).
     """
 
     ignore_index: int = -100
