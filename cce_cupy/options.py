@@ -88,10 +88,11 @@ class CCEOptions:
             where it fits a chunk of rows (bf16/fp16 on Hopper), the forward keeps each chunk's
             softmax (2 bytes a logit) and the backward reads it instead of recomputing: three
             GEMMs' work, still exact (docs/design.md, "Memory budget"). N * V * 2 bytes (what a loss
-            keeping bf16 logits holds) take every row at once for bf16 inputs without label
-            smoothing; less runs chunks of at least 1024 rows beside an fp32 (V, D) dC accumulator,
-            slower. Elsewhere, or when the budget is too small for a chunk, the lean path runs (it
-            needs less than any budget it declines).
+            keeping bf16 logits holds) take every row at once where the rest fits in the dC
+            output's bytes until its GEMM (bf16 inputs, no label smoothing; gemma2's and llama3's
+            shapes do: budget_plan says for others); less runs chunks of at least 1024 rows beside an fp32 (V, D) dC accumulator, slower. Elsewhere, or
+            when the budget is too small for a chunk, the lean path runs (it needs less than any
+            budget it declines).
     """
 
     ignore_index: int = -100
