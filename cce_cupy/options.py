@@ -90,9 +90,10 @@ class CCEOptions:
             GEMMs' work, still exact (docs/design.md, "Memory budget"). N * V * 2 bytes (what a loss
             keeping bf16 logits holds) take every row at once where the rest fits in the dC
             output's bytes until its GEMM (bf16 inputs, no label smoothing; gemma2's and llama3's
-            shapes do: budget_plan says for others); less runs chunks of at least 1024 rows beside an fp32 (V, D) dC accumulator, slower. Elsewhere, or
-            when the budget is too small for a chunk, the lean path runs (it needs less than any
-            budget it declines).
+            shapes do; cce_cupy.cuda.budget.budget_plan tells for others). Less runs chunks of at
+            least 1024 rows beside an fp32 (V, D) dC accumulator, slower. Elsewhere, or when the
+            budget is too small for a chunk, the lean path runs (it needs less than any budget it
+            declines).
     """
 
     ignore_index: int = -100
