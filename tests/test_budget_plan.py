@@ -99,15 +99,16 @@ def test_dc_made_later_fits_gemma2_in_quacks_memory():
 
 def _in_dc_checks(plan, n, v, d, itemsize=2):
     """Buffers in the dC output's bytes: disjoint, aligned, inside them, none also in the scratch;
-    with dc_split, all above the rows of the first dC GEMM, which reads s's first D columns."""
+    with dc_split, x, a_f and a_t above the rows of the first dC GEMM."""
     dc_nbytes = v * d * itemsize
     spans = sorted(off for _, off in plan.in_dc)
     for (o1, s1), (o2, _) in zip(spans, spans[1:]):
         assert o1 + s1 <= o2 and o2 % 256 == 0
     assert all(off + size <= dc_nbytes for off, size in spans)
     assert not {k for k, _ in plan.in_dc} & {k for k, (_, size) in plan.offsets if size}
-    if plan.dc_split:
-        assert d <= plan.dc_split < v and plan.dc_split * d * itemsize <= spans[0][0]
+    if plan.dc_split:  # x, a_f, a_t above the first dC GEMM's rows (the early buffers are dead before it)
+        late = [off for k, (off, _) in plan.in_dc if k in ("x", "a_f", "a_t")]
+        assert len(late) == 3 and d <= plan.dc_split < v and plan.dc_split * d * itemsize <= min(late)
 
 
 @pytest.mark.parametrize("shape", ["gemma2", "llama3"])

@@ -174,25 +174,28 @@ def _one_chunk(n: int, v: int, d: int, dtype: np.dtype, opts: CCEOptions, mode: 
         early = ("forward", "scales")
     else:
         early = ("forward",) if opts.label_smoothing else ("forward", "shift", "z_target", "unsafe")
-    choices = [(early, False) if _layout({k: sizes[k] for k in early})[1] <= dc_nbytes else ((), False)]
-    if mode == "row" and sizes["x"] and not opts.label_smoothing:
-        choices.append((early + ("a_f", "a_t", "x"), True))
-    for moved, split in choices:
-        in_dc, size = _layout({k: sizes[k] for k in moved})
-        base = dc_split = 0
-        if split:  # at dC's end, above whole rows of it; s's first D columns hold a E there (_row_mode)
-            base = (dc_nbytes - size) // _ALIGN * _ALIGN
-            # cuBLAS runs its fast kernels only on 16-byte aligned operands: the split, the second
-            # GEMM's first column of s, a multiple of _SPLIT_ALIGN (an odd one ran dC's GEMM 2x slower)
-            dc_split = max(base, 0) // row_bytes // _SPLIT_ALIGN * _SPLIT_ALIGN
-            if dc_split < d:
-                continue
-            in_dc = tuple((k, (base + off, sz)) for k, (off, sz) in in_dc)
-        if size > dc_nbytes:
-            continue
-        offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in moved})
-        if nbytes <= budget:
-            return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=dc_split)
+    head, head_size = _layout({k: sizes[k] for k in early})
+    if head_size > dc_nbytes:
+        head, head_size, early = (), 0, ()
+    offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in early})
+    if nbytes <= budget:
+        return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=head)
+    if mode != "row" or not sizes["x"] or opts.label_smoothing:
+        return None
+    # x, a_f, a_t at dC's end, above whole rows of it (the early buffers stay at its start: they
+    # are dead before the first dC GEMM writes there); s's first D columns then hold a E (_row_mode).
+    late = ("a_f", "a_t", "x")
+    tail, tail_size = _layout({k: sizes[k] for k in late})
+    base = (dc_nbytes - tail_size) // _ALIGN * _ALIGN
+    # cuBLAS runs its fast kernels only on 16-byte aligned operands: the split, the second GEMM's
+    # first column of s, a multiple of _SPLIT_ALIGN (an odd one ran dC's GEMM 2x slower)
+    dc_split = max(base, 0) // row_bytes // _SPLIT_ALIGN * _SPLIT_ALIGN
+    if dc_split < d or head_size > base:
+        return None
+    in_dc = head + tuple((k, (base + off, sz)) for k, (off, sz) in tail)
+    offsets, nbytes = _layout({k: sz for k, sz in sizes.items() if k not in early + late})
+    if nbytes <= budget:
+        return BudgetPlan(mode, n, _round_up(v, 8), False, offsets, nbytes, in_dc=in_dc, dc_split=dc_split)
     return None
 
 
