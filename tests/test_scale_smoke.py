@@ -40,6 +40,7 @@ def _run(tmp_path: Path, *args: str, inject: str = "") -> tuple[list[dict], str]
         " --xla_cpu_collective_call_terminate_timeout_seconds=60"
     )
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compiling is most of the run; every side compiles alike
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("JAX_ENABLE_X64", None)
     out = tmp_path / "scale.json"
