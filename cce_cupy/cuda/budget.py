@@ -80,7 +80,8 @@ def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptio
     """Bytes of each scratch buffer of a plan with `rows` rows a chunk (0: the fixed part only)."""
     lds = _round_up(v, 8)
     # The forward's partials follow its grid's splits, not the rows: a short last chunk can need more.
-    forward = max(forward_scratch_nbytes(r, v, d, dtype) for r in _chunk_rows(n, rows)) if rows else 0
+    chunk_rows = {r1 - r0 for r0, r1 in _chunks(n, rows)} if rows else set()
+    forward = max((forward_scratch_nbytes(r, v, d, dtype) for r in chunk_rows), default=0)
     sizes = {"s": rows * lds * 2, "forward": forward}
     if mode == "tile":
         sizes["scales"] = rows * _cdiv(v, HOPPER_TILE_N) * 4
@@ -93,11 +94,6 @@ def _buffers(mode: str, rows: int, n: int, v: int, d: int, dtype, opts: CCEOptio
             sizes.update(ones=v * 2, colsum=d * 4, rg_t=n * 2, w=d * 4)
     sizes["dc_acc"] = v * d * 4 if dc_acc else 0
     return sizes
-
-
-def _chunk_rows(n: int, rows: int) -> set:
-    """The row counts of the chunks a plan of `rows` rows a chunk runs: rows, and the last one's."""
-    return {min(rows, n), n - (_cdiv(n, rows) - 1) * rows}
 
 
 def _layout(sizes: dict) -> tuple[tuple, int]:
@@ -296,9 +292,10 @@ def _smoothing_terms(e, c, opts, row_grad, dc, buf):
     return colsum
 
 
-def _chunks(n: int, plan: BudgetPlan):
-    for r0 in range(0, n, plan.rows):
-        yield r0, min(n, r0 + plan.rows)
+def _chunks(n: int, rows: int):
+    """(first, end) row of each chunk of `rows` rows over n (the last one may be shorter)."""
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
 
 
 def _tile_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias, buf, bad_target, tune):
@@ -308,7 +305,7 @@ def _tile_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbia
     fwd_scratch = buf("forward", np.uint8, (-1,))
     flags = (bias is not None, opts.softcap is not None, targets.dtype)
     grad_pass = get_kernel("lce_budget.cu", template_name("lce_budget_grad", e.dtype, *flags))
-    for r0, r1 in _chunks(n, plan):
+    for r0, r1 in _chunks(n, plan.rows):
         rows = r1 - r0
         s = buf("s", np.float16, (plan.rows, plan.lds))[:rows]
         scales = buf("scales", np.float32, (plan.rows, ntiles))[:rows]
@@ -359,7 +356,7 @@ def _row_mode(e, c, targets, bias, opts, plan, row_grad, lse, tgt, de, dc, dbias
     has_bias, softcap = bias is not None, opts.softcap is not None
     fwd_scratch = buf("forward", np.uint8, (-1,))
     colsum = None
-    for r0, r1 in _chunks(n, plan):
+    for r0, r1 in _chunks(n, plan.rows):
         rows = r1 - r0
         whole = rows == n  # one chunk (the usual case): no views of the row ranges to make
         e_chunk, t_chunk, lse_chunk = (x if whole else x[r0:r1] for x in (e, targets, lse))
